@@ -1,0 +1,3 @@
+from kmdask.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Shared fixtures: real MNIST location, a real multi-process LocalCluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mnist_dir() -> Path | None:
+    """The directory holding the real MNIST IDX files, or None when this machine lacks it."""
+    cand = os.environ.get("KMDASK_TEST_MNIST")
+    paths = [Path(cand)] if cand else []
+    paths.append(REPO.parent / "shared" / "data" / "mnist")
+    for p in paths:
+        if (p / "train-images-idx3-ubyte.gz").exists() or (p / "train-images-idx3-ubyte").exists():
+            return p
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_source() -> Path:
+    p = mnist_dir()
+    if p is None:
+        pytest.skip("real MNIST not found: set KMDASK_TEST_MNIST or place ../shared/data/mnist")
+    return p
+
+
+@pytest.fixture(scope="session")
+def mnist_store(mnist_source, tmp_path_factory) -> Path:
+    """Real MNIST staged once per test session into a zarr store on disk."""
+    from kmdask.staging import stage_dataset
+
+    out = tmp_path_factory.mktemp("stores") / "mnist.zarr"
+    stage_dataset("mnist", out=out, source=mnist_source, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real 2-worker x 1-thread LocalCluster (worker processes), shared by the session."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        host="127.0.0.1",
+        memory_limit="4GiB",
+    )
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
