@@ -11,4 +11,13 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["ConfigError", "DataError", "KmdaskError", "__version__"]
+__all__ = ["ConfigError", "DataError", "KMeans", "KmdaskError", "__version__", "fit_sweep"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing kmdask (e.g. for the CLI's --help) should not import dask.
+    if name in ("KMeans", "fit_sweep", "fit_models"):
+        from kmdask import estimator
+
+        return getattr(estimator, name)
+    raise AttributeError(name)

@@ -1,0 +1,227 @@
+"""Per-chunk K-Means maths: pure numpy plus one compiled (numba) loop. No dask, no I/O.
+
+Many models share one pass: their centres are stacked into one matrix ``C`` of shape
+``(M, d)``; model ``m`` owns rows ``starts[m]:stops[m]``. A chunk is processed in row blocks
+small enough to stay in cache: one GEMM ``x_block @ C.T`` gives every model's dot products, then
+a single compiled loop does, per row and model, the argmin (ties to the lowest index), the
+squared distance, and the per-cluster count and sum. Sums are accumulated in float64 from the
+*raw* chunk values: for uint8 images they are exact integers, so centres do not depend on the
+order of accumulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+BLOCK_ROWS = 1024  # 1024 x 784 float32 = 3 MiB: the block and its GEMM output stay in cache
+
+# What the compiled loop accumulates.
+MODE_ASSIGN = 0  # labels and distances only
+MODE_COUNTS = 1  # + per-cluster counts
+MODE_SUMS = 2  # + per-cluster counts and sums
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float64 data is clustered in float64; uint8 and float32 in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def scale_for(dtype: np.dtype) -> float:
+    """uint8 pixels are scaled to [0, 1]; float data is used as is."""
+    return 255.0 if np.dtype(dtype) == np.uint8 else 1.0
+
+
+def to_compute(x: np.ndarray, divisor: float) -> np.ndarray:
+    """Rows as the compute dtype; uint8 is divided by 255 in float32 (as ``x / 255``)."""
+    out = x.astype(compute_dtype(x.dtype), copy=True)
+    if divisor != 1.0:
+        out /= out.dtype.type(divisor)
+    return out
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk of rows ready for the kernels: raw values plus cached squared row norms."""
+
+    x: np.ndarray  # (n, d) raw dtype (uint8/float32/float64)
+    xnorm: np.ndarray  # (n,) float64, of the scaled values
+    divisor: float
+    offset: int  # global index of the first row
+    index: int  # chunk number
+
+
+def prepare_chunk(x: np.ndarray, divisor: float, offset: int, index: int) -> Chunk:
+    """Cache the squared norms of a chunk's (scaled) rows; the data stays in its raw dtype."""
+    x = np.ascontiguousarray(x)
+    xnorm = np.empty(x.shape[0], dtype=np.float64)
+    for s in range(0, x.shape[0], BLOCK_ROWS):
+        xb = to_compute(x[s : s + BLOCK_ROWS], divisor).astype(np.float64, copy=False)
+        xnorm[s : s + BLOCK_ROWS] = np.einsum("ij,ij->i", xb, xb)
+    return Chunk(x=x, xnorm=xnorm, divisor=divisor, offset=offset, index=index)
+
+
+def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool]:
+    """Row count, per-feature sum and sum of squares (scaled, float64), and all-finite flag."""
+    d = chunk.x.shape[1]
+    s1 = np.zeros(d)
+    s2 = np.zeros(d)
+    finite = True
+    for s in range(0, chunk.x.shape[0], BLOCK_ROWS):
+        xb = to_compute(chunk.x[s : s + BLOCK_ROWS], chunk.divisor).astype(np.float64, copy=False)
+        if chunk.x.dtype.kind == "f" and not np.isfinite(xb).all():
+            finite = False
+        s1 += xb.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", xb, xb)
+    return chunk.x.shape[0], s1, s2, finite
+
+
+@njit(cache=True, nogil=True)
+def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, inertia, labels, mind,
+                  row0):  # pragma: no cover - compiled
+    nrow = dots.shape[0]
+    nmodel = starts.shape[0]
+    d = x.shape[1]
+    for i in range(nrow):
+        for m in range(nmodel):
+            a = starts[m]
+            b = stops[m]
+            best = a
+            bestv = cnorm[a] - 2.0 * dots[i, a]
+            for j in range(a + 1, b):
+                v = cnorm[j] - 2.0 * dots[i, j]
+                if v < bestv:
+                    bestv = v
+                    best = j
+            dist = xnorm[i] + bestv
+            if dist < 0.0:  # rounding of the expanded form
+                dist = 0.0
+            inertia[m] += dist
+            labels[m, row0 + i] = best - a
+            mind[m, row0 + i] = dist
+            if mode >= 1:
+                counts[best] += 1
+            if mode >= 2:
+                for f in range(d):
+                    sums[best, f] += x[i, f]
+
+
+@dataclass
+class Assignment:
+    """Result of :func:`assign` for one chunk. ``sums`` are in raw units (divide by divisor)."""
+
+    labels: np.ndarray  # (n_models, n) int32, local cluster index per model
+    mind: np.ndarray  # (n_models, n) float64, squared distance to the nearest centre
+    inertia: np.ndarray  # (n_models,) float64
+    counts: np.ndarray | None  # (M,) int64
+    sums: np.ndarray | None  # (M, d) float64, raw units
+
+
+def stack_bounds(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Start/stop row of each model's centres in the stacked centre matrix."""
+    stops = np.cumsum(np.asarray(sizes, dtype=np.int64))
+    starts = stops - np.asarray(sizes, dtype=np.int64)
+    return starts, stops
+
+
+def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndarray,
+           mode: int = MODE_SUMS) -> Assignment:
+    """Nearest centre of every row for every model, with optional counts and sums.
+
+    Parameters
+    ----------
+    chunk : Chunk
+    centres : (M, d) array in the compute dtype — all models' centres stacked.
+    starts, stops : (n_models,) int64 — model ``m`` owns ``centres[starts[m]:stops[m]]``.
+    mode : MODE_ASSIGN, MODE_COUNTS or MODE_SUMS.
+    """
+    x = chunk.x
+    n, d = x.shape
+    cdt = compute_dtype(x.dtype)
+    c = np.ascontiguousarray(centres, dtype=cdt)
+    ct = np.ascontiguousarray(c.T)
+    cnorm = np.einsum("ij,ij->i", c.astype(np.float64), c.astype(np.float64))
+    nmodel = starts.shape[0]
+    m_total = c.shape[0]
+    labels = np.empty((nmodel, n), dtype=np.int32)
+    mind = np.empty((nmodel, n), dtype=np.float64)
+    inertia = np.zeros(nmodel, dtype=np.float64)
+    counts = np.zeros(m_total, dtype=np.int64)
+    sums = np.zeros((m_total, d) if mode >= MODE_SUMS else (1, 1), dtype=np.float64)
+    for s in range(0, n, BLOCK_ROWS):
+        xr = x[s : s + BLOCK_ROWS]
+        dots = to_compute(xr, chunk.divisor) @ ct
+        _assign_block(dots, cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
+                      sums, counts, inertia, labels, mind, s)
+    return Assignment(
+        labels=labels,
+        mind=mind,
+        inertia=inertia,
+        counts=counts if mode >= MODE_COUNTS else None,
+        sums=sums if mode >= MODE_SUMS else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Small local problems (candidates of k-means||): numpy on the client.
+
+
+def sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances between rows of ``a`` and ``b`` (float64, clipped at 0)."""
+    a = a.astype(np.float64, copy=False)
+    b = b.astype(np.float64, copy=False)
+    d = (a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
+    np.maximum(d, 0.0, out=d)
+    return d
+
+
+def weighted_kmeanspp(points: np.ndarray, weights: np.ndarray, k: int,
+                      rng: np.random.Generator, n_local_trials: int | None = None) -> np.ndarray:
+    """Greedy weighted k-means++ on a small point set; returns indices of the chosen points.
+
+    Each step samples ``n_local_trials`` candidates with probability proportional to
+    weight x D², and keeps the one that lowers the weighted potential most.
+    """
+    n = points.shape[0]
+    w = weights.astype(np.float64)
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(k))
+    chosen = [int(rng.choice(n, p=w / w.sum()))]
+    closest = sq_dists(points, points[chosen])[:, 0]
+    for _ in range(1, k):
+        pot = w * closest
+        total = pot.sum()
+        if total <= 0.0:  # every point already coincides with a centre: take unused ones
+            unused = np.setdiff1d(np.arange(n), chosen)
+            chosen.append(int(unused[0]) if unused.size else chosen[-1])
+            continue
+        cum = np.cumsum(pot)
+        r = rng.random(n_local_trials) * cum[-1]
+        cand = np.minimum(np.searchsorted(cum, r, side="right"), n - 1)
+        dc = sq_dists(points[cand], points)  # (trials, n)
+        np.minimum(dc, closest[None, :], out=dc)
+        best = int(np.argmin((dc * w[None, :]).sum(1)))
+        chosen.append(int(cand[best]))
+        closest = dc[best]
+    return np.asarray(chosen)
+
+
+def weighted_lloyd(points: np.ndarray, weights: np.ndarray, centres: np.ndarray,
+                   max_iter: int = 50) -> np.ndarray:
+    """A few weighted Lloyd steps on a small point set (empty clusters keep their centre)."""
+    c = centres.astype(np.float64).copy()
+    p = points.astype(np.float64)
+    w = weights.astype(np.float64)
+    prev = None
+    for _ in range(max_iter):
+        lab = np.argmin(sq_dists(p, c), axis=1)
+        if prev is not None and np.array_equal(lab, prev):
+            break
+        prev = lab
+        tot = np.bincount(lab, weights=w, minlength=c.shape[0])
+        for j in np.nonzero(tot > 0)[0]:
+            sel = lab == j
+            c[j] = (w[sel, None] * p[sel]).sum(0) / tot[j]
+    return c
