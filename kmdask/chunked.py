@@ -31,12 +31,7 @@ def _call_streamed(fn: Callable, x: np.ndarray, divisor: float, offset: int, ind
 
 def memory_budget() -> int:
     """Bytes of worker memory that persisted data may use on the current scheduler."""
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
+    client = _current_client()
     if client is not None:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         limits = [w.get("memory_limit") or 0 for w in workers]
@@ -71,16 +66,50 @@ class ChunkedRows:
             persist = need <= memory_budget()
         self.persisted = bool(persist)
         self.passes = 0
+        self._client = _current_client()
+        self._groups: dict[str, list[int]] = {}
         if self.persisted:
             parts = [
                 dask.delayed(_prepared, pure=True)(b, self.divisor, int(o), i)
                 for i, (b, o) in enumerate(zip(self._blocks, self.offsets, strict=True))
             ]
-            self._parts = list(dask.persist(*parts))
+            if self._client is not None:
+                # Hold the chunks as futures and remember where each lives: a pass is then one
+                # task per worker over all of its chunks, which halves dask's per-pass overhead.
+                from distributed import wait
+
+                self._parts = self._client.compute(parts)
+                wait(self._parts)
+                self._regroup()
+            else:
+                self._parts = list(dask.persist(*parts))
 
     @property
     def n_chunks(self) -> int:
         return len(self.row_chunks)
+
+    def _regroup(self) -> None:
+        who = self._client.who_has(self._parts)
+        groups: dict[str, list[int]] = {}
+        for i, f in enumerate(self._parts):
+            holders = sorted(who.get(f.key, ()))
+            groups.setdefault(holders[0] if holders else "", []).append(i)
+        self._groups = groups
+
+    def _map_futures(self, fn: Callable, shared: tuple, per_chunk: list[tuple] | None) -> list:
+        client = self._client
+        futs = []
+        for worker, idx in self._groups.items():
+            extras = [per_chunk[i] if per_chunk is not None else () for i in idx]
+            futs.append(client.submit(
+                _run_group, fn, [self._parts[i] for i in idx], shared, extras,
+                workers=[worker] if worker else None, allow_other_workers=True, pure=False,
+            ))
+        out: list = [None] * self.n_chunks
+        for idx, res in zip(self._groups.values(), client.gather(futs), strict=True):
+            for i, r in zip(idx, res, strict=True):
+                out[i] = r
+        return out
 
     def map(self, fn: Callable, *shared: Any, per_chunk: list[tuple] | None = None) -> list:
         """Run ``fn(chunk, *shared, *per_chunk[i])`` on every chunk; results in chunk order.
@@ -88,6 +117,8 @@ class ChunkedRows:
         ``shared`` values (e.g. centre matrices) are put in the graph once, not once per task.
         """
         self.passes += 1
+        if self.persisted and self._client is not None:
+            return self._map_futures(fn, shared, per_chunk)
         shared_d = [dask.delayed(s, traverse=False) if isinstance(s, np.ndarray) else s
                     for s in shared]
         tasks = []
@@ -117,6 +148,10 @@ class ChunkedRows:
         return out
 
     def _map_some(self, fn: Callable, which: list[int], extras: list[tuple]) -> list:
+        if self.persisted and self._client is not None:
+            futs = [self._client.submit(fn, self._parts[i], *e, pure=False)
+                    for i, e in zip(which, extras, strict=True)]
+            return self._client.gather(futs)
         tasks = []
         for i, extra in zip(which, extras, strict=True):
             if self.persisted:
@@ -129,6 +164,19 @@ class ChunkedRows:
     def release(self) -> None:
         """Drop persisted chunks from worker memory."""
         self._parts = []
+
+
+def _current_client():
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _run_group(fn: Callable, chunks: list, shared: tuple, extras: list[tuple]) -> list:
+    return [fn(c, *shared, *e) for c, e in zip(chunks, extras, strict=True)]
 
 
 def _take_rows(chunk: kernels.Chunk, local_idx: np.ndarray) -> np.ndarray:

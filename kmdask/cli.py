@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a directory holding the four IDX files (gz or raw), or an https:// URL "
                         "prefix; tried before any other source")
     p.add_argument("--out", type=Path, default=None,
-                   help="output store (default: data/<dataset>.zarr, or data/<dataset>-aug<N>.zarr)")
+                   help="output store (default: data/<dataset>.zarr; data/<dataset>-aug<N>.zarr "
+                        "with --augment)")
     p.add_argument("--chunk-rows", type=_positive_int, default=10_000,
                    help="rows per zarr chunk (default: 10000)")
     p.add_argument("--compressor", default="lz4", choices=["lz4", "zstd", "none"],

@@ -1,0 +1,176 @@
+"""The K-Means engine against scikit-learn and against itself (real dask workers)."""
+
+from __future__ import annotations
+
+import gzip
+
+import dask.array as da
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.cluster import KMeans as SKKMeans
+from sklearn.datasets import make_blobs
+from sklearn.metrics import v_measure_score
+
+from kmdask import ConfigError, KMeans, fit_sweep
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, y, centres = make_blobs(6000, centers=5, n_features=8, cluster_std=1.0,
+                               random_state=0, return_centers=True)
+    return X, y, centres
+
+
+@pytest.fixture(scope="module")
+def mnist_train(mnist_source):
+    with gzip.open(mnist_source / "train-images-idx3-ubyte.gz") as f:
+        raw = f.read()
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(60000, 784)
+
+
+def _sk_from(X, init, max_iter=300, tol=1e-4):
+    return SKKMeans(init.shape[0], init=init, n_init=1, max_iter=max_iter, tol=tol,
+                    algorithm="lloyd").fit(X)
+
+
+def test_lloyd_matches_sklearn_on_blobs(blobs, client):
+    X, _, _ = blobs
+    init = X[[0, 1, 2, 3, 4]].copy()
+    ref = _sk_from(X, init)
+    km = KMeans(5, init=init).fit(da.from_array(X, chunks=(1000, 8)))
+    assert km.n_iter_ == ref.n_iter_
+    assert_array_equal(km.labels_.compute(), ref.labels_)
+    assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-5, atol=1e-8)
+    assert_allclose(km.inertia_, ref.inertia_, rtol=1e-5)
+
+
+def test_lloyd_matches_sklearn_on_mnist_10k(mnist_train, client):
+    x8 = mnist_train[:10_000]
+    xf = x8.astype(np.float32) / np.float32(255)
+    init = xf[:10].copy()
+    ref = _sk_from(xf, init)
+    km = KMeans(10, init=init.astype(np.float64)).fit(da.from_array(x8, chunks=(2500, 784)))
+    assert km.n_iter_ == ref.n_iter_
+    assert_array_equal(km.labels_.compute(), ref.labels_)
+    assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-5, atol=1e-5)
+    assert_allclose(km.inertia_, ref.inertia_, rtol=1e-5)
+
+
+def test_kmeans_parallel_finds_true_blob_centres(blobs, client):
+    X, y, centres = blobs
+    km = KMeans(5, random_state=3).fit(da.from_array(X, chunks=(1500, 8)))
+    # every true centre has a found centre close to it, and the labelling is perfect
+    d = ((centres[:, None] - km.cluster_centers_[None]) ** 2).sum(-1) ** 0.5
+    assert d.min(axis=1).max() < 0.1
+    assert v_measure_score(y, km.labels_.compute()) == pytest.approx(1.0)
+
+
+def test_kmeanspp_init_on_blobs(blobs, client):
+    X, y, _ = blobs
+    km = KMeans(5, init="k-means++", random_state=1, n_init=3).fit(X)
+    assert v_measure_score(y, km.labels_.compute()) > 0.99
+
+
+def test_n_init_keeps_best_trial(blobs, client):
+    X, _, _ = blobs
+    X = X[:2000]
+    km = KMeans(8, n_init=4, random_state=0).fit(X)
+    assert len(km.trial_inertia_) == 4
+    assert km.inertia_ == min(km.trial_inertia_)
+    assert km.trial_inertia_[km.best_trial_] == km.inertia_
+    assert len(set(np.round(km.trial_inertia_, 6))) > 1  # trials differ
+
+
+def test_sweep_equals_models_fitted_one_by_one(blobs, client):
+    X = da.from_array(blobs[0][:3000], chunks=(1000, 8))
+    sw = fit_sweep(X, [2, 3, 5], n_init=2, random_state=7)
+    for k in (2, 3, 5):
+        one = KMeans(k, n_init=2, random_state=7).fit(X)
+        got = sw.models[k]
+        assert_array_equal(got.cluster_centers_, one.cluster_centers_)
+        assert_array_equal(got.labels_.compute(), one.labels_.compute())
+        assert got.inertia_ == one.inertia_ and got.n_iter_ == one.n_iter_
+    # one pass per iteration for all models together
+    assert sw.fit.n_passes < sum(m.n_passes_ for m in sw.models.values())
+
+
+def test_empty_cluster_is_relocated_like_sklearn(blobs, client):
+    X, _, _ = blobs
+    init = np.vstack([X[:4], np.full((1, X.shape[1]), 1e3)])  # centre 4 gets no rows
+    ref = _sk_from(X, init)
+    km = KMeans(5, init=init).fit(da.from_array(X, chunks=(1000, 8)))
+    labels = km.labels_.compute()
+    assert np.bincount(labels, minlength=5).min() > 0
+    assert_array_equal(labels, ref.labels_)
+    assert_allclose(km.inertia_, ref.inertia_, rtol=1e-5)
+
+
+def test_predict_transform_score_agree_with_fit(blobs, client):
+    X, _, _ = blobs
+    km = KMeans(5, random_state=0).fit(X)
+    lab = km.labels_.compute()
+    assert_array_equal(km.predict(X), lab)
+    t = km.transform(X)
+    assert t.shape == (X.shape[0], 5)
+    assert_array_equal(t.argmin(1), lab)
+    assert km.score(X) == pytest.approx(-km.inertia_, rel=1e-9)
+    lazy = km.predict(da.from_array(X, chunks=(1000, 8)))
+    assert isinstance(lazy, da.Array)
+    assert_array_equal(lazy.compute(), lab)
+
+
+def test_streamed_equals_persisted(mnist_store, client):
+    from kmdask.datasets import open_images
+
+    X = open_images(mnist_store, "train")[:20_000]
+    a = KMeans(6, random_state=0, max_iter=20, persist=True).fit(X)
+    b = KMeans(6, random_state=0, max_iter=20, persist=False).fit(X)
+    assert a.persisted_ and not b.persisted_
+    assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert_array_equal(a.labels_.compute(), b.labels_.compute())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "X", "match"),
+    [
+        ({"n_clusters": 0}, np.zeros((5, 2)), "n_clusters must be >= 1, got 0"),
+        ({"n_clusters": 6}, np.zeros((5, 2)), "n_clusters=6 is larger than the number of rows"),
+        ({"n_clusters": 2}, np.zeros(5), "ndim=1"),
+        ({"n_clusters": 2}, np.array([[0.0, np.nan], [1.0, 1.0]]), "NaN or infinity"),
+        ({"n_clusters": 2, "init": "random"}, np.zeros((5, 2)), "unknown init 'random'"),
+        ({"n_clusters": 2, "max_iter": 0}, np.zeros((5, 2)), "max_iter must be a positive"),
+        ({"n_clusters": 2, "init": np.zeros((3, 2))}, np.zeros((5, 2)), r"shape \(2, 2\)"),
+    ],
+)
+def test_bad_parameters_name_the_value(kwargs, X, match):
+    with pytest.raises(ConfigError, match=match):
+        KMeans(**kwargs).fit(X)
+
+
+def test_determinism_across_workers_and_threads(mnist_train):
+    from distributed import Client, LocalCluster
+
+    X = da.from_array(mnist_train[:12_000], chunks=(3000, 784))
+    results = []
+    for n_workers, threads in [(1, 1), (2, 1), (1, 2)]:
+        with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+                          dashboard_address=":0", host="127.0.0.1") as cluster, \
+                Client(cluster, set_as_default=False) as c, c.as_current():
+            km = KMeans(7, n_init=2, random_state=11, max_iter=30).fit(X)
+            results.append((km.cluster_centers_, km.labels_.compute(), km.inertia_))
+    for centres, labels, inertia in results[1:]:
+        assert_array_equal(centres, results[0][0])
+        assert_array_equal(labels, results[0][1])
+        assert inertia == results[0][2]
+
+
+@pytest.mark.slow
+def test_mnist_60k_inertia_within_1pct_of_sklearn(mnist_train, client):
+    xf = mnist_train.astype(np.float32) / np.float32(255)
+    X = da.from_array(mnist_train, chunks=(10_000, 784))
+    ours, theirs = [], []
+    for seed in range(5):
+        ours.append(KMeans(10, random_state=seed).fit(X).inertia_)
+        theirs.append(SKKMeans(10, n_init=1, random_state=seed).fit(xf).inertia_)
+    assert np.median(ours) <= 1.01 * np.median(theirs)

@@ -1,0 +1,75 @@
+"""Per-chunk kernels on hand-computed toy sets."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.testing import assert_allclose, assert_array_equal
+
+from kmdask import kernels
+
+
+def _chunk(x, divisor=1.0, offset=0):
+    return kernels.prepare_chunk(np.asarray(x), divisor, offset, 0)
+
+
+def test_assign_two_models_by_hand():
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [11.0, 1.0]])
+    # model 0: two centres; model 1: one centre
+    c = np.array([[0.5, 0.0], [10.5, 0.5], [0.0, 0.0]])
+    starts, stops = kernels.stack_bounds([2, 1])
+    a = kernels.assign(_chunk(x), c, starts, stops, kernels.MODE_SUMS)
+    assert_array_equal(a.labels[0], [0, 0, 1, 1])
+    assert_array_equal(a.labels[1], [0, 0, 0, 0])
+    assert_allclose(a.mind[0], [0.25, 0.25, 0.5, 0.5])
+    assert_allclose(a.inertia, [1.5, 0 + 1 + 100 + 122])
+    assert_array_equal(a.counts, [2, 2, 4])
+    assert_allclose(a.sums, [[1, 0], [21, 1], [22, 1]])
+
+
+def test_ties_go_to_lowest_index():
+    x = np.array([[1.0, 0.0]])
+    c = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    starts, stops = kernels.stack_bounds([3])
+    a = kernels.assign(_chunk(x), c, starts, stops, kernels.MODE_ASSIGN)
+    assert a.labels[0, 0] == 0
+
+
+def test_uint8_is_scaled_and_sums_are_exact_raw_integers():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(3000, 16), dtype=np.uint8)  # > one block
+    c = (x[:3].astype(np.float32) / np.float32(255))
+    starts, stops = kernels.stack_bounds([3])
+    a = kernels.assign(_chunk(x, 255.0), c, starts, stops, kernels.MODE_SUMS)
+    xf = x.astype(np.float64) / 255
+    d = ((xf[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    assert_array_equal(a.labels[0], d.argmin(1))
+    assert_allclose(a.inertia[0], d.min(1).sum(), rtol=1e-6)
+    for j in range(3):
+        assert_array_equal(a.sums[j], x[a.labels[0] == j].sum(0))  # exact integers
+        assert a.counts[j] == (a.labels[0] == j).sum()
+
+
+def test_chunk_stats_and_finite_flag():
+    x = np.array([[1.0, 2.0], [3.0, np.nan]])
+    n, s1, s2, finite = kernels.chunk_stats(_chunk(x))
+    assert n == 2 and not finite
+    n, s1, s2, finite = kernels.chunk_stats(_chunk(np.array([[1.0, 2.0], [3.0, 4.0]])))
+    assert finite
+    assert_allclose(s1, [4, 6])
+    assert_allclose(s2, [10, 20])
+
+
+def test_weighted_kmeanspp_and_lloyd_find_weighted_groups():
+    pts = np.array([[0.0], [0.1], [10.0], [10.1], [20.0]])
+    w = np.array([5.0, 5.0, 5.0, 5.0, 1e-9])
+    rng = np.random.default_rng(0)
+    chosen = kernels.weighted_kmeanspp(pts, w, 2, rng)
+    assert len(set(chosen.tolist())) == 2
+    c = kernels.weighted_lloyd(pts, w, pts[chosen])
+    assert_allclose(np.sort(c[:, 0]), [0.05, 10.05], atol=1e-6)
+
+
+def test_sq_dists_matches_direct():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(7, 5)), rng.normal(size=(4, 5))
+    assert_allclose(kernels.sq_dists(a, b), ((a[:, None] - b[None]) ** 2).sum(-1), atol=1e-12)
