@@ -135,15 +135,20 @@ def read_idx_bytes(path: str | Path) -> bytes:
         raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decompress_idx(raw, path)
+
+
+def decompress_idx(raw: bytes, name: str | Path) -> bytes:
+    """``raw`` gunzipped when it starts with the gzip magic bytes, else unchanged."""
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
         return gzip.decompress(raw)
     except EOFError:
-        raise DataError(f"{path}: truncated gzip stream (file ends before the end marker)") \
+        raise DataError(f"{name}: truncated gzip stream (file ends before the end marker)") \
             from None
     except (OSError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt gzip data ({exc})") from None
+        raise DataError(f"{name}: corrupt gzip data ({exc})") from None
 
 
 def parse_idx(data: bytes, name: str | Path) -> np.ndarray:

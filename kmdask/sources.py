@@ -41,6 +41,7 @@ from kmdask.datasets import (
     IMAGE_SIDE,
     DatasetSpec,
     check_split,
+    decompress_idx,
     digests,
     get_spec,
     idx_bytes,
@@ -181,17 +182,8 @@ def fetch_url(spec: DatasetSpec, prefix: str) -> tuple[dict[str, bytes], dict[st
                 raise
             url = prefix + f.name
             blob = _http_get(url)
-        fetched[f.name] = blob
-        where[f.name] = url
-        if blob[:2] == b"\x1f\x8b":
-            try:
-                files[f.name] = gzip.decompress(blob)
-            except EOFError:
-                raise DataError(f"{url}: truncated gzip stream") from None
-            except OSError as exc:
-                raise DataError(f"{url}: corrupt gzip data ({exc})") from None
-        else:
-            files[f.name] = blob
+        fetched[f.name], where[f.name] = blob, url
+        files[f.name] = decompress_idx(blob, url)
     verify_files(spec, files, where)
     return files, fetched
 
