@@ -51,6 +51,98 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> dict:
+    from kmdask.config import load_profile
+
+    return load_profile(args.profile, args.cluster_file)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kmdask.config import load_job
+    from kmdask.runner import run_job
+
+    job = load_job(args.job)
+    out = run_job(job, _profile(args), runs_dir=args.runs_dir, address=args.address,
+                  wait=not args.no_wait, quiet=args.quiet)
+    print(out.path)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from kmdask.config import load_job
+    from kmdask.runner import run_job
+
+    profile = _profile(args)
+    runs = []
+    for path in args.jobs:
+        job = load_job(path)
+        runs.append(run_job(job, profile, runs_dir=args.runs_dir, address=args.address,
+                            wait=not args.no_wait, quiet=args.quiet).path)
+    try:
+        from kmdask.report import write_report
+    except ImportError:  # the figure suite is not built yet
+        for r in runs:
+            print(r)
+        return 0
+    index = write_report(runs, args.out, quiet=args.quiet)
+    print(index)
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from kmdask.runner import list_runs
+
+    rows = list_runs(args.runs_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs under {args.runs_dir}")
+        return 0
+    print(f"{'job':16} {'run':17} {'status':9} {'finished':25} {'seconds':>8}  headline")
+    for r in rows:
+        mark = "*" if r["latest"] else " "
+        print(f"{r['job']:16} {r['run_id']:16}{mark} {r['status']:9} "
+              f"{str(r.get('finished') or ''):25} {str(r.get('seconds') or ''):>8}  "
+              f"{r.get('headline', '')}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from kmdask.submit import submit_job
+
+    job_id = submit_job(Path(args.job), _profile(args), runs_dir=args.runs_dir,
+                        extra_args=[])
+    print(job_id)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kmdask.report import write_report
+
+    print(write_report(args.runs, args.out, quiet=args.quiet))
+    return 0
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=None,
+                   help="cluster profile from the cluster file (default: $KMDASK_PROFILE, "
+                        "else the file's 'default', else local)")
+    p.add_argument("--cluster-file", type=Path, default=None,
+                   help="cluster profiles file (default: $KMDASK_CLUSTER_FILE or ./cluster.yaml)")
+    p.add_argument("--address", default=None,
+                   help="connect to this existing scheduler (tcp://host:port or tls://...), "
+                        "overriding the profile")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                   help="where run directories go (default: runs/)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="exit with an error instead of waiting when another run of the same "
+                        "job holds its lock")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kmdask",
@@ -87,6 +179,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --augment (default: 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser(
+        "run", help="run one job spec (jobs/NAME.yaml) and print its run directory",
+        description=(
+            "Run a declarative job (jobs/*.yaml) on the chosen cluster profile and print the run "
+            "directory. A rerun of an unchanged job (same data, spec and kmdask version) is a "
+            "no-op; an interrupted run resumes from its last checkpoint."),
+    )
+    p.add_argument("job", help="job file, or a NAME under jobs/")
+    _add_cluster_args(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "sweep", help="run the figure-suite jobs and write the report (what `make sweep` does)",
+        description="Run every given job (default: jobs/sweep.yaml) and write the HTML report.",
+    )
+    p.add_argument("jobs", nargs="*", default=["jobs/sweep.yaml"],
+                   help="job files (default: jobs/sweep.yaml)")
+    p.add_argument("--out", type=Path, default=Path("report"),
+                   help="report directory (default: report/)")
+    _add_cluster_args(p)
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("runs", help="list past runs",
+                       description="List run directories: job, run id (* = latest), status, "
+                                   "when, duration and a headline metric.")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_runs)
+
+    p = sub.add_parser(
+        "submit", help="submit a job as a batch job (SLURM sbatch / PBS qsub)",
+        description="Write a batch script that runs `kmdask run JOB` inside the allocation, "
+                    "submit it with the profile's scheduler, and print the job id.",
+    )
+    p.add_argument("job", help="job file, or a NAME under jobs/")
+    _add_cluster_args(p)
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("report", help="draw the figure suite of run directories",
+                       description="Read run directories (never refits) and write PNG figures "
+                                   "and an index.html.")
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<job>/<id> or "
+                                                      "runs/<job>/latest)")
+    p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

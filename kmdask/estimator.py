@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
+from typing import Protocol
 
 import dask.array as da
 import numpy as np
@@ -52,6 +53,14 @@ def as_dask(X, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
     return X
 
 
+class Checkpoint(Protocol):
+    """Where :func:`fit_models` keeps model states between iterations."""
+
+    def load(self) -> list[ModelState] | None: ...
+
+    def save(self, states: list[ModelState]) -> None: ...
+
+
 @dataclass
 class FitResult:
     """Everything a fit of one or more models produced (see :func:`fit_models`)."""
@@ -87,8 +96,13 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
                tol: float = 1e-4, random_state: int | None = None,
                oversampling_factor: float = 2.0, init_rounds: int = 5,
                persist: bool | str = "auto", verbose: int = 0,
-               progress: Callable[[dict], None] | None = None) -> FitResult:
-    """Fit every (k in ks) x (trial in n_init) model with shared passes over ``X``."""
+               progress: Callable[[dict], None] | None = None,
+               checkpoint: Checkpoint | None = None) -> FitResult:
+    """Fit every (k in ks) x (trial in n_init) model with shared passes over ``X``.
+
+    With a ``checkpoint``, the seeded centres and every Lloyd iteration's model states are
+    saved, and a fit that finds a saved state resumes from it (ending bit-identical).
+    """
     X = as_dask(X)
     n, d = X.shape
     ks = [int(k) for k in ks]
@@ -108,16 +122,23 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
     seeds = trial_seeds(random_state, n_init)
     models = [(k, t) for k in ks for t in range(n_init)]
     specs = [(k, seeds[t]) for k, t in models]
-    if isinstance(init, str) and init == "k-means||":
-        centres = kmeans_parallel(data, specs, oversampling_factor, init_rounds)
-    elif isinstance(init, str) and init == "k-means++":
-        centres = kmeans_plusplus(data, specs)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        states = saved
     else:
-        centres = [np.asarray(init, dtype=np.float64)] * len(specs)
+        if isinstance(init, str) and init == "k-means||":
+            centres = kmeans_parallel(data, specs, oversampling_factor, init_rounds)
+        elif isinstance(init, str) and init == "k-means++":
+            centres = kmeans_plusplus(data, specs)
+        else:
+            centres = [np.asarray(init, dtype=np.float64)] * len(specs)
+        states = [ModelState(centres=c.copy()) for c in centres]
+        if checkpoint is not None:
+            checkpoint.save(states)
     t_init = time.perf_counter()
     progress = progress or _progress_printer(verbose)
-    states = [ModelState(centres=c.copy()) for c in centres]
-    results = lloyd(data, states, max_iter=max_iter, tol=tol_abs, progress=progress)
+    results = lloyd(data, states, max_iter=max_iter, tol=tol_abs, progress=progress,
+                    on_iteration=checkpoint.save if checkpoint is not None else None)
     t_end = time.perf_counter()
     out = FitResult(
         models=models, results=results, chunks=X.chunks[0], n_passes=data.passes,

@@ -90,12 +90,14 @@ def _relocate_empty(data: ChunkedRows, states: list[ModelState], c, starts, stop
 
 
 def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int, tol: float,
-          progress: Callable[[dict], None] | None = None) -> list[ModelResult]:
+          progress: Callable[[dict], None] | None = None,
+          on_iteration: Callable[[list[ModelState]], None] | None = None) -> list[ModelResult]:
     """Run Lloyd iterations on every model until each converges or hits ``max_iter``.
 
     ``tol`` is absolute (scikit-learn's relative tol times the mean feature variance).
     ``progress`` receives a dict per iteration (iteration, active models, best inertia, max
-    shift, seconds).
+    shift, seconds); ``on_iteration`` gets every model's state after each iteration (for
+    checkpoints: restarting from those states continues bit-identically).
     """
     cdt = kernels.compute_dtype(data.dtype)
     divisor = data.divisor
@@ -127,6 +129,8 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int, tol: float
             if shift <= tol:
                 st.active = False
         it += 1
+        if on_iteration is not None:
+            on_iteration(states)
         if progress is not None:
             progress({
                 "iteration": it,

@@ -1,0 +1,176 @@
+"""The run directory: the only thing the report reads.
+
+Layout of ``runs/<job>/<run-id>/`` (run-id = the first 16 hex digits of the fingerprint)::
+
+    manifest.json                      job, fingerprint, versions, data, profile, timings, metrics
+    data/head_images.npy               first H rows of the clustered data (uint8, for samples)
+    data/true_labels.npy               true class of every clustered row (uint8)
+    fits/<fit>/k<K>/centers.npy        (K, d) float64 cluster means, pixel scale [0, 1]
+    fits/<fit>/k<K>/labels.npy         (rows,) int32 cluster of every row
+    fits/<fit>/k<K>/members.npy        (K, P, d) uint8 images of each cluster's first P members
+    fits/<fit>/k<K>/members_idx.npy    (K, P) int64 their row indices (-1 = fewer members)
+    fits/<fit>/k<K>/result.json        inertia, n_iter, histories, trials, counts, metrics
+
+Runs are written under ``.<run-id>.partial/`` and renamed into place when complete; ``latest``
+(a symlink) is switched atomically afterwards. numpy + json only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kmdask.errors import DataError
+
+MANIFEST = "manifest.json"
+MEMBERS_PER_CLUSTER = 105  # enough for every figure (the error-case figures show up to 105)
+
+
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; run files should follow the user's umask like any other file
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _file_mode())
+    return fd, tmp
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file in the same directory, then rename)."""
+    fd, tmp = _mkstemp(path)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_npy(path: Path, arr: np.ndarray) -> None:
+    fd, tmp = _mkstemp(path)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def first_members(labels: np.ndarray, k: int, per_cluster: int = MEMBERS_PER_CLUSTER
+                  ) -> np.ndarray:
+    """(k, per_cluster) row indices of each cluster's first members in row order, -1 padded."""
+    out = np.full((k, per_cluster), -1, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")  # stable: row order kept inside each cluster
+    bounds = np.searchsorted(labels[order], np.arange(k + 1))
+    for j in range(k):
+        idx = order[bounds[j] : bounds[j + 1]][:per_cluster]
+        out[j, : idx.size] = idx
+    return out
+
+
+def fit_dir(run: Path, fit: str, k: int) -> Path:
+    return run / "fits" / fit / f"k{k}"
+
+
+@dataclass
+class ModelArtefacts:
+    """One (fit, K) result as read back from a run directory."""
+
+    fit: str
+    k: int
+    path: Path
+    result: dict
+
+    @property
+    def centers(self) -> np.ndarray:
+        return _load(self.path / "centers.npy")
+
+    @property
+    def labels(self) -> np.ndarray:
+        return _load(self.path / "labels.npy")
+
+    @property
+    def members(self) -> np.ndarray:
+        return _load(self.path / "members.npy")
+
+    @property
+    def members_idx(self) -> np.ndarray:
+        return _load(self.path / "members_idx.npy")
+
+
+@dataclass
+class Run:
+    """A complete run directory."""
+
+    path: Path
+    manifest: dict
+
+    def model(self, fit: str, k: int) -> ModelArtefacts:
+        d = fit_dir(self.path, fit, k)
+        res = self.manifest["fits"].get(fit, {}).get("results", {}).get(str(k))
+        if res is None:
+            raise DataError(f"{self.path}: run has no result for fit {fit!r}, K={k}")
+        return ModelArtefacts(fit=fit, k=k, path=d, result=res)
+
+    @property
+    def head_images(self) -> np.ndarray:
+        return _load(self.path / "data" / "head_images.npy")
+
+    @property
+    def true_labels(self) -> np.ndarray:
+        return _load(self.path / "data" / "true_labels.npy")
+
+
+def _load(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing from the run directory (incomplete run?)") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+
+
+_REQUIRED = ("centers.npy", "labels.npy", "members.npy", "members_idx.npy", "result.json")
+
+
+def open_run(path: str | Path) -> Run:
+    """Open and check a complete run directory; anything missing is a one-line DataError."""
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"{p}: no such run directory")
+    mf = p / MANIFEST
+    if not mf.is_file():
+        raise DataError(f"{p}: not a complete run (no {MANIFEST}); rerun the job to finish it")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{mf}: not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("status") != "complete":
+        raise DataError(f"{mf}: run is not marked complete")
+    for fit, info in manifest.get("fits", {}).items():
+        for k in info.get("results", {}):
+            d = fit_dir(p, fit, int(k))
+            for name in _REQUIRED:
+                if not (d / name).is_file():
+                    raise DataError(f"{d / name}: missing from the run directory "
+                                    "(incomplete or damaged run)")
+    for name in ("head_images.npy", "true_labels.npy"):
+        if not (p / "data" / name).is_file():
+            raise DataError(f"{p / 'data' / name}: missing from the run directory")
+    return Run(path=p, manifest=manifest)
