@@ -1,0 +1,200 @@
+"""Jobs run through the real CLI on a real LocalCluster: reruns, resume, locks, validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kmdask.config import load_job, parse_job
+from kmdask.errors import ConfigError
+
+SMALL_JOB = {
+    "job": "tiny",
+    "data": {"store": None, "split": "train"},
+    "fits": [
+        {"name": "scal", "algorithm": "scalable", "rows": 4000, "k": [3, 4], "trials": 2,
+         "iterations": 40},
+        {"name": "mcc", "algorithm": "mccaffrey", "rows": 100, "k": 3, "iterations": 20,
+         "trials": 20},
+    ],
+    "figures": [{"name": "m", "kind": "clusters", "fits": ["mcc"], "samples": 100}],
+}
+
+
+@pytest.fixture()
+def workdir(tmp_path, mnist_store):
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({
+        "default": "local",
+        "profiles": {"local": {"kind": "local", "n_workers": 2, "threads_per_worker": 1,
+                               "memory_limit": "2GiB"}},
+    }))
+    return tmp_path
+
+
+def _write_job(workdir: Path, store: Path, name: str = "tiny.yaml", **changes) -> Path:
+    job = json.loads(json.dumps(SMALL_JOB))
+    job["data"]["store"] = str(store)
+    for k, v in changes.items():
+        job[k] = v
+    p = workdir / name
+    p.write_text(yaml.safe_dump(job))
+    return p
+
+
+def _kmdask(workdir: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kmdask", *args], cwd=workdir,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_run_rerun_and_changed_spec(workdir, mnist_store):
+    job = _write_job(workdir, mnist_store)
+    r = _kmdask(workdir, "run", str(job))
+    assert r.returncode == 0, r.stderr
+    run = Path(workdir / r.stdout.strip())
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    assert m["fits"]["mcc"]["results"]["3"]["counts"] == [16, 66, 18]  # SEED_SPEC row 1
+    for k in ("3", "4"):
+        res = m["fits"]["scal"]["results"][k]
+        assert sum(res["counts"]) == 4000
+        assert res["inertia"] == min(res["trial_inertia"])
+    labels = np.load(run / "fits" / "scal" / "k3" / "labels.npy")
+    assert labels.shape == (4000,) and set(np.unique(labels)) == {0, 1, 2}
+    assert os.readlink(workdir / "runs" / "tiny" / "latest") == run.name
+
+    t0 = time.perf_counter()
+    again = _kmdask(workdir, "run", str(job))
+    assert again.returncode == 0
+    assert again.stdout.strip() == r.stdout.strip()
+    assert "nothing to do" in again.stderr
+    assert time.perf_counter() - t0 < 30
+
+    changed = _write_job(workdir, mnist_store, fits=[dict(SMALL_JOB["fits"][1], trials=30)])
+    r3 = _kmdask(workdir, "run", str(changed))
+    assert r3.returncode == 0, r3.stderr
+    assert r3.stdout.strip() != r.stdout.strip()
+    assert os.readlink(workdir / "runs" / "tiny" / "latest") == Path(r3.stdout.strip()).name
+
+    listing = json.loads(_kmdask(workdir, "runs", "--json").stdout)
+    assert {row["run_id"] for row in listing} == {run.name, Path(r3.stdout.strip()).name}
+    assert all(row["status"] == "complete" for row in listing)
+
+
+def _long_job(workdir: Path, store: Path, name: str) -> Path:
+    return _write_job(workdir, store, name=name, job="long", fits=[
+        {"name": "sweep", "algorithm": "scalable", "rows": 30000, "k": [6, 7, 8, 9],
+         "trials": 2, "iterations": 40, "tol": 0.0}], figures=[])
+
+
+def test_resume_after_sigkill_is_bit_identical(workdir, mnist_store, tmp_path_factory):
+    job = _long_job(workdir, mnist_store, "long.yaml")
+    ref_dir = tmp_path_factory.mktemp("ref")
+    ref = _kmdask(workdir, "run", str(job), "--runs-dir", str(ref_dir))
+    assert ref.returncode == 0, ref.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ck = next(iter((workdir / "runs").glob("long/.*.partial/fits/sweep/checkpoint.npz")),
+                  None)
+        if ck is not None and ck.exists():
+            with np.load(ck) as z:
+                if max(m["n_iter"] for m in json.loads(str(z["meta"]))) >= 3:
+                    break
+        time.sleep(0.05)
+    else:
+        pytest.fail("no checkpoint appeared")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its LocalCluster, mid-Lloyd
+    proc.wait()
+    assert not list((workdir / "runs" / "long").glob("[!.]*/manifest.json"))
+
+    resumed = _kmdask(workdir, "run", str(job))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at iteration" in resumed.stderr
+    a, b = Path(ref.stdout.strip()), Path(workdir / resumed.stdout.strip())
+    assert a.name == b.name  # same fingerprint
+    for k in (6, 7, 8, 9):
+        for f in ("centers.npy", "labels.npy"):
+            assert (a / "fits/sweep" / f"k{k}" / f).read_bytes() == \
+                (b / "fits/sweep" / f"k{k}" / f).read_bytes()
+
+
+def test_concurrent_reruns_one_runs_one_waits(workdir, mnist_store):
+    job = _long_job(workdir, mnist_store, "long.yaml")
+    first = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=workdir,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = workdir / "runs" / "long" / ".lock"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
+        time.sleep(0.05)
+    busy = _kmdask(workdir, "run", str(job), "--no-wait")
+    assert busy.returncode != 0
+    assert busy.stderr.strip().count("\n") == 0
+    assert "another run of job 'long' is in progress" in busy.stderr
+    second = _kmdask(workdir, "run", str(job))  # waits for the lock, then finds the run done
+    out1, _ = first.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0
+    assert "waiting for another run" in second.stderr
+    assert "nothing to do" in second.stderr
+    assert second.stdout.strip() == out1.strip()
+
+
+BAD_JOBS = [
+    ("job: [unclosed", "YAML does not parse at line 1"),
+    ("job: x\nfits: []\n", "fits: expected a non-empty list"),
+    ("job: x\nfits:\n  - {name: a, k: 3, colour: red}\n", "fits[0].colour: unknown key"),
+    ("job: x\nfits:\n  - {name: a, k: 0}\n", "fits[0].k: must be >= 1, got 0"),
+    ("job: x\nfits:\n  - {name: a, k: three}\n", "fits[0].k: expected an integer, got 'three'"),
+    ("job: x\nfits:\n  - {name: a, k: 3, iterations: 0}\n", "fits[0].iterations: must be >= 1"),
+    ("job: x\nfits:\n  - {name: a, k: 3, trials: -2}\n", "fits[0].trials: must be >= 1, got -2"),
+    ("job: x\nfits:\n  - {name: a, k: 3, algorithm: magic}\n",
+     "fits[0].algorithm: expected one of scalable, mccaffrey, got 'magic'"),
+    ("job: x\ndata: {dataset: cifar}\nfits:\n  - {name: a, k: 3}\n",
+     "data.dataset: expected one of mnist, fashion-mnist, got 'cifar'"),
+    ("job: x\nfits:\n  - {name: a, k: 3}\nfigures:\n  - {name: f, fits: [b]}\n",
+     "figures[0].fits[0]: no fit named 'b'"),
+    ("job: x\nfits:\n  - {name: a, k: 3}\n  - {name: a, k: 4}\n", "fits[1].name: duplicate"),
+]
+
+
+@pytest.mark.parametrize(("text", "match"), BAD_JOBS)
+def test_bad_job_specs_are_one_line_errors(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_job(p)
+    assert match in str(ei.value) and str(p) in str(ei.value)
+    r = subprocess.run([sys.executable, "-m", "kmdask", "run", str(p)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and match in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rows_beyond_the_data_and_missing_profile(workdir, mnist_store):
+    job = _write_job(workdir, mnist_store, fits=[{"name": "a", "k": 3, "rows": 70000}],
+                     figures=[])
+    r = _kmdask(workdir, "run", str(job))
+    assert r.returncode != 0 and "rows=70000 but" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = _kmdask(workdir, "run", str(job), "--profile", "nope")
+    assert r.returncode == 2 and "profiles.nope: no such profile" in r.stderr
+
+
+def test_shipped_jobs_validate():
+    root = Path(__file__).resolve().parents[1] / "jobs"
+    names = {load_job(p).name for p in root.glob("*.yaml")}
+    assert {"smoke", "sweep"} <= names
+    assert parse_job(yaml.safe_load((root / "sweep.yaml").read_text())).fit("series").ks == \
+        tuple(range(2, 11))
