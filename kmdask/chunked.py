@@ -67,20 +67,14 @@ class ChunkedRows:
         self.persisted = bool(persist)
         self.passes = 0
         self._client = _current_client()
-        self._groups: dict[str, list[int]] = {}
+        self._groups: dict[tuple[str, int], list[int]] = {}
         if self.persisted:
             parts = [
                 dask.delayed(_prepared, pure=True)(b, self.divisor, int(o), i)
                 for i, (b, o) in enumerate(zip(self._blocks, self.offsets, strict=True))
             ]
             if self._client is not None:
-                # Hold the chunks as futures and remember where each lives: a pass is then one
-                # task per worker over all of its chunks, which halves dask's per-pass overhead.
-                from distributed import wait
-
-                self._parts = self._client.compute(parts)
-                wait(self._parts)
-                self._regroup()
+                self._persist_balanced(parts)
             else:
                 self._parts = list(dask.persist(*parts))
 
@@ -88,18 +82,36 @@ class ChunkedRows:
     def n_chunks(self) -> int:
         return len(self.row_chunks)
 
-    def _regroup(self) -> None:
-        who = self._client.who_has(self._parts)
-        groups: dict[str, list[int]] = {}
-        for i, f in enumerate(self._parts):
-            holders = sorted(who.get(f.key, ()))
-            groups.setdefault(holders[0] if holders else "", []).append(i)
+    def _persist_balanced(self, parts: list) -> None:
+        """Hold the chunks as futures, in contiguous runs spread evenly over worker threads.
+
+        A pass is then one task per worker thread over its run of chunks: few, large tasks
+        keep dask's per-pass overhead low, and an even spread keeps every core busy.
+        """
+        from distributed import wait
+
+        client = self._client
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        slots = [(w, t) for w in sorted(info) for t in range(int(info[w].get("nthreads", 1)))]
+        if not slots:  # no workers yet: let the scheduler place them
+            self._parts = client.compute(parts)
+            wait(self._parts)
+            self._groups = {("", 0): list(range(len(parts)))}
+            return
+        n = len(parts)
+        owner = [slots[i * len(slots) // n] for i in range(n)]
+        self._parts = [client.compute(p, workers=[w], allow_other_workers=True)
+                       for p, (w, _) in zip(parts, owner, strict=True)]
+        wait(self._parts)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, slot in enumerate(owner):
+            groups.setdefault(slot, []).append(i)
         self._groups = groups
 
     def _map_futures(self, fn: Callable, shared: tuple, per_chunk: list[tuple] | None) -> list:
         client = self._client
         futs = []
-        for worker, idx in self._groups.items():
+        for (worker, _), idx in self._groups.items():
             extras = [per_chunk[i] if per_chunk is not None else () for i in idx]
             futs.append(client.submit(
                 _run_group, fn, [self._parts[i] for i in idx], shared, extras,
