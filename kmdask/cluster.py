@@ -7,22 +7,32 @@ Profiles come from ``cluster.yaml`` (see :func:`kmdask.config.load_profile`):
 * ``slurm`` / ``pbs``: dask-jobqueue clusters, scaled to fixed ``scale`` or ``adapt`` bounds.
 
 A profile's ``config`` mapping holds dask's own keys (``distributed.*``, ``jobqueue.*``); it is
-deep-merged into dask's configuration for as long as the connection is open.
+deep-merged into dask's configuration for as long as the connection is open (see
+:func:`merged_dask_config`).
+
+:func:`connect` yields a ``distributed.Client`` with one extra attribute, ``kmdask_cluster``: a
+plain dict (JSON-ready, for the run manifest) with the profile name and kind, the scheduler and
+dashboard addresses, the worker count and ``time_to_first_worker_s``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import shlex
 import shutil
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dask
 
-from kmdask.config import deep_merge
 from kmdask.errors import ConfigError, KmdaskError
+
+#: attribute of the yielded Client that holds :func:`connect`'s timing and address record
+INFO_ATTR = "kmdask_cluster"
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -30,16 +40,26 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _timeout_seconds(value: Any, default: float) -> float:
+def _where(profile: dict, key: str = "") -> str:
+    """``file: profiles.NAME.key`` for error messages (hand-made dicts may lack both)."""
+    path = f"profiles.{profile.get('name', '?')}" + (f".{key}" if key else "")
+    return f"{profile.get('source', '<profile>')}: {path}"
+
+
+def _timeout_seconds(profile: dict, default: float) -> float:
+    value = profile.get("timeout")
     if value is None:
         return default
-    try:
-        from dask.utils import parse_timedelta
+    from dask.utils import parse_timedelta
 
-        return float(parse_timedelta(value, default="s"))
-    except (TypeError, ValueError):
-        raise ConfigError(f"timeout: expected seconds or a duration like '10s', got {value!r}"
-                          ) from None
+    try:
+        seconds = float(parse_timedelta(value, default="s"))
+    except (TypeError, ValueError, KeyError):
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigError(f"{_where(profile, 'timeout')}: expected a positive number of seconds "
+                          f"or a duration like '10s', got {value!r}")
+    return seconds
 
 
 def _memory_limit(value: Any, n_workers: int) -> Any:
@@ -58,11 +78,85 @@ def _security(profile: dict):
     from distributed.security import Security
 
     allowed = {"tls_ca_file", "tls_client_cert", "tls_client_key", "require_encryption"}
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{_where(profile, 'security')}: expected a mapping, got {sec!r}")
     bad = sorted(set(sec) - allowed)
     if bad:
-        raise ConfigError(f"{profile['source']}: profiles.{profile['name']}.security.{bad[0]}: "
-                          f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        raise ConfigError(f"{_where(profile, 'security.' + bad[0])}: unknown key (allowed: "
+                          f"{', '.join(sorted(allowed))})")
+    sec = dict(sec)
+    for key in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        if sec.get(key) is None:
+            continue
+        sec[key] = str(Path(sec[key]).expanduser())  # cluster.yaml may say ~/.dask/ca.pem
+        if not Path(sec[key]).is_file():
+            raise ConfigError(f"{_where(profile, 'security.' + key)}: no such file: {sec[key]}")
     return Security(**sec)
+
+
+# ------------------------------------------------------------------------------------------
+# dask configuration
+
+
+def _expand_dotted(cfg: dict) -> dict:
+    """``{"jobqueue.slurm.cores": 1}`` -> ``{"jobqueue": {"slurm": {"cores": 1}}}``, recursively."""
+    out: dict = {}
+    for key, value in cfg.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        leaf = _expand_dotted(value) if isinstance(value, dict) else value
+        if isinstance(leaf, dict) and isinstance(node.get(parts[-1]), dict):
+            dask.config.update(node[parts[-1]], leaf)
+        else:
+            node[parts[-1]] = leaf
+    return out
+
+
+def profile_dask_config(profile: dict) -> dict:
+    """The profile's ``config`` mapping, validated and with dotted keys expanded."""
+    cfg = profile.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{_where(profile, 'config')}: expected a mapping of dask settings, "
+                          f"got {cfg!r}")
+    return _expand_dotted(cfg)
+
+
+def merged_dask_config(profile: dict) -> dict:
+    """dask's whole current configuration with the profile's ``config`` deep-merged into it.
+
+    dask-jobqueue reads every key of ``jobqueue.<name>`` and fails (KeyError) or drops keys when
+    a section is replaced by a partial one, so sections are merged key by key; ``dask.config.
+    update`` also maps ``job_extra_directives`` onto the existing ``job-extra-directives``.
+    """
+    if profile.get("kind") in ("slurm", "pbs"):
+        # import first: dask_jobqueue registers its defaults on import, and a section merged in
+        # before that would be removed again when dask.config.set restores the old config
+        with contextlib.suppress(ImportError):
+            import dask_jobqueue  # noqa: F401
+    merged = copy.deepcopy(dask.config.config)
+    dask.config.update(merged, profile_dask_config(profile))
+    return merged
+
+
+# ------------------------------------------------------------------------------------------
+# cluster kinds
+
+
+def _record(client: Any, profile: dict, t0: float, **extra: Any) -> dict:
+    """Attach the connection record to ``client`` (see the module docstring) and return it."""
+    info = {
+        "profile": profile.get("name"),
+        "kind": profile.get("kind"),
+        "scheduler": client.scheduler.address,
+        "dashboard": client.dashboard_link,
+        "n_workers": len(client.scheduler_info(n_workers=-1)["workers"]),
+        "time_to_first_worker_s": round(time.perf_counter() - t0, 3),
+        **extra,
+    }
+    setattr(client, INFO_ATTR, info)
+    return info
 
 
 @contextlib.contextmanager
@@ -75,14 +169,18 @@ def _local(profile: dict, quiet: bool) -> Iterator[Any]:
         threads_per_worker=int(profile.get("threads_per_worker", 1)),
         processes=True,
         memory_limit=_memory_limit(profile.get("memory_limit"), n),
+        # loopback unless cluster.yaml says otherwise: nothing listens on the network by default
         host=profile.get("host", "127.0.0.1"),
         dashboard_address=profile.get("dashboard_address", "127.0.0.1:0"),
     )
     t0 = time.perf_counter()
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1)
+        info = _record(client, profile, t0)
         client.wait_for_workers(n)
-        _say(f"kmdask: LocalCluster with {n} worker(s) ready in "
-             f"{time.perf_counter() - t0:.1f} s; dashboard {client.dashboard_link}", quiet)
+        info["n_workers"] = n
+        _say(f"kmdask: LocalCluster: first worker after {info['time_to_first_worker_s']:.1f} s, "
+             f"{n} worker(s); dashboard {client.dashboard_link}", quiet)
         yield client
 
 
@@ -90,29 +188,74 @@ def _local(profile: dict, quiet: bool) -> Iterator[Any]:
 def _address(profile: dict, address: str | None, quiet: bool) -> Iterator[Any]:
     from distributed import Client
 
-    timeout = _timeout_seconds(profile.get("timeout"), 10.0)
+    timeout = _timeout_seconds(profile, 10.0)
     target = address or profile.get("address")
     sched_file = None if address else profile.get("scheduler_file")
     if not target and not sched_file:
-        raise ConfigError(f"{profile['source']}: profiles.{profile['name']}: give 'address' "
-                          "or 'scheduler_file' (or --address)")
+        raise ConfigError(f"{_where(profile)}: give 'address' or 'scheduler_file' "
+                          "(or --address)")
+    security = _security(profile)
+    if target and security is not None and security.require_encryption and \
+            not str(target).startswith("tls://"):
+        raise ConfigError(f"{_where(profile, 'security.require_encryption')}: is true but the "
+                          f"address {target} is not tls://")
     where = target or sched_file
     t0 = time.perf_counter()
     try:
         client = Client(address=target, scheduler_file=sched_file, timeout=timeout,
-                        security=_security(profile), set_as_default=True)
+                        security=security, set_as_default=True)
     except (OSError, TimeoutError) as exc:
+        # one line: the class and the first line of the cause (TLS errors say what failed)
+        why = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise KmdaskError(f"cannot reach the dask scheduler at {where} within {timeout:g} s "
-                          f"({exc.__class__.__name__})") from None
+                          f"({exc.__class__.__name__}{': ' + why if why else ''})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{_where(profile)}: bad scheduler address {where!r}: "
+                          f"{str(exc).splitlines()[0]}") from None
     try:
-        n = len(client.scheduler_info(n_workers=-1)["workers"])
-        _say(f"kmdask: connected to {where} in {time.perf_counter() - t0:.1f} s "
-             f"({n} worker(s)); dashboard {client.dashboard_link}", quiet)
-        if n == 0:
+        try:
             client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise KmdaskError(f"the dask scheduler at {where} has no workers after "
+                              f"{timeout:g} s") from None
+        info = _record(client, profile, t0)
+        _say(f"kmdask: connected to {client.scheduler.address} in "
+             f"{info['time_to_first_worker_s']:.1f} s ({info['n_workers']} worker(s)); "
+             f"dashboard {client.dashboard_link}", quiet)
         yield client
     finally:
         client.close()
+
+
+def _job_classes(kind: str) -> tuple[type, type]:
+    import dask_jobqueue
+
+    if kind == "slurm":
+        return dask_jobqueue.SLURMCluster, dask_jobqueue.slurm.SLURMJob
+    from dask_jobqueue.pbs import PBSJob
+
+    class _PBSJob(PBSJob):
+        """Submits from the log directory: SLURM's qsub wrapper (slurm-wlm-torque) overrides
+        ``#PBS -o/-e`` with ``-o <script>.o<id>`` in the working directory, and dask-jobqueue's
+        scripts are temporary files, so logs would land in whatever directory kmdask runs in."""
+
+        async def _submit_job(self, script_filename: str) -> str:
+            cwd = self.log_directory or None
+            return await self._call(shlex.split(self.submit_command) + [script_filename],
+                                    cwd=cwd)
+
+    return dask_jobqueue.PBSCluster, _PBSJob
+
+
+def _worker_prologue(profile: dict, kind: str) -> list[str]:
+    """Job-script lines that hand the profile's ``distributed.*`` settings to the workers,
+    which run in other processes (other hosts) and would otherwise never see them."""
+    dist = profile_dask_config(profile).get("distributed")
+    existing = dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or []
+    if not dist:
+        return list(existing)
+    blob = dask.config.serialize({"distributed": dist})
+    return [*existing, f"export DASK_INTERNAL_INHERIT_CONFIG={shlex.quote(blob)}"]
 
 
 @contextlib.contextmanager
@@ -120,31 +263,61 @@ def _jobqueue(profile: dict, quiet: bool) -> Iterator[Any]:
     kind = profile["kind"]
     exe = "sbatch" if kind == "slurm" else "qsub"
     if shutil.which(exe) is None:
-        raise KmdaskError(f"profile {profile['name']!r} needs the {kind.upper()} command "
+        raise KmdaskError(f"profile {profile.get('name')!r} needs the {kind.upper()} command "
                           f"'{exe}', which is not on PATH")
     try:
-        import dask_jobqueue
+        cls, job_cls = _job_classes(kind)
     except ImportError:
         raise KmdaskError("profile needs dask-jobqueue: pip install 'kmdask[hpc]'") from None
     from distributed import Client
 
-    cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
+    sched = dict(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})
+    if profile.get("dashboard_address"):
+        sched["dashboard_address"] = profile["dashboard_address"]
+    # dask-jobqueue's default dashboard is ":8787" on every interface; keep it on loopback
+    # unless the profile binds it elsewhere explicitly (reach it with `ssh -L`)
+    sched.setdefault("dashboard_address", "127.0.0.1:0")
+    kwargs: dict[str, Any] = dict(scheduler_options=sched, job_cls=job_cls,
+                                  job_script_prologue=_worker_prologue(profile, kind))
+    log_dir = dask.config.get(f"jobqueue.{kind}.log-directory", None)
+    if log_dir:
+        # absolute: batch systems resolve relative paths against the job's own directory
+        kwargs["log_directory"] = str(Path(log_dir).expanduser().resolve())
+    security = _security(profile)
+    if security is not None:
+        kwargs["security"] = security
+    scale, adapt = profile.get("scale"), profile.get("adapt")
+    timeout = _timeout_seconds(profile, 300.0)
     t0 = time.perf_counter()
-    with cls() as cluster, Client(cluster) as client:
-        scale, adapt = profile.get("scale"), profile.get("adapt")
-        if adapt:
-            cluster.adapt(**adapt)
-        else:
-            cluster.scale(**(scale or {"jobs": 1}))
-        want = int((scale or {}).get("jobs", 1)) if not adapt else int(adapt.get("minimum", 1))
-        timeout = _timeout_seconds(profile.get("timeout"), 300.0)
+    try:
+        cluster = cls(**kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{_where(profile, 'config.jobqueue.' + kind)}: dask-jobqueue "
+                          f"rejected the settings: {str(exc).splitlines()[0]}") from None
+    with cluster, Client(cluster) as client:
         try:
-            client.wait_for_workers(max(want, 1), timeout=timeout)
+            if adapt:
+                cluster.adapt(**adapt)
+            else:
+                cluster.scale(**(scale or {"jobs": 1}))
+        except TypeError as exc:
+            key = "adapt" if adapt else "scale"
+            raise ConfigError(f"{_where(profile, key)}: {exc}") from None
+        except RuntimeError as exc:  # the submit command failed; keep its first message line
+            lines = [ln for ln in str(exc).splitlines() if "error" in ln.lower()]
+            raise KmdaskError(f"{exe} refused the worker job: "
+                              f"{(lines or [str(exc)])[0].strip()}") from None
+        try:
+            client.wait_for_workers(1, timeout=timeout)
         except TimeoutError:
             raise KmdaskError(f"no {kind.upper()} worker started within {timeout:g} s; check "
                               f"the queue ({'squeue' if kind == 'slurm' else 'qstat'})") from None
+        job_ids = sorted({str(j.job_id) for j in cluster.workers.values()
+                          if getattr(j, "job_id", None)})
+        info = _record(client, profile, t0, job_ids=job_ids)
         _say(f"kmdask: {kind.upper()} cluster: first worker after "
-             f"{time.perf_counter() - t0:.1f} s; dashboard {client.dashboard_link}", quiet)
+             f"{info['time_to_first_worker_s']:.1f} s (jobs {', '.join(job_ids) or '?'}); "
+             f"dashboard {client.dashboard_link}", quiet)
         yield client
 
 
@@ -152,18 +325,25 @@ def _jobqueue(profile: dict, quiet: bool) -> Iterator[Any]:
 def connect(profile: dict, *, address: str | None = None, quiet: bool = False) -> Iterator[Any]:
     """Start or connect to the cluster a profile describes; yields a distributed Client.
 
-    The profile's ``config`` is deep-merged into dask's configuration for the duration.
+    Parameters
+    ----------
+    profile : dict
+        A profile from :func:`kmdask.config.load_profile`.
+    address : str, optional
+        ``--address``: connect to this scheduler instead, whatever the profile's kind.
+    quiet : bool
+        Do not print the connection line (time to first worker, dashboard) to stderr.
+
+    The profile's ``config`` is deep-merged into dask's configuration for the duration; the
+    client carries :data:`INFO_ATTR` (``client.kmdask_cluster``), a dict for the manifest.
     """
     kind = profile.get("kind")
     if address and kind != "address":
         profile = {**profile, "kind": "address"}
         kind = "address"
-    cfg = profile.get("config") or {}
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{profile['source']}: profiles.{profile['name']}.config: expected a "
-                          "mapping of dask settings")
-    merged = deep_merge(dict(dask.config.config), cfg)
-    with dask.config.set(merged):
+    merged = merged_dask_config(profile)
+    with dask.config.set({k: v for k, v in merged.items()
+                          if dask.config.config.get(k, object()) != v}):
         if kind == "local":
             cm = _local(profile, quiet)
         elif kind == "address":
@@ -171,6 +351,6 @@ def connect(profile: dict, *, address: str | None = None, quiet: bool = False) -
         elif kind in ("slurm", "pbs"):
             cm = _jobqueue(profile, quiet)
         else:  # load_profile already checked; keep a clear message for hand-made dicts
-            raise ConfigError(f"unknown cluster kind {kind!r}")
+            raise ConfigError(f"{_where(profile, 'kind')}: unknown cluster kind {kind!r}")
         with cm as client:
             yield client
