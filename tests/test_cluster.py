@@ -1,0 +1,376 @@
+"""Cluster profiles against real processes: a LocalCluster, a `dask scheduler` + `dask worker`s
+started here (plain and TLS), and the single-node SLURM of tests/slurm/slurm.sh (sbatch, and
+qsub through slurm-wlm-torque). SLURM tests skip only where sbatch/qsub is absent."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dask
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from kmdask.cluster import connect, merged_dask_config
+from kmdask.config import load_profile
+from kmdask.errors import ConfigError, KmdaskError
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_SH = REPO / "tests" / "slurm" / "slurm.sh"
+
+
+def _profile(name: str, **changes) -> dict:
+    """A profile of the shipped cluster.yaml, with top-level keys replaced."""
+    p = load_profile(name, REPO / "cluster.yaml")
+    p.update(changes)
+    return p
+
+
+def _square_sum(client) -> int:
+    futs = client.map(lambda x: x * x, range(20))
+    return client.submit(sum, futs).result(timeout=60)
+
+
+# ------------------------------------------------------------------------------------------
+# dask configuration
+
+
+def test_partial_jobqueue_section_keeps_the_other_defaults():
+    prof = _profile("slurm", config={
+        "jobqueue": {"slurm": {"cores": 3, "job_extra_directives": ["--comment=x"]}},
+        "jobqueue.slurm.walltime": "00:05:00",  # dotted keys work too
+        "distributed": {"comm": {"timeouts": {"connect": "7s"}}},
+    })
+    merged = merged_dask_config(prof)
+    sec = merged["jobqueue"]["slurm"]
+    assert sec["cores"] == 3 and sec["walltime"] == "00:05:00"
+    # mapped onto dask-jobqueue's spelling, not added next to it (which it would ignore)
+    assert sec["job-extra-directives"] == ["--comment=x"] and "job_extra_directives" not in sec
+    defaults = dask.config.defaults
+    jq = next(d["jobqueue"]["slurm"] for d in defaults if "slurm" in d.get("jobqueue", {}))
+    assert set(jq) <= set(sec)  # every other default key survives
+    assert sec["shebang"] == jq["shebang"] and sec["death-timeout"] == jq["death-timeout"]
+    assert merged["distributed"]["comm"]["timeouts"]["connect"] == "7s"
+    assert merged["distributed"]["scheduler"]  # untouched siblings kept
+    assert dask.config.get("jobqueue.slurm.cores") != 3  # the global config is not changed
+
+
+def test_bad_profile_values_are_one_line_errors():
+    with (
+        pytest.raises(ConfigError, match=r"profiles\.address\.timeout.*'soon'"),
+        connect(_profile("address", timeout="soon"), quiet=True),
+    ):
+        pass
+    with (
+        pytest.raises(ConfigError, match=r"security\.tls_cert: unknown key"),
+        connect(_profile("address", security={"tls_cert": "x"}), quiet=True),
+    ):
+        pass
+    with (
+        pytest.raises(ConfigError, match=r"require_encryption: is true but the address"),
+        connect(_profile("address", security={"require_encryption": True}), quiet=True),
+    ):
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# local
+
+
+def _listening(proc: psutil.Process) -> list[str]:
+    out = []
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            out += [c.laddr.ip for c in p.net_connections("inet") if c.status == "LISTEN"]
+    return out
+
+
+def test_local_profile_binds_only_loopback():
+    with connect(_profile("local"), quiet=True) as client:
+        info = client.kmdask_cluster
+        assert _square_sum(client) == sum(x * x for x in range(20))
+        assert info["kind"] == "local" and info["n_workers"] == 2
+        assert info["scheduler"].startswith("tcp://127.0.0.1:")
+        assert info["dashboard"].startswith("http://127.0.0.1:")
+        ips = _listening(psutil.Process())
+        assert ips and set(ips) == {"127.0.0.1"}, ips  # scheduler, dashboard, workers, nannies
+
+
+# ------------------------------------------------------------------------------------------
+# address: a scheduler and workers started here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    # own session: teardown signals exactly this process group, nothing else
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+def _wait_port(port: int, procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a dask process exited early")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def _dask_cluster(tmp: Path, n_workers: int, tls: dict[str, Path] | None = None):
+    """`dask scheduler` + n `dask worker` processes on 127.0.0.1; yields the address."""
+    port = _free_port()
+    proto = "tls" if tls else "tcp"
+    tls_args = ["--tls-ca-file", str(tls["ca"]), "--tls-cert", str(tls["cert"]),
+                "--tls-key", str(tls["key"])] if tls else []
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                             "--port", str(port), "--protocol", proto,
+                             "--dashboard-address", "127.0.0.1:0", *tls_args],
+                            tmp / "scheduler.log"))
+        _wait_port(port, procs)
+        address = f"{proto}://127.0.0.1:{port}"
+        for i in range(n_workers):
+            procs.append(_spawn(["distributed.cli.dask_worker", address, "--host", "127.0.0.1",
+                                 "--nthreads", "1", "--memory-limit", "2GiB",
+                                 "--no-dashboard", "--name", f"w{i}", *tls_args],
+                                tmp / f"worker{i}.log"))
+        yield address
+    finally:
+        _stop(procs)
+
+
+@pytest.fixture(scope="module")
+def dask_address(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dask-address")
+    with _dask_cluster(tmp, 2) as address:
+        yield address
+
+
+def _wait_workers(profile: dict, n: int) -> None:
+    from distributed import Client
+
+    with Client(profile["address"], timeout=20, security=None) as c:
+        c.wait_for_workers(n, timeout=60)
+
+
+def test_address_profile_runs_on_an_existing_scheduler(dask_address):
+    prof = _profile("address", address=dask_address)
+    _wait_workers(prof, 2)
+    with connect(prof, quiet=True) as client:
+        assert _square_sum(client) == sum(x * x for x in range(20))
+        info = client.kmdask_cluster
+        assert info["n_workers"] == 2 and info["scheduler"] == dask_address
+    # --address overrides whatever kind the profile has
+    with connect(_profile("local"), address=dask_address, quiet=True) as client:
+        assert client.kmdask_cluster["kind"] == "address"
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+
+
+def test_address_profile_closed_port_fails_within_timeout():
+    prof = _profile("address", address=f"tcp://127.0.0.1:{_free_port()}", timeout="2s")
+    t0 = time.perf_counter()
+    with pytest.raises(KmdaskError) as err, connect(prof, quiet=True):
+        pass
+    took = time.perf_counter() - t0
+    msg = str(err.value)
+    assert "cannot reach the dask scheduler at tcp://127.0.0.1:" in msg and "within 2 s" in msg
+    assert "\n" not in msg
+    assert took < 8, took
+
+
+# ------------------------------------------------------------------------------------------
+# TLS
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN=kmdask test {name}", cwd=d)
+
+
+def _make_cert(d: Path, name: str, ca: str) -> None:
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext",
+             cwd=d)
+
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not found (needed to make test certificates)")
+    d = tmp_path_factory.mktemp("tls")
+    _make_ca(d, "ca")
+    _make_cert(d, "node", "ca")     # scheduler and workers
+    _make_cert(d, "client", "ca")   # kmdask
+    _make_ca(d, "rogue")            # an unrelated CA, and a client it signed
+    _make_cert(d, "intruder", "rogue")
+    return d
+
+
+def test_tls_address_profile_with_require_encryption(tls_certs, tmp_path):
+    d = tls_certs
+    node = {"ca": d / "ca.pem", "cert": d / "node.pem", "key": d / "node.key"}
+    with _dask_cluster(tmp_path, 1, tls=node) as address:
+        assert address.startswith("tls://")
+        prof = _profile("address", address=address, timeout="20s", security={
+            "tls_ca_file": str(d / "ca.pem"), "tls_client_cert": str(d / "client.pem"),
+            "tls_client_key": str(d / "client.key"), "require_encryption": True})
+        with connect(prof, quiet=True) as client:
+            assert _square_sum(client) == sum(x * x for x in range(20))
+            assert client.kmdask_cluster["scheduler"].startswith("tls://127.0.0.1:")
+        # a plain-text client is not let in ...
+        plain = _profile("address", address="tcp://" + address[len("tls://"):], timeout="2s")
+        with pytest.raises(KmdaskError, match="cannot reach"), connect(plain, quiet=True):
+            pass
+        # ... nor one whose certificate another CA signed
+        rogue = _profile("address", address=address, timeout="3s", security={
+            "tls_ca_file": str(d / "rogue.pem"), "tls_client_cert": str(d / "intruder.pem"),
+            "tls_client_key": str(d / "intruder.key"), "require_encryption": True})
+        with pytest.raises(KmdaskError, match="cannot reach") as err, connect(rogue, quiet=True):
+            pass
+        assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------
+# SLURM and PBS (dask-jobqueue) against the real single-node cluster
+
+
+def ensure_slurm(exe: str) -> None:
+    """Skip where ``exe`` is absent; otherwise make sure the test cluster answers (starting it
+    with tests/slurm/slurm.sh when this process may), and fail loudly when it cannot."""
+    if shutil.which(exe) is None:
+        pytest.skip(f"{exe} not on PATH: install slurmctld slurmd slurm-client munge "
+                    "slurm-wlm-torque and run tests/slurm/slurm.sh start")
+    ok = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc")):
+        return
+    res = subprocess.run([str(SLURM_SH), "start"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"SLURM test cluster did not start: {res.stderr.strip()}"
+
+
+def _jobs_named(name: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True,
+                         text=True, timeout=30).stdout.split("\n")
+    return [ln for ln in out if ln.strip()]
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_jobqueue_profile_starts_workers_through_the_scheduler(kind, tmp_path):
+    ensure_slurm("sbatch" if kind == "slurm" else "qsub")
+    name = f"kmdask-test-{uuid.uuid4().hex[:8]}"
+    prof = _profile(kind, timeout="120s")
+    # a partial section: only these keys change, cluster.yaml's and dask-jobqueue's stay
+    prof["config"] = yaml.safe_load(yaml.safe_dump(prof["config"]))
+    sec = prof["config"]["jobqueue"][kind]
+    sec.update({"name": name, "log-directory": str(tmp_path / "logs"), "walltime": "00:07:00",
+                "job_extra_directives": ["--comment=kmdask" if kind == "slurm" else "-r n"]})
+    with connect(prof, quiet=True) as client:
+        info = client.kmdask_cluster
+        script = client.cluster.job_script()
+        assert _square_sum(client) == sum(x * x for x in range(20))
+        assert len(info["job_ids"]) == 2  # scale: {jobs: 2}
+        assert info["dashboard"].startswith("http://127.0.0.1:")
+        assert info["scheduler"].startswith("tcp://127.0.0.1:")
+        assert len(_jobs_named(name)) == 2
+    prefix = "#SBATCH" if kind == "slurm" else "#PBS"
+    assert f"{prefix} {'-J' if kind == 'slurm' else '-N'} {name}" in script
+    assert "00:07:00" in script
+    assert (f"{prefix} --comment=kmdask" if kind == "slurm" else "#PBS -r n") in script
+    assert "--interface lo" in script and "--death-timeout 60" in script  # cluster.yaml kept
+    assert "--memory-limit 0.93GiB" in script  # memory: 1GB from cluster.yaml
+    # the worker logs went where the profile said (for pbs too, despite qsub's own -o)
+    assert len(list((tmp_path / "logs").iterdir())) >= 2
+    deadline = time.monotonic() + 30  # closing the client cancels every worker job
+    while _jobs_named(name) and any("RUNNING" in j or "PENDING" in j for j in _jobs_named(name)):
+        assert time.monotonic() < deadline, _jobs_named(name)
+        time.sleep(0.5)
+
+
+def test_jobqueue_profile_without_the_scheduler_command(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    for kind, exe in (("slurm", "sbatch"), ("pbs", "qsub")):
+        with (
+            pytest.raises(KmdaskError, match=f"needs the {kind.upper()} command '{exe}'"),
+            connect(_profile(kind), quiet=True),
+        ):
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+# one job, every profile, identical results
+
+
+@pytest.fixture()
+def smoke_job(tmp_path, mnist_store) -> Path:
+    job = yaml.safe_load((REPO / "jobs" / "smoke.yaml").read_text())
+    job["data"]["store"] = str(mnist_store)
+    p = tmp_path / "smoke.yaml"
+    p.write_text(yaml.safe_dump(job))
+    return p
+
+
+def _arrays(run: Path) -> dict[str, np.ndarray]:
+    return {str(f.relative_to(run)): np.load(f) for f in sorted((run / "fits").rglob("*.npy"))}
+
+
+def test_smoke_job_identical_on_every_profile(smoke_job, dask_address, tmp_path, monkeypatch):
+    from kmdask.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the jobqueue profiles' worker logs go under ./runs
+    ensure_slurm("sbatch")
+    ensure_slurm("qsub")
+    runs = {}
+    for prof, extra in (("local", []), ("address", ["--address", dask_address]),
+                        ("slurm", []), ("pbs", []), ):
+        out = tmp_path / f"runs-{prof}"
+        rc = main(["run", str(smoke_job), "--cluster-file", str(REPO / "cluster.yaml"),
+                   "--profile", prof, "--runs-dir", str(out), "-q", *extra])
+        assert rc == 0, prof
+        runs[prof] = next(p for p in (out / "smoke").iterdir() if p.is_dir()
+                          and not p.is_symlink() and (p / "manifest.json").exists())
+    ref = _arrays(runs["local"])
+    assert any("centres" in k or "centers" in k for k in ref), sorted(ref)
+    for prof, run in runs.items():
+        got = _arrays(run)
+        assert got.keys() == ref.keys(), prof
+        for k in ref:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{prof}: {k}")
