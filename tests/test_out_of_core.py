@@ -1,0 +1,40 @@
+"""Out-of-core: a fit on 2.4M rows (1.9 GB, 2.4x the workers' total memory) streamed from zarr
+by two workers limited to 400 MB each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from kmdask import KMeans
+
+
+@pytest.mark.slow
+def test_streamed_fit_on_millions_of_rows_under_memory_limits(mnist_source, tmp_path_factory):
+    from distributed import Client, LocalCluster
+
+    from kmdask.datasets import open_images
+    from kmdask.staging import stage_dataset
+
+    store = tmp_path_factory.mktemp("big") / "mnist-aug39.zarr"
+    stage_dataset("mnist", out=store, source=mnist_source, augment=39, quiet=True)
+    X = open_images(store, "train")
+    assert X.shape[0] == 40 * 60_000 >= 1_000_000
+    assert X.nbytes > 2 * (2 * 400e6)  # several times the workers' total memory
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", memory_limit="400MB") as cluster, \
+            Client(cluster) as client:
+        workers_before = set(client.scheduler_info()["workers"])
+        km = KMeans(10, random_state=0, max_iter=4, init_rounds=2).fit(X)
+        assert not km.persisted_  # "auto" chose to stream: it does not fit
+        labels = km.labels_.compute()
+        assert labels.shape == (X.shape[0],)
+        assert np.bincount(labels, minlength=10).min() > 0
+        # the labels are the nearest centres, recomputed here by an independent streamed pass
+        assert_array_equal(km.predict(X).compute(), labels)
+        # no worker was killed for exceeding its memory limit
+        assert set(client.scheduler_info()["workers"]) == workers_before
+        # 60k originals come first: they cluster like MNIST (inertia per row in MNIST's range)
+        assert 20 < km.inertia_ / X.shape[0] < 60
