@@ -21,6 +21,29 @@ def mnist_dir() -> Path | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def offline_env(tmp_path_factory, monkeypatch):
+    """No test may reach the network or the user's cache: empty mirror list, no PyPI.
+
+    Environment changes reach the subprocesses tests start, too."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    monkeypatch.setenv("KMDASK_MIRRORS", "")
+    monkeypatch.setenv("KMDASK_NO_PYPI", "1")
+    monkeypatch.delenv("KMDASK_DATA_DIR", raising=False)
+
+
+@pytest.fixture()
+def synth(tmp_path, monkeypatch):
+    """A registered synthetic data set "synth" and a gz source directory holding it."""
+    from synthdata import synth_arrays, synth_spec, write_idx_dir
+
+    from kmdask import datasets
+
+    arrays = synth_arrays()
+    monkeypatch.setitem(datasets.REGISTRY, "synth", synth_spec("synth", arrays))
+    return arrays, write_idx_dir(tmp_path / "src", arrays)
+
+
 @pytest.fixture(scope="session")
 def mnist_source() -> Path:
     p = mnist_dir()

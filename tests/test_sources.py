@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_datasets as _td
-from test_datasets import synth_arrays, write_idx_dir
+from synthdata import synth_arrays, write_idx_dir
 
 from kmdask import sources
 from kmdask.datasets import get_spec, idx_bytes
@@ -33,8 +32,6 @@ from kmdask.sources import (
 )
 
 # fixtures shared with test_datasets.py (offline_env is autouse: no network, no user cache)
-offline_env = _td.offline_env
-synth = _td.synth
 
 # ---------------------------------------------------------------------------------------------
 # the restricted unpickler and the wheel

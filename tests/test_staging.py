@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_datasets as _td
-from test_datasets import synth_arrays, write_idx_dir
+from synthdata import synth_arrays, write_idx_dir
 
 from kmdask.datasets import (
     is_store,
@@ -44,8 +43,6 @@ def _leftovers(out: Path) -> list[str]:
 
 
 # fixtures shared with test_datasets.py (offline_env is autouse: no network, no user cache)
-offline_env = _td.offline_env
-synth = _td.synth
 
 # ---------------------------------------------------------------------------------------------
 # bad inputs: each builder returns (source, out, text the one-line error must contain)
