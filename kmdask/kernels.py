@@ -53,13 +53,29 @@ class Chunk:
     index: int  # chunk number
 
 
+@njit(cache=True, nogil=True)
+def _row_sq_norms(x, divisor, out):  # pragma: no cover - compiled
+    # each value as the compute dtype sees it (x / divisor in float32 for uint8), squared and
+    # summed in float64; no temporaries (see the note on buffers in assign)
+    for i in range(x.shape[0]):
+        acc = 0.0
+        for j in range(x.shape[1]):
+            v = np.float64(np.float32(x[i, j]) / np.float32(divisor)) if divisor != 1.0 \
+                else np.float64(x[i, j])
+            acc += v * v
+        out[i] = acc
+
+
 def prepare_chunk(x: np.ndarray, divisor: float, offset: int, index: int) -> Chunk:
     """Cache the squared norms of a chunk's (scaled) rows; the data stays in its raw dtype."""
     x = np.ascontiguousarray(x)
     xnorm = np.empty(x.shape[0], dtype=np.float64)
-    for s in range(0, x.shape[0], BLOCK_ROWS):
-        xb = to_compute(x[s : s + BLOCK_ROWS], divisor).astype(np.float64, copy=False)
-        xnorm[s : s + BLOCK_ROWS] = np.einsum("ij,ij->i", xb, xb)
+    if x.dtype == np.float64:  # float64 data is not rounded through float32
+        for s in range(0, x.shape[0], BLOCK_ROWS):
+            xb = x[s : s + BLOCK_ROWS]
+            xnorm[s : s + BLOCK_ROWS] = np.einsum("ij,ij->i", xb, xb)
+    else:
+        _row_sq_norms(x, float(divisor), xnorm)
     return Chunk(x=x, xnorm=xnorm, divisor=divisor, offset=offset, index=index)
 
 
@@ -80,7 +96,7 @@ def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool]:
 
 @njit(cache=True, nogil=True)
 def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, inertia, labels, mind,
-                  row0):  # pragma: no cover - compiled
+                  row0, keep_rows):  # pragma: no cover - compiled
     nrow = dots.shape[0]
     nmodel = starts.shape[0]
     d = x.shape[1]
@@ -99,8 +115,9 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
             if dist < 0.0:  # rounding of the expanded form
                 dist = 0.0
             inertia[m] += dist
-            labels[m, row0 + i] = best - a
-            mind[m, row0 + i] = dist
+            if keep_rows:
+                labels[m, row0 + i] = best - a
+                mind[m, row0 + i] = dist
             if mode >= 1:
                 counts[best] += 1
             if mode >= 2:
@@ -112,8 +129,8 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
 class Assignment:
     """Result of :func:`assign` for one chunk. ``sums`` are in raw units (divide by divisor)."""
 
-    labels: np.ndarray  # (n_models, n) int32, local cluster index per model
-    mind: np.ndarray  # (n_models, n) float64, squared distance to the nearest centre
+    labels: np.ndarray | None  # (n_models, n) int32, local cluster index per model
+    mind: np.ndarray | None  # (n_models, n) float64, squared distance to the nearest centre
     inertia: np.ndarray  # (n_models,) float64
     counts: np.ndarray | None  # (M,) int64
     sums: np.ndarray | None  # (M, d) float64, raw units
@@ -127,7 +144,7 @@ def stack_bounds(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndarray,
-           mode: int = MODE_SUMS) -> Assignment:
+           mode: int = MODE_SUMS, keep_rows: bool = True) -> Assignment:
     """Nearest centre of every row for every model, with optional counts and sums.
 
     Parameters
@@ -136,6 +153,7 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     centres : (M, d) array in the compute dtype — all models' centres stacked.
     starts, stops : (n_models,) int64 — model ``m`` owns ``centres[starts[m]:stops[m]]``.
     mode : MODE_ASSIGN, MODE_COUNTS or MODE_SUMS.
+    keep_rows : return per-row labels and distances (Lloyd's hot pass needs neither).
     """
     x = chunk.x
     n, d = x.shape
@@ -145,8 +163,9 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     cnorm = np.einsum("ij,ij->i", c.astype(np.float64), c.astype(np.float64))
     nmodel = starts.shape[0]
     m_total = c.shape[0]
-    labels = np.empty((nmodel, n), dtype=np.int32)
-    mind = np.empty((nmodel, n), dtype=np.float64)
+    shape = (nmodel, n) if keep_rows else (1, 1)
+    labels = np.empty(shape, dtype=np.int32)
+    mind = np.empty(shape, dtype=np.float64)
     inertia = np.zeros(nmodel, dtype=np.float64)
     counts = np.zeros(m_total, dtype=np.int64)
     sums = np.zeros((m_total, d) if mode >= MODE_SUMS else (1, 1), dtype=np.float64)
@@ -166,10 +185,10 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
             xb[...] = xr
         dots = np.matmul(xb, ct, out=dbuf[:nb])
         _assign_block(dots, cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
-                      sums, counts, inertia, labels, mind, s)
+                      sums, counts, inertia, labels, mind, s, keep_rows)
     return Assignment(
-        labels=labels,
-        mind=mind,
+        labels=labels if keep_rows else None,
+        mind=mind if keep_rows else None,
         inertia=inertia,
         counts=counts if mode >= MODE_COUNTS else None,
         sums=sums if mode >= MODE_SUMS else None,

@@ -51,7 +51,7 @@ def _stack(states: list[ModelState], dtype: np.dtype):
 
 
 def _lloyd_chunk(chunk: kernels.Chunk, c, starts, stops):
-    a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS)
+    a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False)
     return a.sums, a.counts, a.inertia
 
 

@@ -57,7 +57,7 @@ def _round_chunk(chunk: kernels.Chunk, cands, starts, stops, seeds, ells, rnd: i
 
 
 def _count_chunk(chunk: kernels.Chunk, cands, starts, stops):
-    return kernels.assign(chunk, cands, starts, stops, kernels.MODE_COUNTS).counts
+    return kernels.assign(chunk, cands, starts, stops, kernels.MODE_COUNTS, keep_rows=False).counts
 
 
 def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampling: float = 2.0,
