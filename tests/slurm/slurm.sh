@@ -50,7 +50,7 @@ check_tools() {
 write_conf() {
   # Detected size, kept below physical memory so slurmd never drains the node for "low memory".
   local cpus mem
-  cpus="${KMDASK_SLURM_CPUS:-$(nproc)}"
+  cpus="${KMDASK_SLURM_CPUS:-$(nproc --all)}" # all CPUs, not this shell's affinity
   mem="${KMDASK_SLURM_MEM_MB:-$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)}"
   if [ -e "$CONF" ] && ! grep -q "$MARK" "$CONF"; then
     die "$CONF exists and was not written by this script; move it away to use the test cluster"
