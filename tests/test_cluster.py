@@ -281,7 +281,7 @@ def ensure_slurm(exe: str) -> None:
         pytest.skip(f"{exe} not on PATH: install slurmctld slurmd slurm-client munge "
                     "slurm-wlm-torque and run tests/slurm/slurm.sh start")
     ok = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc")):
+    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc", "comp")):
         return
     res = subprocess.run([str(SLURM_SH), "start"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"SLURM test cluster did not start: {res.stderr.strip()}"

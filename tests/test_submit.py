@@ -28,7 +28,7 @@ def ensure_slurm(exe: str) -> None:
         pytest.skip(f"{exe} not on PATH: install slurmctld slurmd slurm-client munge "
                     "slurm-wlm-torque and run tests/slurm/slurm.sh start")
     ok = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc")):
+    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc", "comp")):
         return
     res = subprocess.run([str(SLURM_SH), "start"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"SLURM test cluster did not start: {res.stderr.strip()}"
@@ -137,25 +137,35 @@ def _run_dir_from(out: Path) -> Path:
 def test_submit_smoke_job_to_slurm_and_pbs(smoke_job, tmp_path):
     ensure_slurm("sbatch")
     ensure_slurm("qsub")
+    node_cpus = int(subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True,
+                                   text=True, timeout=30).stdout.split()[0])
+    cpus = min(2, node_cpus)
     runs = {}
     for kind in ("slurm", "pbs"):
         runs_dir = tmp_path / f"runs-{kind}"
-        job_id = submit_job(smoke_job, _profile(kind), runs_dir=runs_dir, extra_args=[])
+        job_id = submit_job(smoke_job, _profile(kind, cpus=cpus), runs_dir=runs_dir,
+                            extra_args=[])
         assert job_id.isdigit()
-        state = wait_for_job(job_id, kind, timeout=180)
+        try:
+            state = wait_for_job(job_id, kind, timeout=180)
+        except KmdaskError:
+            subprocess.run(["scancel", job_id], timeout=30)  # leave nothing queued
+            raise
         submit_dir = runs_dir / "smoke" / "submit"
         record = json.loads(next(submit_dir.glob("*.json")).read_text())
         assert record["job_id"] == job_id and record["scheduler"] == kind
         out = submit_dir / record["output"]
         assert state in ("COMPLETED", "UNKNOWN"), (state, out.read_text()[-2000:])
         text = out.read_text()
-        assert f"kmdask submit: job {job_id} on" in text and "2 CPUs, memory 3072 MB" in text
+        assert f"kmdask submit: job {job_id} on" in text
+        assert f"{cpus} CPUs, memory 3072 MB" in text
         run = _run_dir_from(out)
         assert not run.is_absolute() and (tmp_path / run / "manifest.json").exists(), text
         m = json.loads((tmp_path / run / "manifest.json").read_text())
         assert m["status"] == "complete" and m["profile"]["name"] == "allocation"
         cf = yaml.safe_load(next(submit_dir.glob("allocation-*.yaml")).read_text())
-        assert cf["profiles"]["allocation"]["n_workers"] == 2  # sized to the allocation
+        assert cf["profiles"]["allocation"]["n_workers"] == cpus  # sized to the allocation
+        assert cf["profiles"]["allocation"]["memory_limit"] == f"{3072 * 3 // 4 // cpus}MB"
         runs[kind] = tmp_path / run
     a, b = (sorted((r / "fits").rglob("*.npy")) for r in runs.values())
     assert [p.relative_to(runs["slurm"]) for p in a] == [p.relative_to(runs["pbs"]) for p in b]
