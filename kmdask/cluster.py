@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import shlex
 import shutil
 import sys
@@ -172,6 +173,8 @@ def _local(profile: dict, quiet: bool) -> Iterator[Any]:
         # loopback unless cluster.yaml says otherwise: nothing listens on the network by default
         host=profile.get("host", "127.0.0.1"),
         dashboard_address=profile.get("dashboard_address", "127.0.0.1:0"),
+        # workers log a task's failure with its traceback; kmdask reports it in one line
+        silence_logs=logging.ERROR,
     )
     t0 = time.perf_counter()
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
