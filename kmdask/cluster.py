@@ -173,8 +173,9 @@ def _local(profile: dict, quiet: bool) -> Iterator[Any]:
         # loopback unless cluster.yaml says otherwise: nothing listens on the network by default
         host=profile.get("host", "127.0.0.1"),
         dashboard_address=profile.get("dashboard_address", "127.0.0.1:0"),
-        # workers log a task's failure with its traceback; kmdask reports it in one line
-        silence_logs=logging.ERROR,
+        # workers log a failed task with its traceback at ERROR; kmdask reports the failure
+        # itself, in one line, so the embedded cluster's own log stays quiet
+        silence_logs=logging.CRITICAL,
     )
     t0 = time.perf_counter()
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:

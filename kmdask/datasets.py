@@ -266,20 +266,62 @@ def _open_array(path: str | Path, split: str, kind: str):
             from None
 
 
-def open_images(path: str | Path, split: str = "train"):
-    """``split`` images as a dask array (n, 784) uint8 whose chunks are the zarr chunks."""
+def read_chunk(path: str, split: str, kind: str, i: int, rows: int,
+               crc: int | None) -> np.ndarray:
+    """Chunk ``i`` of ``split/kind``, checked against the crc32 recorded at staging.
+
+    A chunk deleted from disk (zarr would silently return zeros) or damaged (a codec error
+    deep inside zarr) becomes a one-line DataError naming the store and the chunk.
+    """
+    import zarr
+
+    where = f"{path}/{split}/{kind}"
+    try:
+        arr = zarr.open_array(store=path, path=f"{split}/{kind}", mode="r")
+        block = np.ascontiguousarray(arr[i * rows : (i + 1) * rows])
+    except Exception as exc:  # codec/IO errors surface as many different types
+        raise DataError(f"{where}: chunk {i} unreadable ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if crc is not None:
+        got = zlib.crc32(block.data)
+        if got != crc:
+            raise DataError(f"{where}: chunk {i} is corrupt or missing on disk (crc32 "
+                            f"{got:08x}, recorded at staging {crc:08x}); re-stage the store")
+    return block
+
+
+def _open_verified(path: str | Path, split: str, kind: str):
+    import dask
     import dask.array as da
 
-    arr = _open_array(path, split, "images")
-    return da.from_zarr(arr, chunks=arr.chunks)
+    arr = _open_array(path, split, kind)
+    rows = arr.chunks[0]
+    crcs = arr.attrs.get("chunk_crc32")
+    n = arr.shape[0]
+    n_chunks = -(-n // rows)
+    if not isinstance(crcs, list) or len(crcs) != n_chunks:
+        raise DataError(f"{path}/{split}/{kind}: missing or wrong chunk checksums (re-stage)")
+    tail = arr.shape[1:]
+    blocks = [
+        da.from_delayed(
+            dask.delayed(read_chunk, pure=True)(str(path), split, kind, i, rows, int(crcs[i])),
+            shape=(min(rows, n - i * rows), *tail), dtype=arr.dtype)
+        for i in range(n_chunks)
+    ]
+    return da.concatenate(blocks, axis=0)
+
+
+def open_images(path: str | Path, split: str = "train"):
+    """``split`` images as a dask array (n, 784) uint8 whose chunks are the zarr chunks.
+
+    Every chunk read is verified against its staging checksum (see :func:`read_chunk`).
+    """
+    return _open_verified(path, split, "images")
 
 
 def open_labels(path: str | Path, split: str = "train"):
     """``split`` labels as a dask array (n,) uint8 whose chunks are the zarr chunks."""
-    import dask.array as da
-
-    arr = _open_array(path, split, "labels")
-    return da.from_zarr(arr, chunks=arr.chunks)
+    return _open_verified(path, split, "labels")
 
 
 def data_fingerprint(path: str | Path, split: str = "train") -> str:
