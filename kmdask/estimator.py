@@ -210,6 +210,10 @@ class KMeans:
     persist : True, False or "auto" — hold the data in worker memory, or stream it from its
         source (e.g. zarr) every pass; "auto" persists when it fits half the workers' memory.
     verbose : print one line per Lloyd iteration to stderr.
+    algorithm : "lloyd" (kmdask's engine, the default) or "mccaffrey" (the original demo's
+        algorithm, bit for bit: .NET Random(random_state) shared by the trials, roulette-wheel
+        k-means++, its Lloyd loop and stopping rules; needs uint8 pixel rows; ``init``, ``tol``
+        and the k-means|| options do not apply).
 
     uint8 input is read as pixels / 255 (per block, never materialised as float);
     ``cluster_centers_`` are then in that [0, 1] scale.
@@ -218,8 +222,9 @@ class KMeans:
     def __init__(self, n_clusters: int = 8, *, init="k-means||", n_init: int = 1,
                  max_iter: int = 300, tol: float = 1e-4, random_state: int | None = None,
                  oversampling_factor: float = 2.0, init_rounds: int = 5,
-                 persist: bool | str = "auto", verbose: int = 0):
+                 persist: bool | str = "auto", verbose: int = 0, algorithm: str = "lloyd"):
         self.n_clusters = n_clusters
+        self.algorithm = algorithm
         self.init = init
         self.n_init = n_init
         self.max_iter = max_iter
@@ -234,6 +239,11 @@ class KMeans:
         if not isinstance(self.n_clusters, Integral):
             raise ConfigError(f"n_clusters must be an integer, got {self.n_clusters!r}")
         Xd = as_dask(X)
+        if self.algorithm == "mccaffrey":
+            return self._fit_mccaffrey(Xd)
+        if self.algorithm != "lloyd":
+            raise ConfigError(f"unknown algorithm {self.algorithm!r}; expected 'lloyd' or "
+                              "'mccaffrey'")
         n_init = self.n_init if isinstance(self.init, str) else 1
         res = fit_models(Xd, [self.n_clusters], n_init=n_init, init=self.init,
                          max_iter=self.max_iter, tol=self.tol, random_state=self.random_state,
@@ -241,6 +251,32 @@ class KMeans:
                          init_rounds=self.init_rounds, persist=self.persist,
                          verbose=self.verbose)
         self._set_fitted(res, self.n_clusters, Xd)
+        return self
+
+    def _fit_mccaffrey(self, X: da.Array) -> KMeans:
+        from kmdask.chunked import _current_client
+        from kmdask.mccaffrey import fit_mccaffrey
+
+        if X.dtype != np.uint8:
+            raise ConfigError(f"algorithm='mccaffrey' needs uint8 pixel rows, got {X.dtype}")
+        _check_params([self.n_clusters], X.shape[0], self.n_init, self.max_iter, 0.0,
+                      "k-means++", X.shape[1], 1.0, 1)
+        t0 = time.perf_counter()
+        seed = 0 if self.random_state is None else int(self.random_state)
+        r = fit_mccaffrey(X, self.n_clusters, self.max_iter, self.n_init, seed,
+                          client=_current_client())
+        self.cluster_centers_ = r.centers
+        self.labels_ = da.from_array(np.asarray(r.labels, dtype=np.int32), chunks=X.chunks[0])
+        self.inertia_ = r.wcss
+        self.n_iter_ = int(r.trial_n_iter[r.best_trial])
+        self.inertia_history_ = list(r.trial_history[r.best_trial])
+        self.shift_history_ = []
+        self.n_features_in_ = X.shape[1]
+        self.best_trial_ = r.best_trial
+        self.trial_inertia_ = list(r.trial_wcss)
+        self.n_passes_ = None
+        self.timings_ = {"total": time.perf_counter() - t0}
+        self.persisted_ = None
         return self
 
     def _set_fitted(self, res: FitResult, k: int, X: da.Array) -> None:

@@ -15,7 +15,8 @@ def keyed_rng(seed: int, *keys: int) -> np.random.Generator:
     Uses Philox (a counter-based bit generator) seeded through ``SeedSequence`` with the
     keys as spawn entropy, so streams for different keys are independent.
     """
-    ss = np.random.SeedSequence(entropy=int(seed) & (2**63 - 1), spawn_key=tuple(int(k) for k in keys))
+    ss = np.random.SeedSequence(entropy=int(seed) & (2**63 - 1),
+                                spawn_key=tuple(int(k) for k in keys))
     return np.random.Generator(np.random.Philox(ss))
 
 
@@ -154,4 +155,3 @@ class DotNetRandom:
 
 # keyed_rng's signature line above is 103 characters; it is kept byte-for-byte unchanged on
 # purpose (other modules rely on it), so the line-length rule is waived for this file only.
-# ruff: noqa: E501

@@ -174,3 +174,23 @@ def test_mnist_60k_inertia_within_1pct_of_sklearn(mnist_train, client):
         ours.append(KMeans(10, random_state=seed).fit(X).inertia_)
         theirs.append(SKKMeans(10, n_init=1, random_state=seed).fit(xf).inertia_)
     assert np.median(ours) <= 1.01 * np.median(theirs)
+
+
+@pytest.mark.parametrize(("n", "it", "trials", "counts"), [
+    (100, 20, 20, [16, 66, 18]),
+    (10_000, 30, 30, [3734, 3152, 3114]),
+])
+def test_estimator_mccaffrey_mode_reproduces_published_counts(mnist_train, client, n, it,
+                                                              trials, counts):
+    X = da.from_array(mnist_train, chunks=(10_000, 784))
+    km = KMeans(n_clusters=3, algorithm="mccaffrey", max_iter=it, n_init=trials,
+                random_state=0).fit(X[:n])
+    assert np.bincount(km.labels_.compute(), minlength=3).tolist() == counts
+    assert km.inertia_ == min(km.trial_inertia_)
+
+
+def test_mccaffrey_mode_needs_pixels():
+    with pytest.raises(ConfigError, match="needs uint8 pixel rows, got float64"):
+        KMeans(3, algorithm="mccaffrey").fit(np.zeros((10, 4)))
+    with pytest.raises(ConfigError, match="unknown algorithm 'elkan'"):
+        KMeans(3, algorithm="elkan").fit(np.zeros((10, 4)))
