@@ -303,10 +303,16 @@ def test_jobqueue_profile_starts_workers_through_the_scheduler(kind, tmp_path):
     sec = prof["config"]["jobqueue"][kind]
     sec.update({"name": name, "log-directory": str(tmp_path / "logs"), "walltime": "00:07:00",
                 "job_extra_directives": ["--comment=kmdask" if kind == "slurm" else "-r n"]})
+    # distributed.* reaches the scheduler (here) and the workers (in the batch jobs)
+    prof["config"]["distributed"] = {"scheduler": {"allowed-failures": 7}}
     with connect(prof, quiet=True) as client:
         info = client.kmdask_cluster
         script = client.cluster.job_script()
         assert _square_sum(client) == sum(x * x for x in range(20))
+        key = "distributed.scheduler.allowed-failures"
+        assert client.run_on_scheduler(lambda: dask.config.get(key)) == 7
+        client.wait_for_workers(2, timeout=60)
+        assert set(client.run(lambda: dask.config.get(key)).values()) == {7}
         assert len(info["job_ids"]) == 2  # scale: {jobs: 2}
         assert info["dashboard"].startswith("http://127.0.0.1:")
         assert info["scheduler"].startswith("tcp://127.0.0.1:")
