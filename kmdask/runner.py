@@ -168,6 +168,9 @@ def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool) -> dict:
         ck = FileCheckpoint(fdir / "checkpoint.npz")
         if ck.path.exists():
             say(f"  {fit.name}: resuming at iteration {ck.iteration}", quiet)
+        elif (run / "data").exists() and any(run.glob("fits/*/done.json")):
+            say(f"  {fit.name}: no checkpoint yet (stopped during seeding): seeding again",
+                quiet)
 
         def show(p: dict) -> None:
             say(f"  {fit.name} it {p['iteration']:3d}: {p['models']:3d} model(s), "
@@ -255,6 +258,10 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
             _point_latest(job_dir, run_id)
             return RunOutcome(final, True, time.perf_counter() - t0, fp)
         partial = job_dir / f".{run_id}.partial"
+        if partial.exists():
+            done = sorted(p.parent.name for p in partial.glob("fits/*/done.json"))
+            say(f"kmdask: resuming interrupted run {run_id} ({len(done)} of {len(job.fits)} "
+                f"fit(s) already done{': ' + ', '.join(done) if done else ''})", quiet)
         partial.mkdir(parents=True, exist_ok=True)
         max_rows = max((f.rows or n_total) for f in job.fits)
         head = max([HEAD_ROWS_DEFAULT] + [g.samples or 0 for g in job.figures])
@@ -271,8 +278,15 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
                 rows = f.rows or n_total
                 say(f"[{i}/{len(job.fits)}] {f.name}: {f.algorithm}, K={list(f.ks)}, "
                     f"rows={rows}, iterations={f.iterations}, trials={f.trials}", quiet)
-                fits[f.name] = _run_fit(partial, f, images[:rows], truth_all[:rows], client,
-                                        quiet)
+                try:
+                    fits[f.name] = _run_fit(partial, f, images[:rows], truth_all[:rows],
+                                            client, quiet)
+                except KmdaskError:
+                    raise
+                except Exception as exc:
+                    # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is
+                    # on disk, so say how to resume rather than dumping dask's traceback.
+                    raise KmdaskError(_interrupted(job, f.name, partial, exc)) from None
         manifest = {
             "status": "complete", "job": job.name, "job_file": str(job.source),
             "fingerprint": fp, "run_id": run_id, "versions": _versions(),
@@ -292,6 +306,15 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
     say(f"kmdask: job {job.name!r} complete in {time.perf_counter() - t0:.1f} s: {final}",
         quiet)
     return RunOutcome(final, False, time.perf_counter() - t0, fp)
+
+
+def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:
+    ck = FileCheckpoint(partial / "fits" / fit / "checkpoint.npz")
+    where = f"iteration {ck.iteration}" if ck.path.exists() else "its start"
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"job {job.name!r} stopped in fit {fit!r}: {type(exc).__name__}"
+            f"{': ' + detail[:200] if detail else ''}; progress is saved in {partial} "
+            f"(fit {fit!r} resumes at {where}): rerun the same command to continue")
 
 
 def _point_latest(job_dir: Path, run_id: str) -> None:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from kmdask import KMeans
 from kmdask.datasets import open_images
-from kmdask.errors import DataError
+from kmdask.errors import DataError, KmdaskError
 
 
 @pytest.fixture()
@@ -67,3 +73,134 @@ def test_undamaged_copy_runs(damaged_store, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((Path(tmp_path / r.stdout.strip()) / "manifest.json").read_text())
     assert m["status"] == "complete"
+
+
+def _worker_pids(client) -> dict[str, int]:
+    return client.run(os.getpid)
+
+
+def test_worker_killed_mid_lloyd_gives_identical_result(mnist_store):
+    """SIGKILL a worker process (its nanny restarts it) in the middle of Lloyd: the lost
+    persisted chunks are recomputed elsewhere and the fit ends bit-identical."""
+    from distributed import Client, LocalCluster
+
+    from kmdask.estimator import fit_models
+
+    X = open_images(mnist_store)[:30_000]
+    kw = dict(n_init=2, random_state=5, max_iter=25, tol=0.0, persist=True)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c, c.as_current():
+        ref = fit_models(X, [6, 8], **kw)
+        killed = []
+
+        def kill_one(p):
+            if p["iteration"] == 4 and not killed:
+                pid = sorted(_worker_pids(c).values())[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        got = fit_models(X, [6, 8], progress=kill_one, **kw)
+        assert killed, "no worker was killed"
+    for a, b in zip(ref.results, got.results, strict=True):
+        assert np.array_equal(a.centres, b.centres)
+        assert all(np.array_equal(x, y) for x, y in zip(a.labels, b.labels, strict=True))
+        assert a.inertia == b.inertia and a.n_iter == b.n_iter
+
+
+def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
+    """Workers killed again and again beyond allowed-failures: the run stops with a one-line
+    error and a checkpoint; rerunning resumes it and ends identical to an undisturbed run."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from kmdask.config import parse_job
+    from kmdask.runner import run_job
+
+    spec = {"job": "flaky", "data": {"store": str(mnist_store)},
+            "fits": [{"name": "a", "algorithm": "scalable", "rows": 40_000, "k": [7, 9],
+                      "trials": 2, "iterations": 40, "tol": 0.0, "persist": False}]}
+    job = parse_job(spec, "flaky.yaml")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        profile = {"name": "t", "kind": "address", "address": cluster.scheduler_address,
+                   "source": "test", "timeout": 30}
+        stop = threading.Event()
+
+        def killer():
+            part = tmp_path / "runs" / "flaky"
+            while not stop.is_set():  # start once Lloyd has checkpointed twice
+                cks = list(part.glob(".*.partial/fits/a/checkpoint.npz"))
+                if cks:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.5)
+            while not stop.is_set():
+                for pid in _worker_pids(c).values() if c.scheduler_info()["workers"] else []:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.3)
+
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        try:
+            with pytest.raises(KmdaskError) as ei:
+                run_job(job, profile, runs_dir=tmp_path / "runs", quiet=True)
+        finally:
+            stop.set()
+            t.join()
+        msg = str(ei.value)
+        assert "\n" not in msg and "stopped in fit 'a'" in msg and "rerun" in msg
+        assert list((tmp_path / "runs" / "flaky").glob(".*.partial/fits/a/checkpoint.npz"))
+        c.wait_for_workers(2, timeout=60)
+        resumed = run_job(job, profile, runs_dir=tmp_path / "runs", quiet=True)
+        ref = run_job(job, profile, runs_dir=tmp_path / "ref", quiet=True)
+    for k in (7, 9):
+        for f in ("centers.npy", "labels.npy"):
+            assert (resumed.path / "fits/a" / f"k{k}" / f).read_bytes() == \
+                (ref.path / "fits/a" / f"k{k}" / f).read_bytes()
+
+
+def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path):
+    """SIGKILL the driver (and its LocalCluster) after the first fit finished, while the second
+    is seeding: the rerun keeps the finished fit, seeds again and ends bit-identical."""
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
+        {"profiles": {"local": {"kind": "local", "n_workers": 2}}}))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"job": "seedkill", "data": {"store": str(mnist_store)},
+                                   "fits": [
+        {"name": "first", "algorithm": "mccaffrey", "rows": 100, "k": 3, "iterations": 20,
+         "trials": 20},
+        {"name": "second", "algorithm": "scalable", "rows": 60_000, "k": [8, 9, 10],
+         "trials": 3, "iterations": 15, "init_rounds": 8, "persist": False}]}))
+    ref = subprocess.run([sys.executable, "-m", "kmdask", "run", str(job), "--runs-dir",
+                          str(tmp_path / "ref")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    runs = tmp_path / "runs" / "seedkill"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if list(runs.glob(".*.partial/fits/first/done.json")):
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("first fit never finished")
+    time.sleep(0.3)  # into the second fit's stats/seeding passes
+    assert not list(runs.glob(".*.partial/fits/second/checkpoint.npz")), "too late: in Lloyd"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run([sys.executable, "-m", "kmdask", "run", str(job)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resuming interrupted run" in again.stderr
+    assert "first: already done" in again.stderr
+    a, b = Path(ref.stdout.strip()), tmp_path / again.stdout.strip()
+    for k in (8, 9, 10):
+        for f in ("centers.npy", "labels.npy"):
+            assert (a / "fits/second" / f"k{k}" / f).read_bytes() == \
+                (b / "fits/second" / f"k{k}" / f).read_bytes()
