@@ -7,6 +7,7 @@ key (as a path such as ``fits[2].k``) and the bad value. Nothing here touches da
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class _Checker:
     def number(self, value: Any, key: str, lo: float | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, f"expected a number, got {_show(value)}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value}")
         if lo is not None and value < lo:
             raise self.fail(key, f"must be >= {lo}, got {value}")
         return float(value)

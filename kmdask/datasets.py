@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,7 @@ def parse_idx(data: bytes, name: str | Path) -> np.ndarray:
     if any(d == 0 for d in dims):
         raise DataError(f"{name}: IDX header has a zero dimension {dims}")
     dtype = IDX_DTYPES[code]
-    need = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    need = header + math.prod(dims) * dtype.itemsize  # exact: a hostile header cannot overflow
     if len(data) < need:
         raise DataError(f"{name}: truncated data: {len(data)} bytes, header {dims} needs {need}")
     if len(data) > need:
@@ -295,6 +296,10 @@ def _open_verified(path: str | Path, split: str, kind: str):
     import dask.array as da
 
     arr = _open_array(path, split, kind)
+    want_ndim = 2 if kind == "images" else 1
+    if arr.dtype != np.uint8 or arr.ndim != want_ndim or arr.shape[0] == 0:
+        raise DataError(f"{path}/{split}/{kind}: expected a non-empty {want_ndim}-D uint8 "
+                        f"array, found {arr.dtype} with shape {arr.shape}")
     rows = arr.chunks[0]
     crcs = arr.attrs.get("chunk_crc32")
     n = arr.shape[0]
