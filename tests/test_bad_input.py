@@ -1,0 +1,123 @@
+"""Bad input, table-driven, through the real CLI: each case gives a one-line error (the last
+line on stderr, no traceback), a non-zero exit, and writes nothing."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+         "t10k-labels-idx1-ubyte")
+
+
+def _source(tmp: Path, mnist_source: Path, name: str, data: bytes, gz: bool) -> Path:
+    """A source directory of the real files, with ``name`` replaced by ``data``."""
+    src = tmp / "src"
+    src.mkdir()
+    for f in FILES:
+        if f != name:
+            (src / f"{f}.gz").symlink_to(mnist_source / f"{f}.gz")
+    (src / (f"{name}.gz" if gz else name)).write_bytes(data)
+    return src
+
+
+def _labels(mnist_source: Path) -> bytes:
+    with gzip.open(mnist_source / "train-labels-idx1-ubyte.gz") as f:
+        return f.read()
+
+
+def _stage_case(make: Callable[[bytes], tuple[bytes, bool]], file: str = FILES[1]):
+    def build(tmp: Path, mnist_source: Path, store: Path) -> list[str]:
+        data, gz = make(_labels(mnist_source))
+        src = _source(tmp, mnist_source, file, data, gz)
+        return ["stage", "--source", str(src), "--out", str(tmp / "out.zarr")]
+    return build
+
+
+def _job_case(text: str):
+    def build(tmp: Path, mnist_source: Path, store: Path) -> list[str]:
+        (tmp / "job.yaml").write_text(text.replace("STORE", str(store)))
+        return ["run", str(tmp / "job.yaml")]
+    return build
+
+
+def _store_case(dtype: str, cols: int):
+    def build(tmp: Path, mnist_source: Path, store: Path) -> list[str]:
+        import numpy as np
+        import zarr
+
+        bad = tmp / "bad.zarr"
+        shutil.copytree(store, bad)
+        shutil.rmtree(bad / "train" / "images")
+        zarr.create_array(store=str(bad), name="train/images", shape=(60000, cols),
+                          dtype=np.dtype(dtype), chunks=(10000, cols))
+        (tmp / "job.yaml").write_text(f"job: j\ndata: {{store: {bad}}}\nfits:\n"
+                                      "  - {name: a, k: 3}\n")
+        return ["run", str(tmp / "job.yaml")]
+    return build
+
+
+def _report_case(kind: str):
+    def build(tmp: Path, mnist_source: Path, store: Path) -> list[str]:
+        run = tmp / "runs" / "j" / "abc"
+        if kind == "incomplete":
+            (run / "fits").mkdir(parents=True)  # a run that died before its manifest
+        return ["report", str(run), "--out", str(tmp / "report")]
+    return build
+
+
+_OK = "job: j\ndata: {store: STORE}\n"
+CASES = {
+    # IDX and gzip files
+    "wrong IDX magic": _stage_case(lambda b: (b"\x00\x00\x08\x05" + b[4:], False)),
+    "truncated raw IDX": _stage_case(lambda b: (b[:-100], False)),
+    "truncated gz": _stage_case(lambda b: (gzip.compress(b)[:-20], True)),
+    "not gzip at all": _stage_case(lambda b: (b"\x1f\x8bthis is not gzip", True)),
+    "checksum mismatch": _stage_case(lambda b: (b[:-1] + bytes([(b[-1] + 1) % 256]), False)),
+    "images/labels count mismatch": _stage_case(
+        lambda b: (b[:4] + (59999).to_bytes(4, "big") + b[8:-1], False)),
+    # stores
+    "store with wrong dtype": _store_case("float32", 784),
+    "store with wrong shape": _store_case("uint8", 783),
+    # job specs
+    "YAML does not parse": _job_case("job: j\nfits: [\n"),
+    "unknown key": _job_case(_OK + "fits:\n  - {name: a, k: 3, colour: red}\n"),
+    "wrong type": _job_case(_OK + "fits:\n  - {name: a, k: 3, trials: many}\n"),
+    "K < 1": _job_case(_OK + "fits:\n  - {name: a, k: 0}\n"),
+    "K > rows": _job_case(_OK + "fits:\n  - {name: a, k: 50, rows: 20}\n"),
+    "rows > available": _job_case(_OK + "fits:\n  - {name: a, k: 3, rows: 60001}\n"),
+    "zero iterations": _job_case(_OK + "fits:\n  - {name: a, k: 3, iterations: 0}\n"),
+    "negative trials": _job_case(_OK + "fits:\n  - {name: a, k: 3, trials: -1}\n"),
+    "unknown dataset": _job_case("job: j\ndata: {dataset: cifar10}\nfits:\n  - {name: a, k: 3}\n"),
+    "missing job file": lambda tmp, src, store: ["run", str(tmp / "nope.yaml")],
+    "missing profile": lambda tmp, src, store: _job_case(_OK + "fits:\n  - {name: a, k: 3}\n")(
+        tmp, src, store) + ["--profile", "nope"],
+    # reports
+    "report on a missing run": _report_case("missing"),
+    "report on an incomplete run": _report_case("incomplete"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, tmp_path, mnist_source, mnist_store):
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
+        {"profiles": {"local": {"kind": "local", "n_workers": 1}}}))
+    args = CASES[case](tmp_path, mnist_source, mnist_store)
+    before = {p for p in tmp_path.rglob("*")}
+    r = subprocess.run([sys.executable, "-m", "kmdask", *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, f"{case}: exit 0\n{r.stderr}"
+    lines = r.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("kmdask: error: ")]
+    # progress lines may come first; the error itself is exactly one line, the last
+    assert errors == lines[-1:], f"{case}: stderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert not written, f"{case}: wrote {sorted(map(str, written))}"
