@@ -233,6 +233,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
     """Run ``job`` on the cluster ``profile`` describes; returns where its run directory is."""
     from kmdask.cluster import connect
     from kmdask.datasets import data_fingerprint, open_images, open_labels
+    from kmdask.sources import describe  # paths under $HOME are written as ~/...
 
     t0 = time.perf_counter()
     store = resolve_store(job, quiet=quiet)
@@ -288,13 +289,13 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
                     # on disk, so say how to resume rather than dumping dask's traceback.
                     raise KmdaskError(_interrupted(job, f.name, partial, exc)) from None
         manifest = {
-            "status": "complete", "job": job.name, "job_file": str(job.source),
+            "status": "complete", "job": job.name, "job_file": describe(job.source),
             "fingerprint": fp, "run_id": run_id, "versions": _versions(),
-            "data": {"dataset": job.dataset, "store": str(store), "split": job.split,
+            "data": {"dataset": job.dataset, "store": describe(store), "split": job.split,
                      "fingerprint": data_fingerprint(store, job.split), "rows": int(n_total),
                      "chunks": list(images.chunks[0])},
             "profile": {"name": profile.get("name"), "kind": profile.get("kind")},
-            "spec": job.raw, "fits": fits,
+            "spec": _public_spec(job.raw, describe), "fits": fits,
             "timings": {"connect": t_conn, "total": time.perf_counter() - t0},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -306,6 +307,14 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
     say(f"kmdask: job {job.name!r} complete in {time.perf_counter() - t0:.1f} s: {final}",
         quiet)
     return RunOutcome(final, False, time.perf_counter() - t0, fp)
+
+
+def _public_spec(raw: dict, describe) -> dict:
+    """The job spec as written into the manifest: a store path under $HOME becomes ~/..."""
+    spec = json.loads(json.dumps(raw, default=str))
+    if isinstance(spec.get("data"), dict) and spec["data"].get("store"):
+        spec["data"]["store"] = describe(spec["data"]["store"])
+    return spec
 
 
 def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:

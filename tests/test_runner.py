@@ -198,3 +198,23 @@ def test_shipped_jobs_validate():
     assert {"smoke", "sweep"} <= names
     assert parse_job(yaml.safe_load((root / "sweep.yaml").read_text())).fit("series").ks == \
         tuple(range(2, 11))
+
+
+def test_manifest_has_no_home_paths(tmp_path, mnist_store, monkeypatch):
+    home = tmp_path / "home"
+    work = home / "work"
+    work.mkdir(parents=True)
+    (work / "cluster.yaml").write_text(yaml.safe_dump(
+        {"profiles": {"local": {"kind": "local", "n_workers": 1}}}))
+    store = work / "mnist.zarr"
+    import shutil
+
+    shutil.copytree(mnist_store, store)
+    job = _write_job(work, store, fits=[{"name": "a", "k": 2, "rows": 500, "iterations": 5}],
+                     figures=[])
+    monkeypatch.setenv("HOME", str(home))
+    r = _kmdask(work, "run", str(job))
+    assert r.returncode == 0, r.stderr
+    text = (work / r.stdout.strip() / "manifest.json").read_text()
+    assert str(home) not in text
+    assert "~/work/mnist.zarr" in text
