@@ -262,6 +262,31 @@ def _worker_prologue(profile: dict, kind: str) -> list[str]:
     return [*existing, f"export DASK_INTERNAL_INHERIT_CONFIG={shlex.quote(blob)}"]
 
 
+_SCALE_KEYS = {"n", "jobs", "memory", "cores"}
+_ADAPT_KEYS = {"minimum", "maximum", "minimum_jobs", "maximum_jobs", "minimum_cores",
+               "maximum_cores", "minimum_memory", "maximum_memory", "interval", "wait_count",
+               "target_duration"}
+
+
+def _scaling(profile: dict) -> tuple[str, dict]:
+    """("scale" or "adapt", its keyword arguments), checked: dask-jobqueue silently ignores
+    unknown adapt keys, and an adaptive minimum of 0 would leave kmdask waiting for a worker."""
+    adapt = profile.get("adapt")
+    key, allowed = ("adapt", _ADAPT_KEYS) if adapt else ("scale", _SCALE_KEYS)
+    value = adapt if adapt else (profile.get("scale") or {"jobs": 1})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_where(profile, key)}: expected a mapping, got {value!r}")
+    bad = sorted(str(k) for k in value if k not in allowed)
+    if bad:
+        raise ConfigError(f"{_where(profile, key + '.' + bad[0])}: unknown key (allowed: "
+                          f"{', '.join(sorted(allowed))})")
+    if adapt and not any((value.get(k) or 0) >= 1 for k in
+                         ("minimum", "minimum_jobs", "minimum_cores", "minimum_memory")):
+        raise ConfigError(f"{_where(profile, 'adapt')}: set minimum_jobs (or minimum) >= 1; "
+                          "kmdask waits for a first worker before it starts")
+    return key, value
+
+
 @contextlib.contextmanager
 def _jobqueue(profile: dict, quiet: bool) -> Iterator[Any]:
     kind = profile["kind"]
@@ -290,7 +315,7 @@ def _jobqueue(profile: dict, quiet: bool) -> Iterator[Any]:
     security = _security(profile)
     if security is not None:
         kwargs["security"] = security
-    scale, adapt = profile.get("scale"), profile.get("adapt")
+    how, scaling = _scaling(profile)
     timeout = _timeout_seconds(profile, 300.0)
     t0 = time.perf_counter()
     try:
@@ -300,13 +325,9 @@ def _jobqueue(profile: dict, quiet: bool) -> Iterator[Any]:
                           f"rejected the settings: {str(exc).splitlines()[0]}") from None
     with cluster, Client(cluster) as client:
         try:
-            if adapt:
-                cluster.adapt(**adapt)
-            else:
-                cluster.scale(**(scale or {"jobs": 1}))
-        except TypeError as exc:
-            key = "adapt" if adapt else "scale"
-            raise ConfigError(f"{_where(profile, key)}: {exc}") from None
+            getattr(cluster, how)(**scaling)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{_where(profile, how)}: {str(exc).splitlines()[0]}") from None
         except RuntimeError as exc:  # the submit command failed; keep its first message line
             lines = [ln for ln in str(exc).splitlines() if "error" in ln.lower()]
             raise KmdaskError(f"{exe} refused the worker job: "

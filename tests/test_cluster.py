@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from kmdask.cluster import connect, merged_dask_config
-from kmdask.config import load_profile
+from kmdask.config import deep_merge, load_profile
 from kmdask.errors import ConfigError, KmdaskError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,6 +329,28 @@ def test_jobqueue_profile_starts_workers_through_the_scheduler(kind, tmp_path):
     while _jobs_named(name) and any("RUNNING" in j or "PENDING" in j for j in _jobs_named(name)):
         assert time.monotonic() < deadline, _jobs_named(name)
         time.sleep(0.5)
+
+
+def test_slurm_profile_with_adapt_bounds(tmp_path):
+    ensure_slurm("sbatch")
+    name = f"kmdask-test-{uuid.uuid4().hex[:8]}"
+    prof = _profile("slurm", timeout="120s", scale=None,
+                    adapt={"minimum_jobs": 1, "maximum_jobs": 2})
+    prof["config"] = deep_merge(prof["config"], {"jobqueue": {"slurm": {
+        "name": name, "log-directory": str(tmp_path)}}})
+    with connect(prof, quiet=True) as client:
+        assert _square_sum(client) == sum(x * x for x in range(20))
+        assert 1 <= len(_jobs_named(name)) <= 2
+    with (
+        pytest.raises(ConfigError, match=r"profiles\.slurm\.adapt\.most: unknown key"),
+        connect(_profile("slurm", adapt={"most": 3}), quiet=True),
+    ):
+        pass
+    with (
+        pytest.raises(ConfigError, match=r"profiles\.slurm\.adapt: set minimum_jobs"),
+        connect(_profile("slurm", adapt={"maximum_jobs": 3}), quiet=True),
+    ):
+        pass
 
 
 def test_jobqueue_profile_without_the_scheduler_command(monkeypatch):
