@@ -109,10 +109,16 @@ def write_report(run_dirs: list[Path | str], out: Path | str, *, quiet: bool = F
         names = _subdir_names(runs)
         for (run, job), sub in zip(runs, names, strict=True):
             (stage / sub).mkdir()
-            drawn = []
+            drawn, written = [], {}
             for fig in job.figures:
                 t1 = time.perf_counter()
                 pngs = figures.DRAW[fig.kind](run, fig, stage / sub)
+                for p in pngs:
+                    if p.path.name in written:
+                        raise DataError(f"{run.path / 'manifest.json'}: figures "
+                                        f"{written[p.path.name]!r} and {fig.name!r} both write "
+                                        f"{p.path.name}; rename one of them in the job")
+                    written[p.path.name] = fig.name
                 drawn.append((fig, pngs))
                 _say(f"kmdask: report: {sub}/{fig.name} ({fig.kind}): "
                      f"{', '.join(p.path.name for p in pngs)} ({time.perf_counter() - t1:.1f} s)",

@@ -238,3 +238,14 @@ def test_failed_report_leaves_the_previous_one_intact(run_dir, tmp_path, monkeyp
     assert (out / "index.html").read_bytes() == before
     assert sorted((out / "rep").iterdir()) == pngs
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_figures_writing_the_same_file_are_refused(run_dir, tmp_path):
+    clash = _copy(run_dir, tmp_path / "clash")
+    mf = clash / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["spec"]["figures"] = [{"name": "K2", "kind": "timing", "fits": ["mcc"]},
+                            {"name": "K", "kind": "clusters", "fits": ["scal"]}]
+    mf.write_text(json.dumps(m))
+    _report_fails(clash, tmp_path / "out", "figures 'K2' and 'K' both write K2.png")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
