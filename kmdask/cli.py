@@ -114,7 +114,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from kmdask.submit import submit_job
 
     job_id = submit_job(Path(args.job), _profile(args), runs_dir=args.runs_dir,
-                        extra_args=[])
+                        extra_args=list(args.scheduler_args))
     print(job_id)
     return 0
 
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "submit it with the profile's scheduler, and print the job id.",
     )
     p.add_argument("job", help="job file, or a NAME under jobs/")
+    p.add_argument("scheduler_args", nargs="*", metavar="-- SBATCH/QSUB ARGS",
+                   help="extra options for sbatch/qsub, after '--' "
+                        "(e.g. -- --begin=now+1hour)")
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_submit)
 

@@ -275,6 +275,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
         fits: dict[str, dict] = {}
         with connect(profile, address=address, quiet=quiet) as client:
             t_conn = time.perf_counter() - t0
+            cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
             for i, f in enumerate(job.fits, 1):
                 rows = f.rows or n_total
                 say(f"[{i}/{len(job.fits)}] {f.name}: {f.algorithm}, K={list(f.ks)}, "
@@ -295,6 +296,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
                      "fingerprint": data_fingerprint(store, job.split), "rows": int(n_total),
                      "chunks": list(images.chunks[0])},
             "profile": {"name": profile.get("name"), "kind": profile.get("kind")},
+            "cluster": {k: v for k, v in cluster_info.items() if k != "dashboard"},
             "spec": _public_spec(job.raw, describe), "fits": fits,
             "timings": {"connect": t_conn, "total": time.perf_counter() - t0},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -339,11 +341,12 @@ def list_runs(runs_dir: Path = Path("runs")) -> list[dict]:
     out = []
     if not runs_dir.is_dir():
         return out
-    for job_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+    for job_dir in sorted(p for p in runs_dir.iterdir()
+                          if p.is_dir() and not p.name.startswith(".")):
         latest = job_dir / "latest"
         latest_id = os.readlink(latest) if latest.is_symlink() else None
         for d in sorted(job_dir.iterdir()):
-            if not d.is_dir() or d.is_symlink():
+            if not d.is_dir() or d.is_symlink() or d.name == "submit":
                 continue
             partial = d.name.endswith(".partial")
             row = {"job": job_dir.name, "run_id": d.name.strip(".").removesuffix(".partial"),
