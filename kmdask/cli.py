@@ -78,12 +78,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         job = load_job(path)
         runs.append(run_job(job, profile, runs_dir=args.runs_dir, address=args.address,
                             wait=not args.no_wait, quiet=args.quiet).path)
-    try:
-        from kmdask.report import write_report
-    except ImportError:  # the figure suite is not built yet
-        for r in runs:
-            print(r)
-        return 0
+    from kmdask.report import write_report
+
     index = write_report(runs, args.out, quiet=args.quiet)
     print(index)
     return 0
