@@ -96,7 +96,7 @@ def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool]:
 
 @njit(cache=True, nogil=True)
 def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, inertia, labels, mind,
-                  row0, keep_rows):  # pragma: no cover - compiled
+                  row0, keep_rows, int_sums):  # pragma: no cover - compiled
     nrow = dots.shape[0]
     nmodel = starts.shape[0]
     d = x.shape[1]
@@ -121,8 +121,12 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
             if mode >= 1:
                 counts[best] += 1
             if mode >= 2:
-                for f in range(d):
-                    sums[best, f] += x[i, f]
+                if int_sums:  # uint8 rows: exact integer sums, 16 SIMD lanes of int32
+                    for f in range(d):
+                        sums[best, f] += np.int32(x[i, f])
+                else:
+                    for f in range(d):
+                        sums[best, f] += x[i, f]
 
 
 @dataclass
@@ -133,7 +137,7 @@ class Assignment:
     mind: np.ndarray | None  # (n_models, n) float64, squared distance to the nearest centre
     inertia: np.ndarray  # (n_models,) float64
     counts: np.ndarray | None  # (M,) int64
-    sums: np.ndarray | None  # (M, d) float64, raw units
+    sums: np.ndarray | None  # (M, d) raw units: exact int64 for uint8 rows, else float64
 
 
 def stack_bounds(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +172,10 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     mind = np.empty(shape, dtype=np.float64)
     inertia = np.zeros(nmodel, dtype=np.float64)
     counts = np.zeros(m_total, dtype=np.int64)
-    sums = np.zeros((m_total, d) if mode >= MODE_SUMS else (1, 1), dtype=np.float64)
+    # uint8 sums are exact integers: int32 while 255 * rows fits, else int64
+    int_sums = x.dtype == np.uint8
+    sdt = (np.int32 if 255 * n < 2**31 else np.int64) if int_sums else np.float64
+    sums = np.zeros((m_total, d) if mode >= MODE_SUMS else (1, 1), dtype=sdt)
     # Buffers reused across blocks: fresh multi-MB temporaries page-fault on every block in
     # dask workers (the nanny sets a low MALLOC_TRIM_THRESHOLD_), which made this 4x slower.
     rows = min(BLOCK_ROWS, n)
@@ -185,13 +192,14 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
             xb[...] = xr
         dots = np.matmul(xb, ct, out=dbuf[:nb])
         _assign_block(dots, cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
-                      sums, counts, inertia, labels, mind, s, keep_rows)
+                      sums, counts, inertia, labels, mind, s, keep_rows, int_sums)
     return Assignment(
         labels=labels if keep_rows else None,
         mind=mind if keep_rows else None,
         inertia=inertia,
         counts=counts if mode >= MODE_COUNTS else None,
-        sums=sums if mode >= MODE_SUMS else None,
+        # widened so that adding many chunks' sums on the client cannot overflow
+        sums=(sums.astype(np.int64) if int_sums else sums) if mode >= MODE_SUMS else None,
     )
 
 

@@ -194,3 +194,15 @@ def test_mccaffrey_mode_needs_pixels():
         KMeans(3, algorithm="mccaffrey").fit(np.zeros((10, 4)))
     with pytest.raises(ConfigError, match="unknown algorithm 'elkan'"):
         KMeans(3, algorithm="elkan").fit(np.zeros((10, 4)))
+
+
+def test_empty_cluster_relocation_on_pixels_matches_sklearn(mnist_train, client):
+    x8 = mnist_train[:5000]
+    xf = x8.astype(np.float32) / np.float32(255)
+    init = np.vstack([xf[:5], np.full((1, 784), 5.0, dtype=np.float32)])  # centre 5 starts empty
+    ref = _sk_from(xf, init)
+    km = KMeans(6, init=init.astype(np.float64)).fit(da.from_array(x8, chunks=(1000, 784)))
+    assert np.bincount(km.labels_.compute(), minlength=6).min() > 0
+    assert km.n_iter_ == ref.n_iter_
+    assert_array_equal(km.labels_.compute(), ref.labels_)
+    assert_allclose(km.inertia_, ref.inertia_, rtol=1e-5)
