@@ -8,6 +8,7 @@ them is deterministic whatever the number of workers or threads.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -50,6 +51,12 @@ class ChunkedRows:
     X : dask array (n, d) of uint8/float32/float64, chunked along rows only.
     persist : True (hold prepared chunks in worker memory), False (stream from the source
         every pass) or "auto" (persist when data + norms fit half the workers' memory).
+
+    On a distributed client the chunks are split into contiguous runs, one per worker thread,
+    and a pass is one task per run: few, large tasks keep dask's per-pass overhead low and an
+    even spread keeps every core busy. Persisted runs stay in their worker's memory; streamed
+    runs read their chunks (evaluating each chunk's small source graph inside the task, so no
+    chunk crosses the network) and drop them after use.
     """
 
     def __init__(self, X: da.Array, persist: bool | str = "auto"):
@@ -68,80 +75,82 @@ class ChunkedRows:
         self.passes = 0
         self._client = _current_client()
         self._groups: dict[tuple[str, int], list[int]] = {}
-        if self.persisted:
-            parts = [
-                dask.delayed(_prepared, pure=True)(b, self.divisor, int(o), i)
-                for i, (b, o) in enumerate(zip(self._blocks, self.offsets, strict=True))
-            ]
-            if self._client is not None:
-                self._persist_balanced(parts)
+        self._items: list = []  # per chunk: a future (persisted) or (graph, key) (streamed)
+        if self._client is not None:
+            owner = self._owners()
+            if self.persisted:
+                parts = [dask.delayed(_prepared, pure=True)(b, self.divisor, int(o), i)
+                         for i, (b, o) in enumerate(zip(self._blocks, self.offsets,
+                                                        strict=True))]
+                self._items = [self._client.compute(p, workers=[w] if w else None,
+                                                    allow_other_workers=True)
+                               for p, (w, _) in zip(parts, owner, strict=True)]
+                from distributed import wait
+
+                wait(self._items)
             else:
-                self._parts = list(dask.persist(*parts))
+                self._items = [_block_graph(b) for b in self._blocks]
+        elif self.persisted:
+            parts = [dask.delayed(_prepared, pure=True)(b, self.divisor, int(o), i)
+                     for i, (b, o) in enumerate(zip(self._blocks, self.offsets, strict=True))]
+            self._items = list(dask.persist(*parts))
 
     @property
     def n_chunks(self) -> int:
         return len(self.row_chunks)
 
-    def _persist_balanced(self, parts: list) -> None:
-        """Hold the chunks as futures, in contiguous runs spread evenly over worker threads.
-
-        A pass is then one task per worker thread over its run of chunks: few, large tasks
-        keep dask's per-pass overhead low, and an even spread keeps every core busy.
-        """
-        from distributed import wait
-
-        client = self._client
-        info = client.scheduler_info(n_workers=-1)["workers"]
+    def _owners(self) -> list[tuple[str, int]]:
+        """The (worker, thread slot) owning each chunk: contiguous runs, evenly spread."""
+        info = self._client.scheduler_info(n_workers=-1)["workers"]
         slots = [(w, t) for w in sorted(info) for t in range(int(info[w].get("nthreads", 1)))]
-        if not slots:  # no workers yet: let the scheduler place them
-            self._parts = client.compute(parts)
-            wait(self._parts)
-            self._groups = {("", 0): list(range(len(parts)))}
-            return
-        n = len(parts)
+        slots = slots or [("", 0)]  # no workers yet: let the scheduler place the runs
+        n = self.n_chunks
         owner = [slots[i * len(slots) // n] for i in range(n)]
-        self._parts = [client.compute(p, workers=[w], allow_other_workers=True)
-                       for p, (w, _) in zip(parts, owner, strict=True)]
-        wait(self._parts)
-        groups: dict[tuple[str, int], list[int]] = {}
         for i, slot in enumerate(owner):
-            groups.setdefault(slot, []).append(i)
-        self._groups = groups
+            self._groups.setdefault(slot, []).append(i)
+        return owner
 
-    def _map_futures(self, fn: Callable, shared: tuple, per_chunk: list[tuple] | None) -> list:
+    def _run_groups(self, fn: Callable, shared: tuple, extras: dict[int, tuple]) -> dict:
+        """One task per run, restricted to the chunks in ``extras``; {chunk: result}."""
         client = self._client
-        futs = []
+        futs, order = [], []
         for (worker, _), idx in self._groups.items():
-            extras = [per_chunk[i] if per_chunk is not None else () for i in idx]
+            idx = [i for i in idx if i in extras]
+            if not idx:
+                continue
+            meta = [(int(self.offsets[i]), i) for i in idx]
             futs.append(client.submit(
-                _run_group, fn, [self._parts[i] for i in idx], shared, extras,
+                _run_group, fn, [self._items[i] for i in idx], meta, self.divisor,
+                self.persisted, shared, [extras[i] for i in idx],
                 workers=[worker] if worker else None, allow_other_workers=True, pure=False,
             ))
-        out: list = [None] * self.n_chunks
-        for idx, res in zip(self._groups.values(), client.gather(futs), strict=True):
-            for i, r in zip(idx, res, strict=True):
-                out[i] = r
+            order.append(idx)
+        out = {}
+        for idx, res in zip(order, client.gather(futs), strict=True):
+            out.update(zip(idx, res, strict=True))
         return out
 
     def map(self, fn: Callable, *shared: Any, per_chunk: list[tuple] | None = None) -> list:
-        """Run ``fn(chunk, *shared, *per_chunk[i])`` on every chunk; results in chunk order.
-
-        ``shared`` values (e.g. centre matrices) are put in the graph once, not once per task.
-        """
+        """Run ``fn(chunk, *shared, *per_chunk[i])`` on every chunk; results in chunk order."""
         self.passes += 1
-        if self.persisted and self._client is not None:
-            return self._map_futures(fn, shared, per_chunk)
+        extras = {i: (per_chunk[i] if per_chunk is not None else ())
+                  for i in range(self.n_chunks)}
+        if self._client is not None:
+            got = self._run_groups(fn, shared, extras)
+            return [got[i] for i in range(self.n_chunks)]
+        return self._compute_local(fn, shared, extras)
+
+    def _compute_local(self, fn: Callable, shared: tuple, extras: dict[int, tuple]) -> list:
+        # No distributed client: one dask task per chunk on the default scheduler.
         shared_d = [dask.delayed(s, traverse=False) if isinstance(s, np.ndarray) else s
                     for s in shared]
         tasks = []
-        for i in range(self.n_chunks):
-            extra = per_chunk[i] if per_chunk is not None else ()
+        for i, extra in extras.items():
             if self.persisted:
-                t = dask.delayed(fn, pure=True)(self._parts[i], *shared_d, *extra)
+                t = dask.delayed(fn, pure=True)(self._items[i], *shared_d, *extra)
             else:
                 t = dask.delayed(_call_streamed, pure=True)(
-                    fn, self._blocks[i], self.divisor, int(self.offsets[i]), i, *shared_d, *extra
-                )
+                    fn, self._blocks[i], self.divisor, int(self.offsets[i]), i, *shared_d, *extra)
             tasks.append(t)
         return list(dask.compute(*tasks, optimize_graph=False))
 
@@ -151,31 +160,47 @@ class ChunkedRows:
         if index.size == 0:
             return np.empty((0, self.shape[1]), dtype=self.dtype)
         which = np.searchsorted(self.offsets, index, side="right") - 1
-        per_chunk = [(index[which == i] - self.offsets[i],) for i in range(self.n_chunks)]
-        wanted = [i for i in range(self.n_chunks) if per_chunk[i][0].size]
-        got = self._map_some(_take_rows, wanted, [per_chunk[i] for i in wanted])
+        wanted = [i for i in range(self.n_chunks) if (which == i).any()]
+        got = self._map_some(_take_rows, wanted,
+                             [(index[which == i] - self.offsets[i],) for i in wanted])
         out = np.empty((index.size, self.shape[1]), dtype=self.dtype)
         for i, rows in zip(wanted, got, strict=True):
             out[np.nonzero(which == i)[0]] = rows
         return out
 
     def _map_some(self, fn: Callable, which: list[int], extras: list[tuple]) -> list:
-        if self.persisted and self._client is not None:
-            futs = [self._client.submit(fn, self._parts[i], *e, pure=False)
-                    for i, e in zip(which, extras, strict=True)]
-            return self._client.gather(futs)
-        tasks = []
-        for i, extra in zip(which, extras, strict=True):
-            if self.persisted:
-                tasks.append(dask.delayed(fn, pure=True)(self._parts[i], *extra))
-            else:
-                tasks.append(dask.delayed(_call_streamed, pure=True)(
-                    fn, self._blocks[i], self.divisor, int(self.offsets[i]), i, *extra))
-        return list(dask.compute(*tasks, optimize_graph=False))
+        """Run ``fn(chunk, *extras[j])`` on chunks ``which[j]`` only (not counted as a pass)."""
+        ex = dict(zip(which, extras, strict=True))
+        if self._client is not None:
+            got = self._run_groups(fn, (), ex)
+            return [got[i] for i in which]
+        return self._compute_local(fn, (), ex)
 
     def release(self) -> None:
         """Drop persisted chunks from worker memory."""
-        self._parts = []
+        self._items = []
+
+
+@dataclass(frozen=True)
+class _BlockGraph:
+    """The small graph that produces one block (e.g. a zarr read and a slice), and its key.
+
+    An opaque object, so that dask passes it to the task as it is instead of reading the
+    graph's tasks as arguments to resolve."""
+
+    graph: dict
+    key: Any
+
+    def compute(self) -> np.ndarray:
+        from dask.local import get_sync
+
+        return get_sync(self.graph, self.key)
+
+
+def _block_graph(block) -> _BlockGraph:
+    g = block.__dask_graph__()
+    g = g.cull({block.key}) if hasattr(g, "cull") else g
+    return _BlockGraph(dict(g), block.key)
 
 
 def _current_client():
@@ -187,8 +212,16 @@ def _current_client():
         return None
 
 
-def _run_group(fn: Callable, chunks: list, shared: tuple, extras: list[tuple]) -> list:
-    return [fn(c, *shared, *e) for c, e in zip(chunks, extras, strict=True)]
+def _run_group(fn: Callable, items: list, meta: list[tuple[int, int]], divisor: float,
+               persisted: bool, shared: tuple, extras: list[tuple]) -> list:
+    """One worker thread's run of chunks: persisted ones as they are, streamed ones read here
+    one at a time (so at most one raw chunk per thread is in memory)."""
+    out = []
+    for item, (offset, index), extra in zip(items, meta, extras, strict=True):
+        chunk = (item if persisted
+                 else kernels.prepare_chunk(item.compute(), divisor, offset, index))
+        out.append(fn(chunk, *shared, *extra))
+    return out
 
 
 def _take_rows(chunk: kernels.Chunk, local_idx: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ names the file.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -267,6 +268,14 @@ def _open_array(path: str | Path, split: str, kind: str):
             from None
 
 
+@functools.lru_cache(maxsize=64)
+def _open_cached(path: str, node: str):
+    # opening re-reads metadata (~0.5 ms); a streamed fit reads every chunk on every pass
+    import zarr
+
+    return zarr.open_array(store=path, path=node, mode="r")
+
+
 def read_chunk(path: str, split: str, kind: str, i: int, rows: int,
                crc: int | None) -> np.ndarray:
     """Chunk ``i`` of ``split/kind``, checked against the crc32 recorded at staging.
@@ -274,11 +283,9 @@ def read_chunk(path: str, split: str, kind: str, i: int, rows: int,
     A chunk deleted from disk (zarr would silently return zeros) or damaged (a codec error
     deep inside zarr) becomes a one-line DataError naming the store and the chunk.
     """
-    import zarr
-
     where = f"{path}/{split}/{kind}"
     try:
-        arr = zarr.open_array(store=path, path=f"{split}/{kind}", mode="r")
+        arr = _open_cached(path, f"{split}/{kind}")
         block = np.ascontiguousarray(arr[i * rows : (i + 1) * rows])
     except Exception as exc:  # codec/IO errors surface as many different types
         raise DataError(f"{where}: chunk {i} unreadable ({type(exc).__name__}: "

@@ -54,14 +54,22 @@ class Chunk:
 
 
 @njit(cache=True, nogil=True)
-def _row_sq_norms(x, divisor, out):  # pragma: no cover - compiled
-    # each value as the compute dtype sees it (x / divisor in float32 for uint8), squared and
-    # summed in float64; no temporaries (see the note on buffers in assign)
+def _row_sq_norms_u8(x, out):  # pragma: no cover - compiled
+    # exact integer sum of squares per row (SIMD-friendly), scaled once: (sum x^2) / 255^2
+    for i in range(x.shape[0]):
+        acc = 0
+        for j in range(x.shape[1]):
+            v = np.int32(x[i, j])
+            acc += v * v
+        out[i] = acc / 65025.0
+
+
+@njit(cache=True, nogil=True)
+def _row_sq_norms_f(x, out):  # pragma: no cover - compiled
     for i in range(x.shape[0]):
         acc = 0.0
         for j in range(x.shape[1]):
-            v = np.float64(np.float32(x[i, j]) / np.float32(divisor)) if divisor != 1.0 \
-                else np.float64(x[i, j])
+            v = np.float64(x[i, j])
             acc += v * v
         out[i] = acc
 
@@ -70,12 +78,14 @@ def prepare_chunk(x: np.ndarray, divisor: float, offset: int, index: int) -> Chu
     """Cache the squared norms of a chunk's (scaled) rows; the data stays in its raw dtype."""
     x = np.ascontiguousarray(x)
     xnorm = np.empty(x.shape[0], dtype=np.float64)
-    if x.dtype == np.float64:  # float64 data is not rounded through float32
-        for s in range(0, x.shape[0], BLOCK_ROWS):
-            xb = x[s : s + BLOCK_ROWS]
-            xnorm[s : s + BLOCK_ROWS] = np.einsum("ij,ij->i", xb, xb)
+    # no temporaries (see the note on buffers in assign); uint8 norms are exact
+    if x.dtype == np.uint8 and divisor == 255.0:
+        _row_sq_norms_u8(x, xnorm)
+    elif divisor == 1.0:
+        _row_sq_norms_f(x, xnorm)
     else:
-        _row_sq_norms(x, float(divisor), xnorm)
+        xnorm[:] = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))
+        xnorm /= divisor * divisor
     return Chunk(x=x, xnorm=xnorm, divisor=divisor, offset=offset, index=index)
 
 
