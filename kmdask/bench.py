@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", type=Path, default=Path("data/mnist.zarr"))
     ap.add_argument("--big-store", type=Path, default=None,
                     help="a >= 1M-row store (kmdask stage --augment 16) for the out-of-core row")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5,
+                    help="seeds for the end-to-end and n_init rows (medians over them)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None,
                     choices=["end_to_end", "per_iteration", "n_init", "sweep", "out_of_core"])

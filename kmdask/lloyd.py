@@ -160,7 +160,9 @@ def final_assignment(data: ChunkedRows, states: list[ModelState]) -> list[ModelR
             labels=[p[0][m] for p in parts],
             inertia=float(inertia[m]),
             n_iter=st.n_iter,
-            inertia_history=st.inertia_history,
+            # inertia at the initial centres, after each iteration, and (last) at the final
+            # centres: n_iter + 1 values, ending with ``inertia``
+            inertia_history=[*st.inertia_history, float(inertia[m])],
             shift_history=st.shift_history,
         )
         for m, st in enumerate(states)

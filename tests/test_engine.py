@@ -206,3 +206,15 @@ def test_empty_cluster_relocation_on_pixels_matches_sklearn(mnist_train, client)
     assert km.n_iter_ == ref.n_iter_
     assert_array_equal(km.labels_.compute(), ref.labels_)
     assert_allclose(km.inertia_, ref.inertia_, rtol=1e-5)
+
+
+def test_inertia_history_starts_at_init_and_ends_at_the_fit(blobs, client):
+    X, _, _ = blobs
+    init = X[:5].copy()
+    km = KMeans(5, init=init, max_iter=50).fit(X)
+    assert len(km.inertia_history_) == km.n_iter_ + 1
+    assert km.inertia_history_[-1] == km.inertia_
+    d0 = ((X[:, None, :] - init[None]) ** 2).sum(-1).min(1).sum()
+    assert km.inertia_history_[0] == pytest.approx(d0, rel=1e-9)
+    assert all(a >= b - 1e-6 * a for a, b in zip(km.inertia_history_, km.inertia_history_[1:],
+                                                  strict=False))  # Lloyd never increases it
