@@ -218,3 +218,29 @@ def test_manifest_has_no_home_paths(tmp_path, mnist_store, monkeypatch):
     text = (work / r.stdout.strip() / "manifest.json").read_text()
     assert str(home) not in text
     assert "~/work/mnist.zarr" in text
+
+
+def test_runs_and_stores_follow_the_umask(tmp_path, mnist_source, mnist_store):
+    """Files kmdask writes get the user's umask (no world-readable results under umask 027,
+    and none needlessly private under 022)."""
+    import stat
+
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
+        {"profiles": {"local": {"kind": "local", "n_workers": 1}}}))
+    job = _write_job(tmp_path, mnist_store, fits=[{"name": "a", "k": 2, "rows": 300,
+                                                   "iterations": 3}], figures=[])
+    for mask in (0o027, 0o022):
+        runs = tmp_path / f"runs{mask:o}"
+        store = tmp_path / f"s{mask:o}.zarr"
+        code = (f"import os, sys; os.umask({mask}); from kmdask.cli import main; "
+                f"sys.exit(main(['run', '{job}', '--runs-dir', '{runs}']) or "
+                f"main(['stage', '-q', '--source', '{mnist_source}', '--out', '{store}']))")
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        files = [p for p in [*runs.rglob("*"), *store.rglob("*")]
+                 if p.is_file() and not p.is_symlink() and p.name != ".lock"]
+        assert files
+        for p in files:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            assert mode == 0o666 & ~mask, f"{p}: {mode:o} under umask {mask:o}"
