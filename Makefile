@@ -16,7 +16,7 @@ help:
 	@echo "make test    bootstrap .venv and run the test suite (pytest)"
 	@echo "make stage   stage MNIST into data/mnist.zarr"
 	@echo "make lint    ruff"
-	@echo "make bench   benchmarks vs scikit-learn and dask-ml (writes bench/results.json)"
+	@echo "make bench   benchmarks vs scikit-learn and dask-ml (bench/results.json, bench/results.md)"
 	@echo "make clean   remove .venv, data/, runs/, report/ and caches"
 
 venv: $(STAMP)
@@ -41,7 +41,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(PY) -m kmdask.bench
+	$(KMDASK) stage --dataset mnist -q
+	$(KMDASK) stage --dataset mnist --augment 16 -q
+	$(PY) -m kmdask.bench --store data/mnist.zarr --big-store data/mnist-aug16.zarr
 
 clean:
 	rm -rf $(VENV) data runs report bench/results.json bench/results.md .pytest_cache .ruff_cache
