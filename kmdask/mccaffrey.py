@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kmdask import mccaffrey_float as mf
 from kmdask import mccaffrey_kernels as mk
 from kmdask.errors import ConfigError, DataError, KmdaskError
 from kmdask.rng import DotNetRandom
@@ -129,8 +130,10 @@ def _load(X, ex: _Exec, chunk_rows: int | None):
         X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] < 1:
         raise DataError(f"mccaffrey mode needs a 2-D (rows, pixels) array, got shape {X.shape}")
-    if X.dtype != np.uint8:
-        raise DataError(f"mccaffrey mode needs uint8 pixel rows, got dtype {X.dtype}")
+    if X.dtype not in (np.uint8, np.float64):
+        raise DataError(f"mccaffrey mode needs uint8 pixel rows or float64 rows, got dtype "
+                        f"{X.dtype}")
+    kern = mk if X.dtype == np.uint8 else mf
     if is_dask:
         if any(math.isnan(c) for c in X.chunks[0]):
             X = X.compute_chunk_sizes()
@@ -154,15 +157,17 @@ def _load(X, ex: _Exec, chunk_rows: int | None):
         if ex.client is not None:
             raw = ex.client.scatter(raw, hash=False)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    parts = [ex.submit(mk.prepare_chunk, r, int(o)) for r, o in zip(raw, offsets, strict=True)]
-    return parts, offsets, np.asarray(sizes, dtype=np.int64), int(X.shape[0]), int(X.shape[1])
+    parts = [ex.submit(kern.prepare_chunk, r, int(o))
+             for r, o in zip(raw, offsets, strict=True)]
+    return (kern, parts, offsets, np.asarray(sizes, dtype=np.int64), int(X.shape[0]),
+            int(X.shape[1]))
 
 
-def _rows(ex: _Exec, parts, offsets, rows: np.ndarray, d: int) -> np.ndarray:
+def _rows(ex: _Exec, kern, parts, offsets, rows: np.ndarray, d: int) -> np.ndarray:
     """Fetch global rows (float64 pixels) from the chunks that hold them."""
     owner = np.searchsorted(offsets, rows, side="right") - 1
     out = np.empty((rows.shape[0], d))
-    futs = {c: ex.submit(mk.take_rows, parts[c], rows[owner == c] - offsets[c])
+    futs = {c: ex.submit(kern.take_rows, parts[c], rows[owner == c] - offsets[c])
             for c in np.unique(owner).tolist()}
     got = dict(zip(futs, ex.gather(list(futs.values())), strict=True))
     for c, vals in got.items():
@@ -175,14 +180,24 @@ def _objective(sums: np.ndarray, counts: np.ndarray, q_total: float) -> float:
     return float(q_total - np.sum(np.einsum("kd,kd->k", sums, sums) / counts))
 
 
+def _row_order_sums(ex: _Exec, parts, labels, shape: tuple[int, ...]) -> np.ndarray:
+    """float64 rows: per-cluster sums accumulated row by row, a carry chained over chunks."""
+    carry = np.zeros(shape)
+    for pt, lab in zip(parts, labels, strict=True):
+        carry = ex.submit(mf.accumulate, pt, lab, carry)
+    return np.asarray(ex.gather(carry))
+
+
 def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0, *,
                   client=None, chunk_rows: int | None = None) -> McCaffreyResult:
-    """Cluster uint8 image rows exactly as the original McCaffrey K-Means++ demo does.
+    """Cluster rows exactly as the original McCaffrey K-Means++ demo does.
 
     Parameters
     ----------
-    X : (N, d) uint8 numpy array, or dask array of uint8 rows (chunked by rows)
-        Pixel ``b`` is used as ``float32(b / 255)`` widened to float64.
+    X : (N, d) uint8 or float64 numpy array, or dask array of such rows (chunked by rows)
+        uint8 pixel ``b`` is used as ``float32(b / 255)`` widened to float64 (the original's
+        images, bit for bit); float64 values (e.g. error-case vectors) are used as they are,
+        with the original's arithmetic: feature-order distances, row-order cluster sums.
     n_clusters : int
         K.
     max_iter : int
@@ -207,7 +222,7 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
     ConfigError
         Bad K, iterations, trials or seed.
     DataError
-        ``X`` is not a 2-D uint8 array.
+        ``X`` is not a 2-D uint8 or float64 array, or holds NaN/infinity.
     KmdaskError
         A trial's initial assignment leaves a cluster empty (an error in the original too).
     """
@@ -220,7 +235,8 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
     K, T = int(n_clusters), int(n_init)
     ex = _Exec(client)
     clock = [time.perf_counter()]
-    parts, offsets, sizes, N, d = _load(X, ex, chunk_rows)
+    kern, parts, offsets, sizes, N, d = _load(X, ex, chunk_rows)
+    exact_sums = kern is mk  # uint8 pixels: sums exact in any order, so chunks sum in parallel
     if K > N:
         raise ConfigError(f"mccaffrey mode: n_clusters={K} exceeds the {N} rows")
     first, p = mccaffrey_draws(int(seed), N, K, T)
@@ -230,11 +246,11 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
     clock.append(time.perf_counter())
     init_rows = np.empty((T, K), dtype=np.int64)
     init_rows[:, 0] = first
-    centres = _rows(ex, parts, offsets, first, d)
+    centres = _rows(ex, kern, parts, offsets, first, d)
     states = [None] * len(parts)
     for j in range(1, K):
         c_f = ex.share(centres)
-        states = [ex.submit(mk.init_update, pt, c_f, st, j - 1)
+        states = [ex.submit(kern.init_update, pt, c_f, st, j - 1)
                   for pt, st in zip(parts, states, strict=True)]
         total = np.zeros(T)
         for st in states:  # ΣD² in row order: a carry handed from chunk to chunk
@@ -245,18 +261,28 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
         found = np.asarray(ex.gather(carry)[1]).copy()
         found[found < 0] = N - 1  # the running total never exceeded p: the last row
         init_rows[:, j] = found
-        centres = _rows(ex, parts, offsets, found, d)
+        centres = _rows(ex, kern, parts, offsets, found, d)
     c_f = ex.share(centres)
-    states = [ex.submit(mk.init_update, pt, c_f, st, K - 1)
+    states = [ex.submit(kern.init_update, pt, c_f, st, K - 1)
               for pt, st in zip(parts, states, strict=True)]
-    got = ex.gather([ex.submit(mk.init_finish, pt, st, K)
-                     for pt, st in zip(parts, states, strict=True)])
-    labels = [g[0].copy() for g in got]  # per chunk, (T, n_c)
-    sums = sum(g[1] for g in got)
-    counts = sum(g[2] for g in got)
-    get_counts = operator.attrgetter("byte_counts")
-    byte_counts = sum(ex.gather([ex.submit(get_counts, pt) for pt in parts]))
-    q_total = math.fsum(float(c) * v * v for c, v in zip(byte_counts, mk.PIXEL, strict=True))
+    if exact_sums:
+        got = ex.gather([ex.submit(mk.init_finish, pt, st, K)
+                         for pt, st in zip(parts, states, strict=True)])
+        labels = [g[0].copy() for g in got]  # per chunk, (T, n_c)
+        sums = sum(g[1] for g in got)
+        counts = sum(g[2] for g in got)
+        get_counts = operator.attrgetter("byte_counts")
+        byte_counts = sum(ex.gather([ex.submit(get_counts, pt) for pt in parts]))
+        q_total = math.fsum(float(c) * v * v
+                            for c, v in zip(byte_counts, mk.PIXEL, strict=True))
+    else:
+        labels = [np.asarray(a).copy() for a in
+                  ex.gather([ex.submit(operator.itemgetter(1), st) for st in states])]
+        counts = np.stack([np.bincount(np.concatenate([lab[t] for lab in labels]),
+                                       minlength=K) for t in range(T)])
+        sums = _row_order_sums(ex, parts, labels, (T, K, d))
+        q_total = math.fsum(ex.gather([ex.submit(operator.attrgetter("sq_sum"), pt)
+                                       for pt in parts]))
     for t in range(T):
         empty = np.flatnonzero(counts[t] == 0)
         if empty.size:
@@ -273,11 +299,20 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
     n_rechecked = 0
     while active:
         m_f = ex.share(np.ascontiguousarray(means[active]))
-        res = ex.gather([ex.submit(mk.lloyd_pass, pt, m_f) for pt in parts])
+        if exact_sums:
+            res = ex.gather([ex.submit(mk.lloyd_pass, pt, m_f) for pt in parts])
+            new_sums = sum(r[1] for r in res)
+            new_counts = sum(r[2] for r in res)
+            n_rechecked += sum(int(r[3]) for r in res)
+        else:  # labels in parallel, then the row-order sums chained over the chunks
+            futs = [ex.submit(mf.lloyd_pass, pt, m_f) for pt in parts]
+            carry = np.zeros((len(active), K, d))
+            for pt, fu in zip(parts, futs, strict=True):
+                carry = ex.submit(mf.accumulate_pass, pt, fu, carry)
+            res = ex.gather(futs)
+            new_sums = np.asarray(ex.gather(carry))
+            new_counts = sum(r[1] for r in res)
         n_passes += 1
-        new_sums = sum(r[1] for r in res)
-        new_counts = sum(r[2] for r in res)
-        n_rechecked += sum(int(r[3]) for r in res)
         still = []
         for a, t in enumerate(active):
             changed = any(np.any(r[0][a] != lab[t]) for r, lab in zip(res, labels, strict=True))
@@ -296,7 +331,7 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
     # --- WCSS against the kept means, in row order; best trial -------------------------------
     clock.append(time.perf_counter())
     m_f = ex.share(means)
-    vals = [ex.submit(mk.assigned_sq_dist, pt, m_f, lab)
+    vals = [ex.submit(kern.assigned_sq_dist, pt, m_f, lab)
             for pt, lab in zip(parts, labels, strict=True)]
     total = np.zeros(T)
     for v in vals:
