@@ -189,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sweep", help="run the figure-suite jobs and write the report (what `make sweep` does)",
-        description="Run every given job (default: jobs/sweep.yaml) and write the HTML report.",
+        description="Run every given job (default: jobs/sweep.yaml, then "
+                    "jobs/errorcases.yaml) and write the HTML report.",
     )
-    p.add_argument("jobs", nargs="*", default=["jobs/sweep.yaml"],
-                   help="job files (default: jobs/sweep.yaml)")
+    p.add_argument("jobs", nargs="*", default=["jobs/sweep.yaml", "jobs/errorcases.yaml"],
+                   help="job files (default: jobs/sweep.yaml jobs/errorcases.yaml)")
     p.add_argument("--out", type=Path, default=Path("report"),
                    help="report directory (default: report/)")
     _add_cluster_args(p)

@@ -15,11 +15,24 @@ from typing import Any
 
 import yaml
 
+from kmdask.casespec import (
+    CasesSpec,
+    ClassifierSpec,
+    ExperimentSpec,
+    SpecialistSpec,
+    cases_spec,
+    classifier_spec,
+    experiment_spec,
+)
 from kmdask.errors import ConfigError
 
 ALGORITHMS = ("scalable", "mccaffrey")
 INITS = ("k-means||", "k-means++")
-FIGURE_KINDS = ("clusters", "elbow", "composition", "scores", "convergence", "timing")
+FIGURE_KINDS = ("clusters", "elbow", "composition", "scores", "convergence", "timing", "cases",
+                "case_confusion", "experiment")
+CASE_FIGURES = ("cases", "case_confusion")  # need fits that cluster case vectors
+__all__ = ["CasesSpec", "ClassifierSpec", "ExperimentSpec", "FigureSpec", "FitSpec", "JobSpec",
+           "SpecialistSpec", "load_job", "load_profile", "parse_job"]
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -67,13 +80,16 @@ class _Checker:
             raise self.fail(key, f"must be <= {hi}, got {value}")
         return value
 
-    def number(self, value: Any, key: str, lo: float | None = None) -> float:
+    def number(self, value: Any, key: str, lo: float | None = None,
+               hi: float | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, f"expected a number, got {_show(value)}")
         if not math.isfinite(value):
             raise self.fail(key, f"expected a finite number, got {value}")
         if lo is not None and value < lo:
             raise self.fail(key, f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise self.fail(key, f"must be <= {hi}, got {value}")
         return float(value)
 
     def string(self, value: Any, key: str, choices: tuple[str, ...] | None = None) -> str:
@@ -104,12 +120,11 @@ def _show(value: Any) -> str:
 # Job specs
 
 _FIT_KEYS = {"name", "algorithm", "rows", "k", "iterations", "trials", "seed", "init", "tol",
-             "oversampling_factor", "init_rounds", "persist"}
+             "oversampling_factor", "init_rounds", "persist", "cases"}
 _FIG_KEYS = {"name", "kind", "fits", "samples", "per_cluster", "threshold", "title"}
-_JOB_KEYS = {"job", "description", "data", "defaults", "fits", "figures"}
+_JOB_KEYS = {"job", "description", "data", "defaults", "fits", "figures", "classifier",
+             "experiments"}
 _DATA_KEYS = {"dataset", "store", "split"}
-
-
 @dataclass(frozen=True)
 class FitSpec:
     """One clustering in a job: K values x trials of one algorithm on the first ``rows`` rows."""
@@ -126,6 +141,7 @@ class FitSpec:
     oversampling_factor: float
     init_rounds: int
     persist: bool | str
+    cases: CasesSpec | None = None  # None: cluster image rows
 
 
 @dataclass(frozen=True)
@@ -150,6 +166,15 @@ class JobSpec:
     figures: tuple[FigureSpec, ...] = field(default_factory=tuple)
     description: str = ""
     raw: dict = field(default_factory=dict, compare=False)
+    classifier: ClassifierSpec | None = None  # set when a fit clusters case vectors
+    experiments: tuple[ExperimentSpec, ...] = ()
+
+    @property
+    def uses_cases(self) -> bool:
+        return any(f.cases is not None for f in self.fits)
+
+    def experiment(self, fit: str) -> ExperimentSpec | None:
+        return next((e for e in self.experiments if e.fit == fit), None)
 
     def fit(self, name: str) -> FitSpec:
         for f in self.fits:
@@ -167,6 +192,8 @@ _FIT_DEFAULTS: dict[str, Any] = {
 def _fit_spec(c: _Checker, raw: Any, key: str, defaults: dict) -> FitSpec:
     c.mapping(raw, key, _FIT_KEYS)
     v = {**defaults, **raw}
+    if isinstance(defaults.get("cases"), dict) and isinstance(raw.get("cases"), dict):
+        v["cases"] = {**defaults["cases"], **raw["cases"]}  # a fit refines the default cases
     name = c.string(v.get("name"), f"{key}.name")
     if "k" not in v:
         raise c.fail(f"{key}.k", "missing (the number of clusters, or a list of them)")
@@ -188,11 +215,14 @@ def _fit_spec(c: _Checker, raw: Any, key: str, defaults: dict) -> FitSpec:
                                      1e-9),
         init_rounds=c.integer(v["init_rounds"], f"{key}.init_rounds", 1, 100),
         persist=persist,
+        cases=cases_spec(c, v.get("cases"), f"{key}.cases"),
     )
 
 
-def _figure_spec(c: _Checker, raw: Any, key: str, fit_names: set[str]) -> FigureSpec:
+def _figure_spec(c: _Checker, raw: Any, key: str, specs: dict[str, FitSpec],
+                 experiments: set[str]) -> FigureSpec:
     c.mapping(raw, key, _FIG_KEYS)
+    fit_names = set(specs)
     fits = raw.get("fits")
     if isinstance(fits, str):
         fits = [fits]
@@ -201,11 +231,18 @@ def _figure_spec(c: _Checker, raw: Any, key: str, fit_names: set[str]) -> Figure
     for i, f in enumerate(fits):
         if f not in fit_names:
             raise c.fail(f"{key}.fits[{i}]", f"no fit named {_show(f)} in this job")
+    kind = c.string(raw.get("kind", "clusters"), f"{key}.kind", FIGURE_KINDS)
+    for i, f in enumerate(fits):
+        if kind in CASE_FIGURES and specs[f].cases is None:
+            raise c.fail(f"{key}.fits[{i}]", f"fit {f!r} clusters images; kind {kind} needs "
+                         "a fit with cases:")
+        if kind == "experiment" and f not in experiments:
+            raise c.fail(f"{key}.fits[{i}]", f"no experiment on fit {f!r} in this job")
     thr = raw.get("threshold")
     samples = raw.get("samples")
     return FigureSpec(
         name=c.string(raw.get("name"), f"{key}.name"),
-        kind=c.string(raw.get("kind", "clusters"), f"{key}.kind", FIGURE_KINDS),
+        kind=kind,
         fits=tuple(fits),
         samples=None if samples is None else c.integer(samples, f"{key}.samples", 0),
         per_cluster=c.integer(raw.get("per_cluster", 60), f"{key}.per_cluster", 0, 10_000),
@@ -219,8 +256,9 @@ def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
     c = _Checker(source)
     c.mapping(raw, "", _JOB_KEYS)
     name = c.string(raw.get("job"), "job")
-    if not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
-        raise c.fail("job", f"use letters, digits, '-', '_' and '.', got {name!r}")
+    if not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith((".", "_")):
+        raise c.fail("job", f"use letters, digits, '-', '_' and '.' (not first: '.', '_' are "
+                     f"kmdask's own), got {name!r}")
     data = c.mapping(raw.get("data", {}), "data", _DATA_KEYS)
     dataset = c.string(data.get("dataset", "mnist"), "data.dataset", ("mnist", "fashion-mnist"))
     store = data.get("store")
@@ -238,13 +276,27 @@ def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
         if f.name in seen:
             raise c.fail(f"fits[{i}].name", f"duplicate fit name {f.name!r}")
         seen.add(f.name)
+    by_name = {f.name: f for f in fits}
+    exps_raw = raw.get("experiments", []) or []
+    if not isinstance(exps_raw, list):
+        raise c.fail("experiments", f"expected a list, got {_show(exps_raw)}")
+    exps = [experiment_spec(c, e, f"experiments[{i}]", by_name, split)
+            for i, e in enumerate(exps_raw)]
+    for i, e in enumerate(exps):
+        if any(o.fit == e.fit for o in exps[:i]):
+            raise c.fail(f"experiments[{i}].fit", f"a second experiment on fit {e.fit!r}")
     figs_raw = raw.get("figures", []) or []
     if not isinstance(figs_raw, list):
         raise c.fail("figures", f"expected a list, got {_show(figs_raw)}")
-    figures = [_figure_spec(c, f, f"figures[{i}]", seen) for i, f in enumerate(figs_raw)]
+    figures = [_figure_spec(c, f, f"figures[{i}]", by_name, {e.fit for e in exps})
+               for i, f in enumerate(figs_raw)]
+    classifier = None
+    if "classifier" in raw or any(f.cases is not None for f in fits):
+        classifier = classifier_spec(c, raw.get("classifier") or {}, "classifier")
     return JobSpec(name=name, source=str(source), dataset=dataset, store=store, split=split,
                    fits=tuple(fits), figures=tuple(figures),
-                   description=str(raw.get("description", "")), raw=copy.deepcopy(raw))
+                   description=str(raw.get("description", "")), raw=copy.deepcopy(raw),
+                   classifier=classifier, experiments=tuple(exps))
 
 
 def load_job(path: str | Path) -> JobSpec:

@@ -36,6 +36,19 @@ DESCRIPTIONS = {
     "scores": "Cluster quality against the true digit labels.",
     "convergence": "How each trial's WCSS fell, iteration by iteration.",
     "timing": "Where the run's time went.",
+    "cases": "The original's error-case figure: the general network's outputs for every "
+             "training image (case vectors) clustered. Per cluster: its size, a bar chart of "
+             "its mean vector (bar colour = class colour, class under each bar, one scale for "
+             "all clusters) and MNIST images of its members. Cases whose top probability "
+             "reaches ZeroOut are zeroed: they form the reliable cluster, drawn first in red "
+             "(the cluster holding the zeroed cases; its index in the algorithm's order is "
+             "shown above its bars).",
+    "case_confusion": "The general network's confusion matrix restricted to each cluster's "
+                      "cases: which digits it mixes up where.",
+    "experiment": "Do per-cluster specialists beat the general network? Test accuracy of the "
+                  "general network, of the system that routes uncertain test cases to the "
+                  "specialist of their nearest error cluster, and of a baseline given the "
+                  "same extra training.",
 }
 
 
@@ -66,6 +79,9 @@ def load_run(path: str | Path) -> tuple[Run, JobSpec]:
                 if str(k) not in info["results"]:
                     raise DataError(f"{mf}: figure {fig.name!r} needs fit {fit!r} at K={k}, "
                                     "which the run does not hold (incomplete run?)")
+            if fig.kind == "experiment" and fit not in run.manifest.get("experiments", {}):
+                raise DataError(f"{mf}: figure {fig.name!r} needs the experiment on fit "
+                                f"{fit!r}, which the run does not hold (incomplete run?)")
     return run, job
 
 
@@ -207,12 +223,20 @@ def _params_table(run: Run, job: JobSpec) -> str:
     return _kv(rows)
 
 
-def _counts_html(counts: list[int]) -> str:
+def _counts_html(counts: list[int], result: dict | None = None) -> str:
+    """Counts in cluster order; for a cases fit in display order (reliable first, red, as in
+    its figure), each with the algorithm's cluster index."""
     from kmdask.figures import cluster_colour
 
+    order = (result or {}).get("display_order")
+    if not order:
+        return " ".join(f'<span class=sw style="background:rgb{cluster_colour(j)}"></span>{c}'
+                        for j, c in enumerate(counts))
+    rel = result.get("reliable_cluster")
     return " ".join(
-        f'<span class=sw style="background:rgb{cluster_colour(j)}"></span>{c}'
-        for j, c in enumerate(counts))
+        f'<span class=sw style="background:rgb{cluster_colour(pos)}"></span>{counts[j]}'
+        f'<span class=muted>{"=reliable" if j == rel else f"=#{j}"}</span>'
+        for pos, j in enumerate(order))
 
 
 def _fits_table(run: Run, job: JobSpec) -> str:
@@ -242,7 +266,7 @@ def _fits_table(run: Run, job: JobSpec) -> str:
                 f"<td class=n>{_e(r.get('best_trial', ''))}</td>"
                 f"<td class=n>{_num(r.get('nmi'), '{:.3f}')}</td>"
                 f"<td class=n>{_num(r.get('ari'), '{:.3f}')}</td>"
-                f"<td>{_counts_html(r.get('counts', []))}</td></tr>")
+                f"<td>{_counts_html(r.get('counts', []), r)}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 
@@ -276,6 +300,57 @@ def _figure_html(sub: str, fig, pngs) -> str:
     return "\n".join(parts)
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _ci(v: list[float]) -> str:
+    return f"[{_pct(v[0])}, {_pct(v[1])}]"
+
+
+def _errorcases_html(run: Run) -> str:
+    """The general network, and each experiment's table (empty for image-only runs)."""
+    m = run.manifest
+    clf = m.get("classifier")
+    if not clf:
+        return ""
+    st = clf.get("settings", {})
+    parts = ["<h3>General network</h3>", _kv([
+        ("network", _e(f"784-{'-'.join(map(str, st.get('hidden', [])))}-10 MLP (numpy), "
+                       f"{st.get('epochs')} epochs, shifts ≤ {st.get('shift')} px, "
+                       f"seed {st.get('seed')}")),
+        ("test accuracy", f"<b>{_pct(clf['test_accuracy'])}</b> (train "
+                          f"{_pct(clf['train_accuracy'])})"),
+        ("training", _e(f"{clf['train_seconds']:.1f} s on {clf['train_rows']} rows"
+                        + ("; this run reused the cached model" if clf.get("reused") else ""))),
+        ("fingerprint", f"<code>{_e(clf['fingerprint'][:16])}</code> (cached under "
+                        "<code>runs/_models/</code>)")])]
+    head = ("<tr><th>experiment (fit)</th><th>K</th><th>routed test cases</th><th>(a) general"
+            "</th><th>(b) routed</th><th>(c) baseline</th><th>(b)−(a)</th>"
+            "<th>(b′) reliable centre competing</th>"
+            "<th>McNemar p (a) vs (b)</th><th>McNemar p (c) vs (b)</th></tr>")
+    rows = []
+    for fit, e in m.get("experiments", {}).items():
+        d = e["routed_minus_general_ci"]
+        rows.append(
+            f"<tr><td><b>{_e(fit)}</b></td><td class=n>{e['k']}</td><td class=n>"
+            f"{e['n_routed']} of {e['n_test']} (top p &lt; {e['threshold']:g})</td>"
+            + "".join(f"<td class=n>{_pct(e[f'{s}_accuracy'])} {_ci(e[f'{s}_ci'])}</td>"
+                      for s in ("general", "routed", "baseline"))
+            + f"<td class=n>[{100 * d[0]:+.2f}, {100 * d[1]:+.2f}] pts</td>"
+            + (f"<td class=n>{_pct(e['routed_nearest_accuracy'])} "
+               f"{_ci(e['routed_nearest_ci'])}, {e['n_routed_nearest']} routed</td>"
+               if e.get("routed_nearest_ci") else "<td></td>")
+            + f"<td class=n>{e['p_general_vs_routed']:.3g}</td>"
+            f"<td class=n>{e['p_baseline_vs_routed']:.3g}</td></tr>")
+    if rows:
+        parts.append("<h3>Specialist experiments</h3><p class=muted>Test accuracy with 95% "
+                     "bootstrap intervals; details in each run's "
+                     "<code>experiment.json</code>.</p>"
+                     f"<table>{head}{''.join(rows)}</table>")
+    return "\n".join(parts)
+
+
 def render_index(sections) -> str:
     """The page: a table of contents, then per run its parameters, fits and figures."""
     toc, body = [], []
@@ -290,6 +365,7 @@ def render_index(sections) -> str:
                     f'<code>{_e(m.get("run_id"))}</code></h2>')
         body.append(_params_table(run, job))
         body.append("<h3>Fits</h3>" + _fits_table(run, job))
+        body.append(_errorcases_html(run))
         if not drawn:
             body.append("<p class=muted>This job asks for no figures.</p>")
         for fig, pngs in drawn:

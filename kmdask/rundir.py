@@ -11,6 +11,19 @@ Layout of ``runs/<job>/<run-id>/`` (run-id = the first 16 hex digits of the fing
     fits/<fit>/k<K>/members_idx.npy    (K, P) int64 their row indices (-1 = fewer members)
     fits/<fit>/k<K>/result.json        inertia, n_iter, histories, trials, counts, metrics
 
+A job whose fits cluster error-case vectors (``cases:``, :mod:`kmdask.cases`) adds::
+
+    classifier/weights.npz             the general network (float32 arrays w0, w1, ...; no pickle)
+    classifier/classifier.json         its settings, fingerprint, train/test accuracy, seconds
+    cases.zarr/{train,test}/probs      (n, 10) float64 class probabilities, 10,000-row chunks
+    cases.zarr/vectors/<fit>/{train,test}  (n, 10) float64 the fit's transformed case vectors
+    fits/<fit>/k<K>/members.npy        still MNIST images (uint8), not the vectors clustered
+    fits/<fit>/k<K>/result.json        + reliable_cluster (the one holding the zeroed cases),
+                                       display_order (it first), n_zeroed, relabelled
+    experiments/<fit>/experiment.json  the routing experiment (:mod:`kmdask.experiment`)
+    experiments/<fit>/predictions.npz  test labels, general/routed/baseline answers, routes
+    experiment.json                    the first experiment's numbers + all under "experiments"
+
 Runs are written under ``.<run-id>.partial/`` and renamed into place when complete; ``latest``
 (a symlink) is switched atomically afterwards. numpy + json only.
 """
@@ -136,6 +149,28 @@ class Run:
     def true_labels(self) -> np.ndarray:
         return _load(self.path / "data" / "true_labels.npy")
 
+    def cases(self, name: str) -> np.ndarray:
+        """An array of ``cases.zarr`` (e.g. ``train/probs``, ``vectors/<fit>/train``)."""
+        import zarr
+
+        try:
+            return np.asarray(zarr.open_array(store=str(self.path / "cases.zarr"), path=name,
+                                              mode="r")[...])
+        except Exception as exc:  # zarr raises several types for missing/damaged nodes
+            raise DataError(f"{self.path / 'cases.zarr'}: cannot read {name} "
+                            f"({type(exc).__name__})") from None
+
+    def experiment(self, fit: str) -> tuple[dict, dict[str, np.ndarray]]:
+        """A fit's experiment.json and its predictions."""
+        d = self.path / "experiments" / fit
+        try:
+            info = json.loads((d / "experiment.json").read_text())
+            with np.load(d / "predictions.npz", allow_pickle=False) as z:
+                preds = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{d}: unreadable experiment ({exc})") from None
+        return info, preds
+
 
 def _load(path: Path) -> np.ndarray:
     try:
@@ -173,4 +208,14 @@ def open_run(path: str | Path) -> Run:
     for name in ("head_images.npy", "true_labels.npy"):
         if not (p / "data" / name).is_file():
             raise DataError(f"{p / 'data' / name}: missing from the run directory")
+    needed = []
+    if "classifier" in manifest:
+        needed += [p / "classifier" / "weights.npz", p / "classifier" / "classifier.json",
+                   p / "cases.zarr" / "zarr.json"]
+    for fit in manifest.get("experiments", {}):
+        needed += [p / "experiments" / fit / "experiment.json",
+                   p / "experiments" / fit / "predictions.npz"]
+    for f in needed:
+        if not f.is_file():
+            raise DataError(f"{f}: missing from the run directory (incomplete or damaged run)")
     return Run(path=p, manifest=manifest)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kmdask import __version__, metrics, rundir
+from kmdask.cases import case_order
 from kmdask.config import FitSpec, JobSpec
 from kmdask.errors import DataError, KmdaskError
 from kmdask.lloyd import ModelState
@@ -53,10 +54,15 @@ def resolve_store(job: JobSpec, *, quiet: bool = False) -> Path:
     return p
 
 
-def fingerprint(job: JobSpec, data_fp: str, chunks: tuple[int, ...]) -> str:
+def fingerprint(job: JobSpec, data_fp: str, chunks: tuple[int, ...],
+                extra_data: str | None = None) -> str:
+    """``extra_data``: the test split's fingerprint, for jobs whose classifier is scored on it
+    (left out otherwise, so that image-only jobs keep their fingerprints)."""
     spec = {k: v for k, v in job.raw.items() if k != "description"}
-    blob = json.dumps({"data": data_fp, "chunks": list(chunks), "spec": spec,
-                       "kmdask": __version__}, sort_keys=True, default=str)
+    key = {"data": data_fp, "chunks": list(chunks), "spec": spec, "kmdask": __version__}
+    if extra_data is not None:
+        key["test_data"] = extra_data
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -129,6 +135,8 @@ class RunOutcome:
 
 def _write_model(run: Path, fit: FitSpec, k: int, centres, labels, x_rows, truth, extra: dict
                  ) -> dict:
+    """``x_rows``: the images (uint8 rows) whose first members are kept, also for fits that
+    cluster case vectors."""
     d = rundir.fit_dir(run, fit.name, k)
     labels = np.asarray(labels, dtype=np.int32)
     idx = rundir.first_members(labels, k)
@@ -152,15 +160,21 @@ def _write_model(run: Path, fit: FitSpec, k: int, centres, labels, x_rows, truth
     return result
 
 
-def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool) -> dict:
-    """Fit one entry of the job (all its K x trials); returns its manifest section."""
+def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool, images=None,
+             zeroed: np.ndarray | None = None) -> dict:
+    """Fit one entry of the job (all its K x trials); returns its manifest section.
+
+    A cases fit clusters case vectors ``X``; ``images`` are then the matching MNIST rows (the
+    members kept for the figures) and ``zeroed`` marks its reliable cases."""
     from kmdask.estimator import fit_models
 
+    images = X if images is None else images
     fdir = run / "fits" / fit.name
     done = fdir / "done.json"
     if done.exists():
         say(f"  {fit.name}: already done in this partial run, skipping", quiet)
         return json.loads(done.read_text())
+    started_before = fdir.exists()  # a previous attempt got this far
     fdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
@@ -168,7 +182,7 @@ def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool) -> dict:
         ck = FileCheckpoint(fdir / "checkpoint.npz")
         if ck.path.exists():
             say(f"  {fit.name}: resuming at iteration {ck.iteration}", quiet)
-        elif (run / "data").exists() and any(run.glob("fits/*/done.json")):
+        elif started_before:
             say(f"  {fit.name}: no checkpoint yet (stopped during seeding): seeding again",
                 quiet)
 
@@ -191,8 +205,10 @@ def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool) -> dict:
                      "trial_inertia": [r.inertia for r in trials],
                      "trial_history": [r.inertia_history for r in trials],
                      "seconds": res.timings["total"]}
-            results[str(k)] = _write_model(run, fit, k, best.centres,
-                                           np.concatenate(best.labels), X, truth, extra)
+            labels, centres, order = case_order(fit.algorithm, np.concatenate(best.labels),
+                                                np.asarray(best.centres), zeroed)
+            results[str(k)] = _write_model(run, fit, k, centres, labels, images, truth,
+                                           {**extra, **order})
         ck.path.unlink(missing_ok=True)
     else:
         from kmdask.mccaffrey import fit_mccaffrey
@@ -206,11 +222,14 @@ def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool) -> dict:
                      "trial_history": [list(h) for h in r.trial_history],
                      "inertia_history": list(r.trial_history[r.best_trial]),
                      "seconds": time.perf_counter() - t1}
-            results[str(k)] = _write_model(run, fit, k, r.centers, r.labels, X, truth, extra)
+            labels, centres, order = case_order(fit.algorithm, r.labels, r.centers, zeroed)
+            results[str(k)] = _write_model(run, fit, k, centres, labels, images, truth,
+                                           {**extra, **order})
             say(f"  {fit.name} K={k}: WCSS {r.wcss:.6g}, counts "
                 f"{', '.join(map(str, results[str(k)]['counts']))} "
                 f"({extra['seconds']:.1f} s)", quiet)
     section = {"algorithm": fit.algorithm, "rows": int(X.shape[0]), "ks": list(fit.ks),
+               "cases": None if fit.cases is None else vars(fit.cases).copy(),
                "iterations": fit.iterations, "trials": fit.trials, "seed": fit.seed,
                "init": fit.init, "tol": fit.tol, "seconds": time.perf_counter() - t0,
                "results": results}
@@ -248,7 +267,8 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
         if max(f.ks) > rows:
             raise KmdaskError(f"{job.source}: fit {f.name!r}: K={max(f.ks)} is larger than "
                               f"rows={rows}")
-    fp = fingerprint(job, data_fingerprint(store, job.split), images.chunks[0])
+    fp = fingerprint(job, data_fingerprint(store, job.split), images.chunks[0],
+                     data_fingerprint(store, "test") if job.uses_cases else None)
     run_id = fp[:16]
     job_dir = runs_dir / job.name
     final = job_dir / run_id
@@ -272,24 +292,47 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
                          np.asarray(images[: min(head, max_rows)].compute()))
         say(f"kmdask: job {job.name!r}: {len(job.fits)} fit(s) on {store} ({job.split}), "
             f"run {run_id}", quiet)
+        cases = None
+        if job.uses_cases:
+            from kmdask.cases import prepare_cases
+
+            cases = prepare_cases(partial, job, store, runs_dir, quiet=quiet)
         fits: dict[str, dict] = {}
+        t_cases = time.perf_counter() - t0
         with connect(profile, address=address, quiet=quiet) as client:
-            t_conn = time.perf_counter() - t0
+            t_conn = time.perf_counter() - t0 - t_cases
             cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
             for i, f in enumerate(job.fits, 1):
                 rows = f.rows or n_total
                 say(f"[{i}/{len(job.fits)}] {f.name}: {f.algorithm}, K={list(f.ks)}, "
                     f"rows={rows}, iterations={f.iterations}, trials={f.trials}", quiet)
                 try:
-                    fits[f.name] = _run_fit(partial, f, images[:rows], truth_all[:rows],
-                                            client, quiet)
+                    if f.cases is not None:
+                        fits[f.name] = _run_fit(partial, f, cases.vectors(f.name, job.split)
+                                                [:rows], truth_all[:rows], client, quiet,
+                                                images=images[:rows], zeroed=cases.zeroed[f.name])
+                    else:
+                        fits[f.name] = _run_fit(partial, f, images[:rows], truth_all[:rows],
+                                                client, quiet)
                 except KmdaskError:
                     raise
                 except Exception as exc:
                     # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is
                     # on disk, so say how to resume rather than dumping dask's traceback.
                     raise KmdaskError(_interrupted(job, f.name, partial, exc)) from None
+        extra: dict = {}
+        timings = {"connect": t_conn}
+        if cases is not None:
+            timings["classifier_and_cases"] = t_cases
+            extra["classifier"] = {k: v for k, v in cases.info.items() if k != "epoch_loss"}
+        if job.experiments:
+            from kmdask.experiment import run_experiments
+
+            t_exp = time.perf_counter()
+            extra["experiments"] = run_experiments(partial, job, cases, quiet=quiet)
+            timings["experiments"] = time.perf_counter() - t_exp
         manifest = {
+            **extra,
             "status": "complete", "job": job.name, "job_file": describe(job.source),
             "fingerprint": fp, "run_id": run_id, "versions": _versions(),
             "data": {"dataset": job.dataset, "store": describe(store), "split": job.split,
@@ -298,7 +341,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
             "profile": {"name": profile.get("name"), "kind": profile.get("kind")},
             "cluster": {k: v for k, v in cluster_info.items() if k != "dashboard"},
             "spec": _public_spec(job.raw, describe), "fits": fits,
-            "timings": {"connect": t_conn, "total": time.perf_counter() - t0},
+            "timings": {**timings, "total": time.perf_counter() - t0},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         rundir.write_json(partial / rundir.MANIFEST, manifest)
@@ -345,6 +388,8 @@ def list_runs(runs_dir: Path = Path("runs")) -> list[dict]:
                           if p.is_dir() and not p.name.startswith(".")):
         latest = job_dir / "latest"
         latest_id = os.readlink(latest) if latest.is_symlink() else None
+        if job_dir.name == "_models":  # the classifier cache (kmdask.cases), not a job
+            continue
         for d in sorted(job_dir.iterdir()):
             if not d.is_dir() or d.is_symlink() or d.name == "submit":
                 continue

@@ -1,0 +1,160 @@
+"""Job-spec sections of the error-case experiment: ``cases:`` (per fit), ``classifier:`` and
+``experiments:``.
+
+Parsed with :mod:`kmdask.config`'s checker (passed in, so this module imports nothing of
+kmdask's): every error names the file, the key and the bad value in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+VECTORS = ("probs", "error")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_CASES_KEYS = {"vector", "power", "zero_out"}
+_CLASSIFIER_KEYS = {"hidden", "epochs", "batch", "learning_rate", "momentum", "weight_decay",
+                    "shift", "seed", "rows"}
+_EXPERIMENT_KEYS = {"fit", "k", "specialist", "bootstrap", "seed"}
+_SPECIALIST_KEYS = {"epochs", "learning_rate", "member_weight", "class_share", "others"}
+
+
+@dataclass(frozen=True)
+class CasesSpec:
+    """A fit clusters the general network's case vectors, not images (``cases:`` of a fit).
+
+    vector: ``probs`` (class probabilities) or ``error`` (one-hot target - probabilities);
+    power: each component raised to it, sign kept (the original's "density");
+    zero_out: cases whose top probability is >= it become the zero vector (None: none do).
+    """
+
+    vector: str = "probs"
+    power: int = 1
+    zero_out: float | None = None
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """How the general network is trained (the job's ``classifier:`` section)."""
+
+    hidden: tuple[int, ...] = (800,)
+    epochs: int = 20
+    batch: int = 128
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    shift: int = 2
+    seed: int = 0
+    rows: int | None = None  # train on the first N training rows only (tests)
+
+    def settings(self) -> dict:
+        return {"hidden": list(self.hidden), "epochs": self.epochs, "batch": self.batch,
+                "learning_rate": self.learning_rate, "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "shift": self.shift, "seed": self.seed,
+                "rows": self.rows}
+
+
+@dataclass(frozen=True)
+class SpecialistSpec:
+    """How each error cluster's specialist is fine-tuned from the general network."""
+
+    epochs: int = 3  # passes over its neighbourhood
+    learning_rate: float = 0.01  # peak of the restarted cosine schedule
+    member_weight: int = 4  # the cluster's own training cases are repeated this often
+    class_share: float = 0.1  # a class joins the neighbourhood at this share of the members
+    others: float = 0.1  # share of the remaining training images added (keeps every class)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """Route uncertain test cases to per-cluster specialists (``experiments:`` entry)."""
+
+    fit: str
+    k: int
+    specialist: SpecialistSpec = field(default_factory=SpecialistSpec)
+    bootstrap: int = 2000
+    seed: int = 0
+
+
+
+def cases_spec(c: Any, raw: Any, key: str) -> CasesSpec | None:
+    if raw is None:
+        return None
+    c.mapping(raw, key, _CASES_KEYS)
+    power = c.integer(raw.get("power", 1), f"{key}.power", 1, 3)
+    zero = raw.get("zero_out")
+    return CasesSpec(vector=c.string(raw.get("vector", "probs"), f"{key}.vector", VECTORS),
+                     power=power,
+                     zero_out=None if zero is None else c.number(zero, f"{key}.zero_out",
+                                                                 1e-9, 1.0))
+
+
+def classifier_spec(c: Any, raw: Any, key: str) -> ClassifierSpec:
+    c.mapping(raw, key, _CLASSIFIER_KEYS)
+    d = ClassifierSpec()
+    hidden = raw.get("hidden", list(d.hidden))
+    if not isinstance(hidden, list) or not hidden or len(hidden) > 4:
+        raise c.fail(f"{key}.hidden", f"expected a list of 1 to 4 layer widths, got "
+                     f"{_show(hidden)}")
+    rows = raw.get("rows")
+    return ClassifierSpec(
+        hidden=tuple(c.integer(h, f"{key}.hidden[{i}]", 1, 8192) for i, h in enumerate(hidden)),
+        epochs=c.integer(raw.get("epochs", d.epochs), f"{key}.epochs", 1, 1000),
+        batch=c.integer(raw.get("batch", d.batch), f"{key}.batch", 1, 65536),
+        learning_rate=c.number(raw.get("learning_rate", d.learning_rate),
+                               f"{key}.learning_rate", 1e-9, 10.0),
+        momentum=c.number(raw.get("momentum", d.momentum), f"{key}.momentum", 0.0, 0.999),
+        weight_decay=c.number(raw.get("weight_decay", d.weight_decay), f"{key}.weight_decay",
+                              0.0, 1.0),
+        shift=c.integer(raw.get("shift", d.shift), f"{key}.shift", 0, 4),
+        seed=c.integer(raw.get("seed", d.seed), f"{key}.seed", 0, 2**31 - 1),
+        rows=None if rows is None else c.integer(rows, f"{key}.rows", 100),
+    )
+
+
+def experiment_spec(c: Any, raw: Any, key: str, fits: dict[str, Any],
+                     split: str) -> ExperimentSpec:
+    c.mapping(raw, key, _EXPERIMENT_KEYS)
+    name = c.string(raw.get("fit"), f"{key}.fit")
+    fit = fits.get(name)
+    if fit is None:
+        raise c.fail(f"{key}.fit", f"no fit named {name!r} in this job")
+    if fit.cases is None:
+        raise c.fail(f"{key}.fit", f"fit {name!r} clusters images; an experiment needs a fit "
+                     "with cases:")
+    if fit.cases.vector != "probs" or fit.cases.zero_out is None:
+        raise c.fail(f"{key}.fit", f"fit {name!r}: routing needs cases with vector: probs (an "
+                     "error vector uses the true label, unknown at test time) and a zero_out "
+                     "threshold")
+    if split != "train":
+        raise c.fail("data.split", f"experiments train specialists on the training cases; "
+                     f"expected train, got {split!r}")
+    if "k" in raw:
+        k = c.integer(raw["k"], f"{key}.k", 2)
+        if k not in fit.ks:
+            raise c.fail(f"{key}.k", f"fit {name!r} has no K={k} (has {list(fit.ks)})")
+    elif len(fit.ks) == 1 and fit.ks[0] >= 2:
+        k = fit.ks[0]
+    else:
+        raise c.fail(f"{key}.k", f"missing: fit {name!r} has K={list(fit.ks)}; name one >= 2")
+    sp = c.mapping(raw.get("specialist", {}), f"{key}.specialist", _SPECIALIST_KEYS)
+    d = SpecialistSpec()
+    specialist = SpecialistSpec(
+        epochs=c.integer(sp.get("epochs", d.epochs), f"{key}.specialist.epochs", 1, 100),
+        learning_rate=c.number(sp.get("learning_rate", d.learning_rate),
+                               f"{key}.specialist.learning_rate", 1e-9, 10.0),
+        member_weight=c.integer(sp.get("member_weight", d.member_weight),
+                                f"{key}.specialist.member_weight", 1, 100),
+        class_share=c.number(sp.get("class_share", d.class_share),
+                             f"{key}.specialist.class_share", 0.0, 1.0),
+        others=c.number(sp.get("others", d.others), f"{key}.specialist.others", 0.0, 1.0))
+    return ExperimentSpec(
+        fit=name, k=k, specialist=specialist,
+        bootstrap=c.integer(raw.get("bootstrap", 2000), f"{key}.bootstrap", 100, 100_000),
+        seed=c.integer(raw.get("seed", 0), f"{key}.seed", 0, 2**31 - 1))

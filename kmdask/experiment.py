@@ -1,0 +1,267 @@
+"""The specialist-routing experiment: do per-error-cluster specialists beat the general network?
+
+For a fit that clusters the training cases' probability vectors (``experiments:`` of a job):
+
+1. Every non-reliable cluster j gets a **specialist**: the general network fine-tuned (restarted
+   cosine schedule, same shift augmentation) on the cluster's *neighbourhood* = every training
+   image of the cluster's classes (a class counts when at least ``class_share`` of the
+   cluster's cases carry it as true label or among the network's top two), the cluster's own
+   cases repeated ``member_weight`` more times, and a random ``others`` share of the remaining
+   training images, so that the specialist can still answer any class. Its logits are
+   corrected for the neighbourhood's class frequencies (label shift) before the argmax.
+2. **Routing**: a test image whose top probability is below the fit's ``zero_out`` goes to the
+   specialist of the nearest non-reliable cluster centre (its probability vector, raised to the
+   fit's power, against the centres); every other test image keeps the general answer.
+   Variant (b'), also reported: the reliable centre competes too, and a case nearest to it
+   keeps the general answer (the clustering itself would put it in the reliable cluster).
+3. **Baseline** with the same extra budget: the general network fine-tuned the same way on the
+   whole training set for as many examples as all specialists together saw.
+
+Accuracies of (a) general, (b) routed, (c) baseline with percentile bootstrap intervals over the
+test cases (paired resamples, so differences get intervals too) and exact McNemar tests of
+(a) vs (b) and (c) vs (b). Written to ``experiments/<fit>/experiment.json`` (+ the predictions
+in ``predictions.npz``), and the first experiment's numbers to ``experiment.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kmdask import rundir
+from kmdask.cases import CaseData, transform
+from kmdask.classifier import train
+from kmdask.config import ClassifierSpec, ExperimentSpec, JobSpec
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def route(probs: np.ndarray, centres: np.ndarray, reliable: int | None, threshold: float,
+          power: int, *, include_reliable: bool = False) -> np.ndarray:
+    """Cluster index of each case sent to a specialist, -1 for those the general net keeps.
+
+    A case is routed when its top probability is < ``threshold``; it goes to the nearest
+    (Euclidean, ties to the lowest index) centre other than the reliable one. With
+    ``include_reliable`` the reliable centre competes too (the clustering's own assignment);
+    a case nearest to it has no specialist and keeps the general answer (-1)."""
+    low = np.asarray(probs).max(axis=1) < threshold
+    cands = np.array([j for j in range(centres.shape[0])
+                      if include_reliable or j != reliable], dtype=np.int64)
+    out = np.full(probs.shape[0], -1, dtype=np.int64)
+    if cands.size == 0 or not low.any():
+        return out
+    v = transform(probs[low], None, "probs", power)
+    d = ((v[:, None, :] - centres[cands][None, :, :]) ** 2).sum(axis=2)
+    out[low] = cands[np.argmin(d, axis=1)]
+    if include_reliable and reliable is not None:
+        out[out == reliable] = -1
+    return out
+
+
+def class_set(true: np.ndarray, probs: np.ndarray, share: float) -> list[int]:
+    """The classes a cluster confuses: those carried by >= ``share`` of its cases as true
+    label or among the network's two top classes (and never fewer than the two most
+    frequent of those)."""
+    n = max(true.shape[0], 1)
+    t = np.bincount(true, minlength=10) / n
+    top2 = np.argsort(-probs, axis=1, kind="stable")[:, :2]
+    p = np.bincount(top2.ravel(), minlength=10) / n
+    keep = set(np.flatnonzero((t >= share) | (p >= share)).tolist())
+    if true.size:
+        keep.update(int(c) for c in np.argsort(-p, kind="stable")[:2])
+        keep.add(int(np.argmax(t)))
+    return sorted(keep)
+
+
+def bootstrap_ci(correct: dict[str, np.ndarray], n_boot: int, seed: int, level: float = 0.95,
+                 pairs: tuple[tuple[str, str], ...] = ()) -> dict[str, list[float]]:
+    """Percentile intervals of the accuracies (and of paired differences ``a-b``), all from the
+    same resamples of the test cases."""
+    rng = np.random.default_rng(seed)
+    names = list(correct)
+    n = len(next(iter(correct.values())))
+    stack = np.stack([correct[k].astype(np.float64) for k in names])
+    stats = np.empty((len(names), n_boot))
+    for s in range(0, n_boot, 100):  # resamples in blocks: bounded memory
+        b = min(100, n_boot - s)
+        idx = rng.integers(0, n, size=(b, n))
+        stats[:, s:s + b] = stack[:, idx].mean(axis=2)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {k: [float(np.percentile(stats[i], lo)), float(np.percentile(stats[i], hi))]
+           for i, k in enumerate(names)}
+    for a, b in pairs:
+        d = stats[names.index(a)] - stats[names.index(b)]
+        out[f"{a}-{b}"] = [float(np.percentile(d, lo)), float(np.percentile(d, hi))]
+    return out
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Exact two-sided McNemar test: a right & b wrong vs a wrong & b right."""
+    n01 = int(np.sum(correct_a & ~correct_b))
+    n10 = int(np.sum(~correct_a & correct_b))
+    n = n01 + n10
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(n01, n10) + 1))
+    p = min(1.0, 2 * tail / 2**n)
+    return {"a_only": n01, "b_only": n10, "p_value": float(p)}
+
+
+def evaluate(y: np.ndarray, general: np.ndarray, routed: np.ndarray, baseline: np.ndarray,
+             routes: np.ndarray, n_boot: int = 2000, seed: int = 0,
+             nearest: np.ndarray | None = None) -> dict:
+    """Accuracies, intervals, tests and the per-group table; every test case counted once
+    (group = the cluster it was routed to, or ``general`` for the cases kept). ``nearest``:
+    the answers of the variant that keeps cases nearest the reliable centre general."""
+    ca, cb, cc = general == y, routed == y, baseline == y
+    groups = sorted(set(routes.tolist()))
+    per_group = {}
+    for g in groups:
+        m = routes == g
+        per_group["general" if g < 0 else str(g)] = {
+            "n": int(m.sum()), "general": float(ca[m].mean()), "routed": float(cb[m].mean()),
+            "baseline": float(cc[m].mean())}
+    counted = sum(v["n"] for v in per_group.values())
+    if counted != y.shape[0]:
+        raise AssertionError(f"accounting: {counted} cases in groups, {y.shape[0]} tested")
+    correct = {"general": ca, "routed": cb, "baseline": cc}
+    extra: dict = {}
+    if nearest is not None:
+        correct["routed_nearest"] = nearest == y
+        extra = {"routed_nearest_accuracy": float(correct["routed_nearest"].mean()),
+                 "mcnemar_general_vs_routed_nearest": mcnemar(ca, correct["routed_nearest"])}
+    ci = bootstrap_ci(correct, n_boot, seed,
+                      pairs=(("routed", "general"), ("routed", "baseline")))
+    if nearest is not None:
+        extra["routed_nearest_ci"] = ci["routed_nearest"]
+    return {
+        **extra,
+        "n_test": int(y.shape[0]), "n_routed": int((routes >= 0).sum()),
+        "general_accuracy": float(ca.mean()), "routed_accuracy": float(cb.mean()),
+        "baseline_accuracy": float(cc.mean()),
+        "general_ci": ci["general"], "routed_ci": ci["routed"], "baseline_ci": ci["baseline"],
+        "routed_minus_general_ci": ci["routed-general"],
+        "routed_minus_baseline_ci": ci["routed-baseline"],
+        "mcnemar_general_vs_routed": mcnemar(ca, cb),
+        "mcnemar_baseline_vs_routed": mcnemar(cc, cb),
+        "groups": per_group, "bootstrap": {"resamples": n_boot, "level": 0.95, "seed": seed},
+    }
+
+
+def _fit_result(run: Path, fit: str, k: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    d = rundir.fit_dir(run, fit, k)
+    res = json.loads((d / "result.json").read_text())
+    return res, np.load(d / "centers.npy"), np.load(d / "labels.npy")
+
+
+def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData,
+                   quiet: bool = False) -> dict:
+    """Train the specialists and the baseline, route, evaluate; returns experiment.json."""
+    t0 = time.perf_counter()
+    fit = job.fit(exp.fit)
+    res, centres, labels = _fit_result(run, exp.fit, exp.k)
+    reliable = res.get("reliable_cluster")
+    clf = job.classifier or ClassifierSpec()
+    sp = exp.specialist
+    n_train = clf.rows or cases.images["train"].shape[0]
+    x_tr, y_tr = cases.images["train"][:n_train], cases.labels["train"][:n_train]
+    p_tr = cases.probs["train"][:n_train]
+    rng = np.random.default_rng(exp.seed)
+    p_te, y_te, x_te = cases.probs["test"], cases.labels["test"], cases.images["test"]
+    general = np.argmax(p_te, axis=1)
+    routes = route(p_te, centres, reliable, fit.cases.zero_out, fit.cases.power)
+    routes_nearest = route(p_te, centres, reliable, fit.cases.zero_out, fit.cases.power,
+                           include_reliable=True)
+    routed, nearest = general.copy(), general.copy()
+    prior = np.log(np.bincount(y_tr, minlength=10) + 1.0)
+    clusters, budget = [], 0
+    for j in range(exp.k):
+        if j == reliable:
+            continue
+        members = np.flatnonzero(labels == j)
+        if members.size == 0:  # cannot happen for a finished fit; keep the general answer
+            continue
+        classes = class_set(y_tr[members], p_tr[members], sp.class_share)
+        inside = np.isin(y_tr, classes)
+        rest = np.flatnonzero(~inside)
+        idx = np.concatenate([np.flatnonzero(inside), np.repeat(members, sp.member_weight),
+                              rest[rng.random(rest.size) < sp.others]])
+        net, hist = train(x_tr[idx], y_tr[idx], clf, init=cases.network,
+                          examples=sp.epochs * idx.shape[0], learning_rate=sp.learning_rate,
+                          seed=exp.seed + 1 + j)
+        budget += hist["examples"]
+        # label-shift correction: the neighbourhood over-represents the cluster's classes, so
+        # its class frequencies are traded back for the training set's before the argmax
+        shift = prior - np.log(np.bincount(y_tr[idx], minlength=10) + 1.0)
+        m, mn = routes == j, routes_nearest == j
+        if m.any():
+            routed[m] = np.argmax(net.logits(x_te[m]) + shift, axis=1)
+        if mn.any():
+            nearest[mn] = np.argmax(net.logits(x_te[mn]) + shift, axis=1)
+        clusters.append({"cluster": j, "train_cases": int(members.size), "classes": classes,
+                         "neighbourhood": int(idx.shape[0]), "examples": hist["examples"],
+                         "seconds": hist["seconds"], "test_routed": int(m.sum())})
+        _say(f"  experiment {exp.fit}: specialist {j} on classes {classes}: "
+             f"{members.size} cases, neighbourhood {idx.shape[0]}, {m.sum()} test cases "
+             f"routed ({hist['seconds']:.1f} s)", quiet)
+    base_net, base_hist = train(x_tr, y_tr, clf, init=cases.network, examples=max(budget, 1),
+                                learning_rate=sp.learning_rate, seed=exp.seed)
+    baseline = np.argmax(base_net.logits(x_te), axis=1)
+    out = evaluate(y_te, general, routed, baseline, routes, exp.bootstrap, exp.seed,
+                   nearest=nearest)
+    out["n_low_confidence"] = int((p_te.max(axis=1) < fit.cases.zero_out).sum())
+    out["n_routed_nearest"] = int((routes_nearest >= 0).sum())
+    out.update({
+        "fit": exp.fit, "k": exp.k, "algorithm": fit.algorithm, "threshold": fit.cases.zero_out,
+        "power": fit.cases.power, "reliable_cluster": reliable, "specialists": clusters,
+        "specialist_settings": vars(sp).copy(),
+        "baseline": {"kind": "general network trained longer (same examples as all "
+                             "specialists together)", "examples": base_hist["examples"],
+                     "seconds": base_hist["seconds"]},
+        "extra_examples": budget, "seconds": time.perf_counter() - t0,
+    })
+    d = run / "experiments" / exp.fit
+    d.mkdir(parents=True, exist_ok=True)
+    np.savez(d / "predictions.npz", y=y_te, general=general, routed=routed, baseline=baseline,
+             route=routes, top=p_te.max(axis=1), routed_nearest=nearest,
+             route_nearest=routes_nearest)
+    rundir.write_json(d / "experiment.json", out)
+    _say(f"  experiment {exp.fit}: general {out['general_accuracy']:.2%}, routed "
+         f"{out['routed_accuracy']:.2%}, baseline {out['baseline_accuracy']:.2%} "
+         f"({out['n_routed']} routed; McNemar p {out['mcnemar_general_vs_routed']['p_value']:.3g}"
+         f" / {out['mcnemar_baseline_vs_routed']['p_value']:.3g})", quiet)
+    return out
+
+
+SUMMARY_KEYS = ("general_accuracy", "routed_accuracy", "baseline_accuracy", "general_ci",
+                "routed_ci", "baseline_ci", "routed_minus_general_ci",
+                "routed_minus_baseline_ci", "n_test", "n_routed", "k", "threshold",
+                "routed_nearest_accuracy", "routed_nearest_ci", "n_routed_nearest")
+
+
+def run_experiments(run: Path, job: JobSpec, cases: CaseData, quiet: bool = False) -> dict:
+    """Every experiment of the job (finished ones of an interrupted run are kept); writes
+    ``experiment.json`` = the first experiment's numbers + all of them under ``experiments``."""
+    done: dict[str, dict] = {}
+    for exp in job.experiments:
+        path = run / "experiments" / exp.fit / "experiment.json"
+        if path.is_file():
+            _say(f"  experiment {exp.fit}: already done in this partial run", quiet)
+            done[exp.fit] = json.loads(path.read_text())
+        else:
+            done[exp.fit] = run_experiment(run, job, exp, cases, quiet)
+    first = done[job.experiments[0].fit]
+    rundir.write_json(run / "experiment.json",
+                      {**first, "headline_fit": job.experiments[0].fit, "experiments": done})
+    return {f: {k: e[k] for k in SUMMARY_KEYS} | {
+        "p_general_vs_routed": e["mcnemar_general_vs_routed"]["p_value"],
+        "p_baseline_vs_routed": e["mcnemar_baseline_vs_routed"]["p_value"]}
+        for f, e in done.items()}

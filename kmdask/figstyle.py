@@ -1,0 +1,214 @@
+"""The look shared by every figure: the original's palette and text colour, the dark chart
+theme, and the helpers that read a run directory for a figure (matplotlib Agg only, no pyplot).
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # harmless when already set; the report never opens a window
+
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from kmdask.errors import DataError  # noqa: E402
+from kmdask.rundir import Run  # noqa: E402
+
+# -- the original's look ----------------------------------------------------------------------
+PALETTE = [(255, 0, 0), (128, 192, 0), (64, 0, 255), (161, 195, 255), (0, 255, 0),
+           (255, 0, 255), (75, 0, 130), (0, 128, 128), (128, 128, 0), (255, 255, 0)]
+TEXT = (205, 199, 168)
+TINT = np.array([255.0, 180.0, 0.0])  # a pixel of grey level v is drawn as (255v, 180v, 0)
+SIDE = 28  # MNIST images are 28 x 28
+
+DPI = 128  # a power of two: figure sizes in inches are exact, so the canvas lands 1:1 in the PNG
+SAMPLE_SCALE = 4  # screen pixels per image pixel for the sample images
+MEAN_SCALE = 16  # ... and for the mean images
+PER_ROW = 5  # sample images per row in a cluster's column
+GAP = 6  # between sample images
+COL_GAP = 56  # between cluster columns
+PANEL_GAP = 140  # between the panels of a multi-fit figure
+MARGIN = 60
+GUTTER = 300  # left column holding the row labels
+BOX_W, BOX_H = 45 * 6, 20 * 6  # the count box: the original's 45 x 20, scaled
+TITLE_PX = 84  # text heights (px)
+HEADER_PX = 54
+LINE = 68  # header line height (px)
+SEPARATOR = (70, 68, 60)
+
+# -- charts ------------------------------------------------------------------------------------
+CHART_DPI = 150
+FIT_COLOURS = ["#ffb400", "#3fc1ff", "#ff5c8a", "#9be564", "#c792ea", "#ff8c42", "#6be3d1",
+               "#f4f1bb", "#e06cff", "#b0b0b0"]
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+TEXT_HEX = _hex(TEXT)
+DARK = {
+    "figure.facecolor": "#000000", "savefig.facecolor": "#000000",
+    "axes.facecolor": "#0b0b0b", "axes.edgecolor": "#6d6a5c", "axes.labelcolor": TEXT_HEX,
+    "axes.titlecolor": TEXT_HEX, "axes.grid": True, "grid.color": "#2c2b27",
+    "grid.linewidth": 0.8, "xtick.color": TEXT_HEX, "ytick.color": TEXT_HEX,
+    "text.color": TEXT_HEX, "legend.facecolor": "#111111", "legend.edgecolor": "#444444",
+    "legend.labelcolor": TEXT_HEX, "font.size": 11, "axes.titlesize": 12,
+    "axes.prop_cycle": matplotlib.cycler(color=FIT_COLOURS),
+}
+
+
+@dataclass
+class MeanTile:
+    """Where one cluster's mean image sits on a clusters canvas, and the 28x28 RGB drawn."""
+
+    fit: str
+    k: int
+    cluster: int
+    y: int
+    x: int
+    scale: int
+    rgb: np.ndarray  # (28, 28, 3) uint8
+
+
+@dataclass
+class Drawn:
+    """One PNG written: its file, a short caption, and (clusters) the canvas drawn."""
+
+    path: Path
+    caption: str = ""
+    canvas: np.ndarray | None = None
+    means: list[MeanTile] = field(default_factory=list)
+
+
+def cluster_colour(j: int) -> tuple[int, int, int]:
+    """The original's palette by cluster index; beyond 10, hues spaced by the golden angle."""
+    if j < len(PALETTE):
+        return PALETTE[j]
+    h = (0.13 + (j - len(PALETTE)) * 0.618034) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.7, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def tinted(values: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Grey levels in [0, 1] -> uint8 RGB (255v, 180v, 0); pixels <= threshold drawn black."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    if threshold is not None:
+        v = np.where(v > threshold, v, 0.0)
+    return np.rint(v[..., None] * TINT).astype(np.uint8)
+
+
+def mean_image_rgb(center: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """The (28, 28, 3) uint8 image drawn for a cluster mean (pixel scale [0, 1])."""
+    return tinted(np.asarray(center).reshape(SIDE, SIDE), threshold)
+
+
+def sample_image_rgb(image: np.ndarray) -> np.ndarray:
+    """The (28, 28, 3) uint8 image drawn for one uint8 data row, full grey levels."""
+    v = np.asarray(image).reshape(SIDE, SIDE).astype(np.float32) / np.float32(255)
+    return tinted(v)
+
+
+def _upscale(rgb: np.ndarray, s: int) -> np.ndarray:
+    return rgb.repeat(s, axis=0).repeat(s, axis=1)
+
+
+def _pt(px: float) -> float:
+    """A font size given in canvas pixels, in points at DPI."""
+    return px * 72.0 / DPI
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, facecolor=fig.get_facecolor())
+
+
+def _algorithm_title(alg: str, dataset: str) -> str:
+    name = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}.get(dataset, dataset)
+    if alg == "mccaffrey":
+        return f"McCaffrey K-Means++ on {name}"
+    return f"kmdask K-Means++ (k-means||) on {name}"
+
+
+def _fit_info(run: Run, fit: str) -> dict:
+    info = run.manifest["fits"].get(fit)
+    if info is None:
+        raise DataError(f"{run.path}: run has no fit named {fit!r}")
+    return info
+
+
+def _ks(run: Run, fit: str) -> list[int]:
+    return sorted(int(k) for k in _fit_info(run, fit)["results"])
+
+
+def _labels(run: Run, fit: str, k: int) -> np.ndarray:
+    rows = int(_fit_info(run, fit)["rows"])
+    labels = run.model(fit, k).labels
+    if labels.shape != (rows,):
+        raise DataError(f"{run.path}: fits/{fit}/k{k}/labels.npy holds {labels.shape[0]} labels "
+                        f"for a {rows}-row fit (damaged run)")
+    return labels
+
+
+def _truth(run: Run, rows: int) -> np.ndarray:
+    t = run.true_labels
+    if t.shape[0] < rows:
+        raise DataError(f"{run.path}: data/true_labels.npy holds {t.shape[0]} labels, the fits "
+                        f"need {rows} (damaged run)")
+    return t[:rows]
+
+
+def composition(labels: np.ndarray, truth: np.ndarray, k: int, classes: int = 10
+                ) -> np.ndarray:
+    """(k, classes) counts: rows of cluster j whose true class is c."""
+    flat = labels.astype(np.int64) * classes + truth.astype(np.int64)
+    return np.bincount(flat, minlength=k * classes)[: k * classes].reshape(k, classes)
+
+
+def fit_label(run: Run, fit: str) -> str:
+    i = _fit_info(run, fit)
+    return (f"{fit} ({i['algorithm']}, {i['iterations']} it \u00d7 {i['trials']} trials, "
+            f"{i['rows']} rows)")
+
+
+
+
+def text_width(text: str, px: float, bold: bool = False) -> float:
+    """Width in canvas pixels of ``text`` drawn at ``px`` pixels (DejaVu Sans)."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    fp = FontProperties(family="DejaVu Sans", size=_pt(px), weight="bold" if bold else "normal")
+    return RendererAgg(8, 8, DPI).get_text_width_height_descent(text, fp, ismath=False)[0]
+
+
+# =============================================================================================
+# charts: ordinary matplotlib axes in a dark theme matching the canvas figures
+
+
+def _chart(width_in: float, height_in: float) -> Figure:
+    return Figure(figsize=(width_in, height_in), dpi=CHART_DPI, layout="constrained")
+
+
+def _style():
+    return matplotlib.rc_context(DARK)
+
+
+def _fit_colour(i: int) -> str:
+    return FIT_COLOURS[i % len(FIT_COLOURS)]
+
+
+ALG_COLOURS = {"mccaffrey": FIT_COLOURS[0], "scalable": FIT_COLOURS[1]}
+
+
+def _colours(run: Run, fits) -> list[str]:
+    """A line colour per fit: by algorithm when each fit has its own, else by position."""
+    algs = [_fit_info(run, f)["algorithm"] for f in fits]
+    if len(set(algs)) == len(algs):
+        return [ALG_COLOURS.get(a, _fit_colour(i + 2)) for i, a in enumerate(algs)]
+    return [_fit_colour(i) for i in range(len(fits))]
