@@ -263,9 +263,13 @@ def draw_timing(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
             labels.append(f"{n}\n{kdesc}, {i['rows']} rows,\n{i['iterations']} it \u00d7 "
                           f"{i['trials']} trials")
         yt = len(names) + 0.4
-        parts = [("run: connect", connect, "#8a877a"), ("run: all fits", all_fits, "#5a5848"),
-                 ("run: other (data, writing)", max(total - connect - all_fits, 0.0),
-                  "#2f2e29")]
+        parts = [("run: connect", connect, "#8a877a"), ("run: all fits", all_fits, "#5a5848")]
+        for key, label, colour in (("classifier_and_cases", "run: classifier + case vectors",
+                                    "#7a5c2e"), ("experiments", "run: experiments", "#2e5c7a")):
+            if t.get(key):  # error-case jobs
+                parts.append((label, float(t[key]), colour))
+        parts.append(("run: other (data, writing)",
+                      max(total - sum(p[1] for p in parts), 0.0), "#2f2e29"))
         left = 0.0
         for label, v, c in parts:
             ax.barh(yt, v, left=left, color=c, height=0.65, label=label)

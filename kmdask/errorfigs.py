@@ -157,7 +157,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
         ax = f.add_axes(((xc + 95) / width, 1 - (y_bars + BAR_H - 60) / height,
                          (col_w - 105) / width, (BAR_H - 80) / height))
         _bars(ax, centers[j], lo, hi, vlabel if pos == 0 else None,
-              "mean \u2248 0\n(zeroed cases)" if j == reliable and
+              "mean \u2248 0\n(holds the zeroed cases)" if j == reliable and
               np.abs(centers[j]).max() < 0.01 * max(hi - lo, 1e-12) else None)
         for si, img in enumerate(samples[pos]):
             r, c = divmod(si, PER_ROW)
@@ -349,15 +349,22 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                          fontsize=10)
             width = 0.26
             x = np.arange(len(groups))
+            low = min([100 * e["groups"][g][k] for g in groups for k, _, _ in SYSTEMS] or [0])
+            floor = max(0.0, 5 * math.floor((low - 2) / 5))  # zoomed: differences visible
             for i, (key, label, col) in enumerate(SYSTEMS):
                 vals = [100 * e["groups"][g][key] for g in groups]
-                ax2.bar(x + (i - 1) * width, vals, width * 0.95, color=col, label=label)
+                ax2.bar(x + (i - 1) * width, [v - floor for v in vals], width * 0.95,
+                        bottom=floor, color=col, label=label.split(":")[0])
+                for xi, v in zip(x + (i - 1) * width, vals, strict=True):
+                    ax2.text(xi, v, f"{v:.1f}", ha="center", va="bottom",
+                             fontsize=7 if len(groups) <= 4 else 5.5)
             names = [f"cluster {g}\n"
                      f"{'/'.join(map(str, specs.get(int(g), {}).get('classes', [])))}"
                      f"\nn = {e['groups'][g]['n']}" for g in groups]
             ax2.set_xticks(x, names, fontsize=8 if len(groups) <= 6 else 7)
-            ax2.set_ylim(0, 122)  # headroom for the legend above the bars
-            ax2.set_yticks(range(0, 101, 20))
+            ax2.set_ylim(floor, 100 + (100 - floor) * 0.25)  # headroom for the legend
+            ax2.yaxis.set_major_locator(ticker.MaxNLocator(6))
+            ax2.set_yticks([t for t in ax2.get_yticks() if floor <= t <= 100])
             ax2.set_ylabel("accuracy on the test cases routed there (%)")
             ax2.set_xlabel("error cluster: the specialist's classes, test cases routed to it",
                            fontsize=9)
