@@ -93,33 +93,40 @@ def _per_iteration(fit) -> list[float]:
 
 
 def bench_per_iteration(X, Xz, xf, iters: int, reps: int) -> dict:
-    """Lloyd seconds per iteration: kmdask persisted / streamed vs scikit-learn in memory."""
+    """Lloyd seconds per iteration: kmdask persisted / streamed vs scikit-learn in memory.
+
+    The three are interleaved in every repetition and compared pair by pair (median of the
+    per-repetition ratios), so the machine's drift does not favour whichever ran first.
+    """
     from sklearn.cluster import KMeans as SKKMeans
     from threadpoolctl import threadpool_limits
 
     from kmdask.estimator import fit_models
 
     init = xf[np.random.default_rng(0).choice(xf.shape[0], 10, replace=False)].astype(np.float64)
-    res = {}
-    for name, data, persist in (("persisted", X, True), ("streamed", Xz, False)):
-        per = []
-        for _ in range(reps):
-            per += _per_iteration(lambda cb, d=data, p=persist: fit_models(
-                d, [10], init=init, max_iter=iters, tol=0.0, persist=p, progress=cb))
-        res[f"kmdask_{name}_s"] = _stat(per)
-    sk = []
-    with threadpool_limits(2):
-        for _ in range(reps):
+
+    def ours(data, persist) -> float:
+        per = _per_iteration(lambda cb: fit_models(
+            data, [10], init=init, max_iter=iters, tol=0.0, persist=persist, progress=cb))
+        return statistics.median(per)
+
+    pers, stream, sk = [], [], []
+    for _ in range(reps):
+        pers.append(ours(X, True))
+        stream.append(ours(Xz, False))
+        with threadpool_limits(2):
             t = time.perf_counter()
             m = SKKMeans(10, init=init.astype(np.float32), n_init=1, max_iter=iters,
                          tol=0.0).fit(xf)
             sk.append((time.perf_counter() - t) / m.n_iter_)
-    res["sklearn_s"] = _stat(sk)
-    res["ratio_persisted_vs_sklearn"] = (res["kmdask_persisted_s"]["median"]
-                                         / res["sklearn_s"]["median"])
-    res["ratio_streamed_vs_persisted"] = (res["kmdask_streamed_s"]["median"]
-                                          / res["kmdask_persisted_s"]["median"])
-    return res
+    return {
+        "kmdask_persisted_s": _stat(pers), "kmdask_streamed_s": _stat(stream),
+        "sklearn_s": _stat(sk),
+        "ratio_persisted_vs_sklearn": statistics.median(p / q for p, q in zip(pers, sk,
+                                                                              strict=True)),
+        "ratio_streamed_vs_persisted": statistics.median(p / q for p, q in zip(stream, pers,
+                                                                               strict=True)),
+    }
 
 
 def bench_n_init(X, xf, reps: int) -> dict:
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             Client(cluster) as client:
         X = da.from_array(x8, chunks=Xz.chunks)
         steps = [
-            ("per_iteration", lambda: bench_per_iteration(X, Xz, xf, 30, args.reps)),
+            ("per_iteration", lambda: bench_per_iteration(X, Xz, xf, 30, 2 * args.reps)),
             ("sweep", lambda: bench_sweep(X, 10, args.reps)),
             ("end_to_end", lambda: bench_end_to_end(X, xf, range(args.seeds))),
             ("n_init", lambda: bench_n_init(X, xf, args.seeds)),

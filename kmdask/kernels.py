@@ -54,6 +54,16 @@ class Chunk:
 
 
 @njit(cache=True, nogil=True)
+def _pixels_to_f32(x, divisor, out):  # pragma: no cover - compiled
+    # float32(x) / float32(divisor): bit-identical to numpy's x / np.float32(255), but 3x
+    # faster than np.divide's casting loop (it cost as much as the GEMM)
+    d = np.float32(divisor)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = np.float32(x[i, j]) / d
+
+
+@njit(cache=True, nogil=True)
 def _row_sq_norms_u8(x, out):  # pragma: no cover - compiled
     # exact integer sum of squares per row (SIMD-friendly), scaled once: (sum x^2) / 255^2
     for i in range(x.shape[0]):
@@ -189,17 +199,20 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     # Buffers reused across blocks: fresh multi-MB temporaries page-fault on every block in
     # dask workers (the nanny sets a low MALLOC_TRIM_THRESHOLD_), which made this 4x slower.
     rows = min(BLOCK_ROWS, n)
-    xbuf = np.empty((rows, d), dtype=cdt)
+    xbuf = np.empty((rows, d) if x.dtype != cdt else (1, 1), dtype=cdt)
     dbuf = np.empty((rows, m_total), dtype=cdt)
     div = cdt.type(chunk.divisor)
     for s in range(0, n, BLOCK_ROWS):
         xr = x[s : s + BLOCK_ROWS]
         nb = xr.shape[0]
-        xb = xbuf[:nb]
-        if chunk.divisor != 1.0:
+        if x.dtype == np.uint8:
+            xb = xbuf[:nb]
+            _pixels_to_f32(xr, chunk.divisor, xb)
+        elif chunk.divisor != 1.0:
+            xb = xbuf[:nb]
             np.divide(xr, div, out=xb)
-        else:
-            xb[...] = xr
+        else:  # float rows are used in place
+            xb = xr
         dots = np.matmul(xb, ct, out=dbuf[:nb])
         _assign_block(dots, cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
                       sums, counts, inertia, labels, mind, s, keep_rows, int_sums)
