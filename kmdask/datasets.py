@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import json
 import math
 import zlib
@@ -128,6 +129,10 @@ def digests(data: bytes) -> tuple[str, str]:
     return hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest()
 
 
+#: Largest decompressed IDX file accepted (a few times MNIST's 47 MB training images).
+MAX_IDX_BYTES = 1 << 30
+
+
 def read_idx_bytes(path: str | Path) -> bytes:
     """The decompressed bytes of an IDX file, gz (detected by its magic bytes) or raw."""
     path = Path(path)
@@ -145,7 +150,13 @@ def decompress_idx(raw: bytes, name: str | Path) -> bytes:
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
-        return gzip.decompress(raw)
+        # Read at most MAX_IDX_BYTES + 1: a tiny hostile .gz must not inflate into all memory.
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+            data = f.read(MAX_IDX_BYTES + 1)
+        if len(data) > MAX_IDX_BYTES:
+            raise DataError(f"{name}: decompresses to more than {MAX_IDX_BYTES:,} bytes; "
+                            "not an IDX file of a supported size")
+        return data
     except EOFError:
         raise DataError(f"{name}: truncated gzip stream (file ends before the end marker)") \
             from None

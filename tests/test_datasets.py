@@ -191,3 +191,13 @@ def test_store_attributes(synth, tmp_path):
     meta = json.loads((res.path / "train" / "images" / "zarr.json").read_text())
     assert meta["codecs"][1]["configuration"]["cname"] == "lz4"
     assert isinstance(meta["attributes"]["chunk_crc32"], list)
+
+
+def test_gzip_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "MAX_IDX_BYTES", 1 << 20)
+    bomb = gzip.compress(b"\0" * (4 << 20), compresslevel=9)  # 4 MiB of zeros, ~4 KB on disk
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    p.write_bytes(bomb)
+    with pytest.raises(DataError, match=r"decompresses to more than 1,048,576 bytes"):
+        datasets.read_idx_bytes(p)
+    assert len(bomb) < 10_000  # the file itself is tiny
