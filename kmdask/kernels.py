@@ -99,9 +99,23 @@ def prepare_chunk(x: np.ndarray, divisor: float, offset: int, index: int) -> Chu
     return Chunk(x=x, xnorm=xnorm, divisor=divisor, offset=offset, index=index)
 
 
+@njit(cache=True, nogil=True)
+def _col_stats_u8(x, s1, s2):  # pragma: no cover - compiled
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = np.int64(x[i, j])
+            s1[j] += v
+            s2[j] += v * v
+
+
 def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool]:
     """Row count, per-feature sum and sum of squares (scaled, float64), and all-finite flag."""
     d = chunk.x.shape[1]
+    if chunk.x.dtype == np.uint8:  # exact integer sums, no float temporaries
+        s1i = np.zeros(d, dtype=np.int64)
+        s2i = np.zeros(d, dtype=np.int64)
+        _col_stats_u8(chunk.x, s1i, s2i)
+        return chunk.x.shape[0], s1i / chunk.divisor, s2i / chunk.divisor**2, True
     s1 = np.zeros(d)
     s2 = np.zeros(d)
     finite = True

@@ -27,20 +27,45 @@ def _stack(data: ChunkedRows, cands: list[np.ndarray]):
     return np.concatenate(cands).astype(cdt), starts, stops
 
 
-def _round_chunk(chunk: kernels.Chunk, cands, starts, stops, seeds, ells, rnd: int,
-                 cap: int | None, phis=None):
-    """One k-means|| round on one chunk, for every model.
+def _update_chunk(chunk: kernels.Chunk, new, starts, stops, live, state):
+    """Fold the newest candidates into each row's nearest-candidate state.
+
+    ``state`` is None (first round) or (d2, best): per model, every row's squared distance to
+    its nearest candidate so far and that candidate's index. Only the models in ``live`` got
+    new candidates (``new``, stacked, numbered from ``offsets``); a candidate only replaces the
+    current nearest when strictly closer, so ties keep the earliest, as a full argmin would.
+    """
+    n = chunk.x.shape[0]
+    n_models = len(live[0]) if state is None else state[0].shape[0]
+    if state is None:
+        d2 = np.full((n_models, n), np.inf)
+        best = np.zeros((n_models, n), dtype=np.int32)
+    else:
+        d2, best = state[0].copy(), state[1].copy()
+    models, offsets = live
+    if len(models):
+        a = kernels.assign(chunk, new, starts, stops, kernels.MODE_ASSIGN)
+        for j, (m, off) in enumerate(zip(models, offsets, strict=True)):
+            closer = a.mind[j] < d2[m]
+            d2[m] = np.where(closer, a.mind[j], d2[m])
+            best[m] = np.where(closer, a.labels[j] + off, best[m])
+    return d2, best
+
+
+def _round_chunk(chunk: kernels.Chunk, new, starts, stops, live, seeds, ells, rnd: int,
+                 cap: int | None, state, phis=None):
+    """One k-means|| round on one chunk, for every model; returns (per-model picks, state).
 
     A row is sampled with probability min(1, l·d²/phi), i.e. when t = l·d²/u > phi with u
     uniform. The global phi is not known yet, but phi >= this chunk's share, so rows with
     t > (chunk's share) are a superset of the rows finally kept: return those (largest t first,
     at most ``cap``) and let the client apply the global threshold.
     """
-    a = kernels.assign(chunk, cands, starts, stops, kernels.MODE_ASSIGN)
+    state = _update_chunk(chunk, new, starts, stops, live, state)
     out = []
     n = chunk.x.shape[0]
-    for m in range(starts.shape[0]):
-        d2 = a.mind[m]
+    for m in range(state[0].shape[0]):
+        d2 = state[0][m]
         phi_c = float(d2.sum())
         u = keyed_rng(int(seeds[m]), _ROUND, rnd, chunk.index).random(n)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -53,11 +78,26 @@ def _round_chunk(chunk: kernels.Chunk, cands, starts, stops, seeds, ells, rnd: i
             truncated = float(t[idx[keep[-1]]])
             idx = np.sort(idx[keep])
         out.append((phi_c, t[idx], idx + chunk.offset, chunk.x[idx], truncated))
-    return out
+    return out, state
 
 
-def _count_chunk(chunk: kernels.Chunk, cands, starts, stops):
-    return kernels.assign(chunk, cands, starts, stops, kernels.MODE_COUNTS, keep_rows=False).counts
+def _count_chunk(chunk: kernels.Chunk, new, starts, stops, live, state, n_cands):
+    """Candidate weights: rows nearest to each candidate (after the last round's picks)."""
+    _, best = _update_chunk(chunk, new, starts, stops, live, state)
+    return [np.bincount(best[m], minlength=n_cands[m]) for m in range(best.shape[0])]
+
+
+def _new_block(data: ChunkedRows, cands: list[np.ndarray], seen: list[int]):
+    """Stack the candidates each model gained since ``seen``: (matrix, starts, stops, live)."""
+    models = [m for m in range(len(cands)) if cands[m].shape[0] > seen[m]]
+    blocks = [cands[m][seen[m]:] for m in models]
+    cdt = kernels.compute_dtype(data.dtype)
+    if not blocks:
+        return np.zeros((0, data.shape[1]), cdt), np.zeros(0, np.int64), np.zeros(0, np.int64), \
+            (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    starts, stops = kernels.stack_bounds([b.shape[0] for b in blocks])
+    live = (np.array(models, dtype=np.int64), np.array([seen[m] for m in models], np.int64))
+    return np.concatenate(blocks).astype(cdt), starts, stops, live
 
 
 def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampling: float = 2.0,
@@ -66,7 +106,8 @@ def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampli
 
     1. first centre: a row drawn uniformly with the model's seed;
     2. ``rounds`` passes, each sampling every row independently with probability
-       min(1, l·d²(x)/phi), l = oversampling·k;
+       min(1, l·d²(x)/phi), l = oversampling·k; a pass computes distances to the candidates
+       added by the previous round only, and carries every row's nearest distance forward;
     3. one pass weighting every candidate by the number of rows nearest to it;
     4. weighted k-means++ and weighted Lloyd steps on the candidates, on the client.
     """
@@ -77,18 +118,25 @@ def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampli
     first_rows = data.rows(np.array(first))
     cands = [_scaled(data, first_rows[i : i + 1]) for i in range(len(models))]
     cand_idx = [[first[i]] for i in range(len(models))]
+    seen = [0] * len(models)
+    states: list = [None] * data.n_chunks
     for rnd in range(1, rounds + 1):
-        c, starts, stops = _stack(data, cands)
+        new, starts, stops, live = _new_block(data, cands, seen)
+        seen = [c.shape[0] for c in cands]
         cap = int(4 * ells.max() + 64)
-        parts = data.map(_round_chunk, c, starts, stops, seeds, ells, rnd, cap)
+        got = data.map(_round_chunk, new, starts, stops, live, seeds, ells, rnd, cap,
+                       per_chunk=[(st,) for st in states])
+        parts = [g[0] for g in got]
         phis = np.array([sum(p[m][0] for p in parts) for m in range(len(models))])
         redo = [i for i, p in enumerate(parts)
                 if any(p[m][4] is not None and p[m][4] > phis[m] for m in range(len(models)))]
         if redo:  # a chunk returned too few rows: select again with the global phi known
             again = data._map_some(_round_chunk, redo,
-                                   [(c, starts, stops, seeds, ells, rnd, None, phis)] * len(redo))
-            for i, p in zip(redo, again, strict=True):
-                parts[i] = p
+                                   [(new, starts, stops, live, seeds, ells, rnd, None,
+                                     states[i], phis) for i in redo])
+            for i, g in zip(redo, again, strict=True):
+                parts[i] = g[0]
+        states = [g[1] for g in got]
         for m in range(len(models)):
             if phis[m] <= 0.0:
                 continue
@@ -105,11 +153,13 @@ def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampli
             extra = keyed_rng(int(seed), _PAD).choice(pool, k - len(cand_idx[m]), replace=False)
             cands[m] = np.vstack([cands[m], _scaled(data, data.rows(np.sort(extra)))])
             cand_idx[m].extend(int(e) for e in np.sort(extra))
-    c, starts, stops = _stack(data, cands)
-    counts = np.sum(data.map(_count_chunk, c, starts, stops), axis=0)
+    new, starts, stops, live = _new_block(data, cands, seen)
+    n_cands = [c.shape[0] for c in cands]
+    per = data.map(_count_chunk, new, starts, stops, live, per_chunk=[(st, n_cands)
+                                                                      for st in states])
     centres = []
     for m, (k, seed) in enumerate(models):
-        w = counts[starts[m] : stops[m]].astype(np.float64)
+        w = np.sum([p[m] for p in per], axis=0).astype(np.float64)
         pts = cands[m]
         if (w > 0).sum() >= k:  # candidates nobody is nearest to carry no information
             pts, w = pts[w > 0], w[w > 0]
