@@ -20,13 +20,13 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from slurmutil import ensure_slurm
 
 from kmdask.cluster import connect, merged_dask_config
 from kmdask.config import deep_merge, load_profile
 from kmdask.errors import ConfigError, KmdaskError
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM_SH = REPO / "tests" / "slurm" / "slurm.sh"
 
 
 def _profile(name: str, **changes) -> dict:
@@ -272,19 +272,6 @@ def test_tls_address_profile_with_require_encryption(tls_certs, tmp_path):
 
 # ------------------------------------------------------------------------------------------
 # SLURM and PBS (dask-jobqueue) against the real single-node cluster
-
-
-def ensure_slurm(exe: str) -> None:
-    """Skip where ``exe`` is absent; otherwise make sure the test cluster answers (starting it
-    with tests/slurm/slurm.sh when this process may), and fail loudly when it cannot."""
-    if shutil.which(exe) is None:
-        pytest.skip(f"{exe} not on PATH: install slurmctld slurmd slurm-client munge "
-                    "slurm-wlm-torque and run tests/slurm/slurm.sh start")
-    ok = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc", "comp")):
-        return
-    res = subprocess.run([str(SLURM_SH), "start"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, f"SLURM test cluster did not start: {res.stderr.strip()}"
 
 
 def _jobs_named(name: str) -> list[str]:

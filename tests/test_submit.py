@@ -4,34 +4,20 @@ slurm-wlm-torque's qsub. Skips only where sbatch/qsub is absent."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from slurmutil import ensure_slurm
 
 from kmdask.config import load_profile
 from kmdask.errors import ConfigError, KmdaskError
 from kmdask.submit import submit_job, submit_script, wait_for_job, write_batch_script
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM_SH = REPO / "tests" / "slurm" / "slurm.sh"
 EXE = {"slurm": "sbatch", "pbs": "qsub"}
-
-
-def ensure_slurm(exe: str) -> None:
-    """Skip where ``exe`` is absent; otherwise make sure the test cluster answers (starting it
-    with tests/slurm/slurm.sh when this process may), and fail loudly when it cannot."""
-    if shutil.which(exe) is None:
-        pytest.skip(f"{exe} not on PATH: install slurmctld slurmd slurm-client munge "
-                    "slurm-wlm-torque and run tests/slurm/slurm.sh start")
-    ok = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc", "comp")):
-        return
-    res = subprocess.run([str(SLURM_SH), "start"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, f"SLURM test cluster did not start: {res.stderr.strip()}"
 
 
 def _profile(kind: str, **submit) -> dict:

@@ -1,0 +1,24 @@
+"""The real single-node SLURM the cluster and submit tests run against."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SLURM_SH = Path(__file__).resolve().parent / "slurm" / "slurm.sh"
+
+
+def ensure_slurm(exe: str) -> None:
+    """Skip where ``exe`` is absent; otherwise make sure the test cluster answers (starting it
+    with tests/slurm/slurm.sh when this process may), and fail loudly when it cannot."""
+    if shutil.which(exe) is None:
+        pytest.skip(f"{exe} not on PATH: install slurmctld slurmd slurm-client munge "
+                    "slurm-wlm-torque and run tests/slurm/slurm.sh start")
+    ok = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if ok.returncode == 0 and any(s in ok.stdout for s in ("idle", "mix", "alloc", "comp")):
+        return
+    res = subprocess.run([str(SLURM_SH), "start"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"SLURM test cluster did not start: {res.stderr.strip()}"
