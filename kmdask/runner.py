@@ -314,11 +314,10 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
                     else:
                         fits[f.name] = _run_fit(partial, f, images[:rows], truth_all[:rows],
                                                 client, quiet)
-                except KmdaskError:
-                    raise
-                except Exception as exc:
+                except _CLUSTER_FAILURES as exc:
                     # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is
                     # on disk, so say how to resume rather than dumping dask's traceback.
+                    # Anything else is a bug and keeps its traceback.
                     raise KmdaskError(_interrupted(job, f.name, partial, exc)) from None
         extra: dict = {}
         timings = {"connect": t_conn}
@@ -360,6 +359,25 @@ def _public_spec(raw: dict, describe) -> dict:
     if isinstance(spec.get("data"), dict) and spec["data"].get("store"):
         spec["data"]["store"] = describe(spec["data"]["store"])
     return spec
+
+
+def _cluster_failures() -> tuple[type[BaseException], ...]:
+    import asyncio
+
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+
+    kinds: list[type[BaseException]] = [KilledWorker, CommClosedError, OSError, TimeoutError,
+                                         asyncio.CancelledError]
+    try:  # the name of distributed's "your future was cancelled" error varies by version
+        from distributed.client import FutureCancelledError
+        kinds.append(FutureCancelledError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+_CLUSTER_FAILURES = _cluster_failures()
 
 
 def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:
