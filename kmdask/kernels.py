@@ -7,11 +7,17 @@ a single compiled loop does, per row and model, the argmin (ties to the lowest i
 squared distance, and the per-cluster count and sum. Sums are accumulated in float64 from the
 *raw* chunk values: for uint8 images they are exact integers, so centres do not depend on the
 order of accumulation.
+
+For uint8 rows the labels are *canonical*: the float32 GEMM decides a row only when the gap to
+the runner-up exceeds a proven bound on its rounding error; near ties are re-decided with
+sequential float64 distances. Labels therefore do not depend on how the GEMM was blocked, which
+rows shared it, or which other models rode along, so a pass that skips rows by distance bounds
+(:mod:`kmdask.pruned`) gives the very same labels as a full pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -44,13 +50,27 @@ def to_compute(x: np.ndarray, divisor: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A chunk of rows ready for the kernels: raw values plus cached squared row norms."""
+    """A chunk of rows ready for the kernels: raw values plus cached squared row norms.
+
+    ``cache`` holds values derived from this chunk between passes (e.g. the distance bounds of
+    :mod:`kmdask.pruned`); it travels with the chunk and is simply empty for a fresh one."""
 
     x: np.ndarray  # (n, d) raw dtype (uint8/float32/float64)
     xnorm: np.ndarray  # (n,) float64, of the scaled values
     divisor: float
     offset: int  # global index of the first row
     index: int  # chunk number
+    xsq: np.ndarray | None = None  # (n,) int64 raw squared norms of uint8 rows
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        # a chunk sent to another worker travels without its cache: rebuilding it there costs
+        # one full pass, shipping it would cost more than the chunk itself
+        return {k: v for k, v in self.__dict__.items() if k != "cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in {**state, "cache": {}}.items():
+            object.__setattr__(self, k, v)
 
 
 @njit(cache=True, nogil=True)
@@ -64,13 +84,14 @@ def _pixels_to_f32(x, divisor, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _row_sq_norms_u8(x, out):  # pragma: no cover - compiled
+def _row_sq_norms_u8(x, out, raw):  # pragma: no cover - compiled
     # exact integer sum of squares per row (SIMD-friendly), scaled once: (sum x^2) / 255^2
     for i in range(x.shape[0]):
         acc = 0
         for j in range(x.shape[1]):
             v = np.int32(x[i, j])
             acc += v * v
+        raw[i] = acc
         out[i] = acc / 65025.0
 
 
@@ -88,15 +109,17 @@ def prepare_chunk(x: np.ndarray, divisor: float, offset: int, index: int) -> Chu
     """Cache the squared norms of a chunk's (scaled) rows; the data stays in its raw dtype."""
     x = np.ascontiguousarray(x)
     xnorm = np.empty(x.shape[0], dtype=np.float64)
+    xsq = None
     # no temporaries (see the note on buffers in assign); uint8 norms are exact
     if x.dtype == np.uint8 and divisor == 255.0:
-        _row_sq_norms_u8(x, xnorm)
+        xsq = np.empty(x.shape[0], dtype=np.int64)
+        _row_sq_norms_u8(x, xnorm, xsq)
     elif divisor == 1.0:
         _row_sq_norms_f(x, xnorm)
     else:
         xnorm[:] = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))
         xnorm /= divisor * divisor
-    return Chunk(x=x, xnorm=xnorm, divisor=divisor, offset=offset, index=index)
+    return Chunk(x=x, xnorm=xnorm, divisor=divisor, offset=offset, index=index, xsq=xsq)
 
 
 @njit(cache=True, nogil=True)
@@ -128,9 +151,85 @@ def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool]:
     return chunk.x.shape[0], s1, s2, finite
 
 
+def gemm_error_coef(d: int) -> float:
+    """Bound on |fl32(cn - 2 x.c) - (cn - 2 x.c)| per unit of ||x|| ||c||, for uint8 rows.
+
+    The float32 GEMM of ``d`` terms errs by at most gamma_d * sum|x_p c_p| in any summation
+    order (FMA and blocking included); the conversion x / 255 adds one rounding per pixel.
+    Pixels and centres are non-negative, so sum|x_p c_p| = x.c <= ||x|| ||c||.
+    """
+    u = 2.0**-24
+    if d * u >= 0.5:  # absurdly wide rows: certify nothing, decide every row exactly
+        return np.inf
+    return 2.0 * (d * u / (1.0 - d * u) + 2.0 * u) * 1.01
+
+
+def f64_slack(d: int) -> float:
+    """Bound on the float64 rounding of a squared distance of ``d`` terms (exact_argmin_u8,
+    the bounds' arithmetic), per unit of ||x||^2 + ||c||^2 + 1, with a wide margin."""
+    return 1e-14 * (d + 100)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def err_bound(xnorm, xs, r2, rs, coef, slack):  # pragma: no cover - compiled
+    # float32 GEMM error on cn_j - 2 x.c_j (see gemm_error_coef; xs = ||x||, rs = max ||c||)
+    # plus float64 slack
+    return coef * xs * rs + slack * (xnorm + r2 + 1.0)
+
+
+@njit(cache=True, nogil=True)
+def exact_argmin_u8(xrow, c255, a, b):  # pragma: no cover - compiled
+    # The canonical decision for uint8 rows whose float32 gap is within the error bound:
+    # float64 sum of (x - 255 c)^2 (255 c is exact for float32 c), in a fixed order (four
+    # interleaved partial sums, added at the end: the same on every machine), ties to the
+    # lowest index. Its rounding (relative ~1e-16 * d) is what f64_slack covers.
+    best = a
+    bestv = np.inf
+    d = xrow.shape[0]
+    d4 = d - d % 4
+    for j in range(a, b):
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        for p in range(0, d4, 4):
+            t0 = np.float64(xrow[p]) - c255[j, p]
+            t1 = np.float64(xrow[p + 1]) - c255[j, p + 1]
+            t2 = np.float64(xrow[p + 2]) - c255[j, p + 2]
+            t3 = np.float64(xrow[p + 3]) - c255[j, p + 3]
+            s0 += t0 * t0
+            s1 += t1 * t1
+            s2 += t2 * t2
+            s3 += t3 * t3
+        for p in range(d4, d):
+            t0 = np.float64(xrow[p]) - c255[j, p]
+            s0 += t0 * t0
+        acc = (s0 + s1) + (s2 + s3)
+        if acc < bestv:
+            bestv = acc
+            best = j
+    return best
+
+
+@njit(cache=True, nogil=True, inline="always")  # a call here cost 30% of the loop
+def top2(dots, i, cnorm, a, b, c0):  # pragma: no cover - compiled
+    # nearest (ties to the lowest index) and runner-up of cnorm_j - 2 dots[i, j + c0]; branch
+    # free: a data-dependent branch here mispredicts so often that it cost 5x the loop
+    best = a
+    bestv = cnorm[a] - 2.0 * dots[i, a + c0]
+    second = np.inf
+    for j in range(a + 1, b):
+        v = cnorm[j] - 2.0 * dots[i, j + c0]
+        second = min(second, max(bestv, v))
+        best = j if v < bestv else best
+        bestv = min(bestv, v)
+    return best, bestv, second
+
+
 @njit(cache=True, nogil=True)
 def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, inertia, labels, mind,
-                  row0, keep_rows, int_sums):  # pragma: no cover - compiled
+                  row0, keep_rows, int_sums, recheck, c255, r2, coef, xs, rs, slack, xsq,
+                  sq):  # pragma: no cover - compiled
     nrow = dots.shape[0]
     nmodel = starts.shape[0]
     d = x.shape[1]
@@ -138,13 +237,13 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
         for m in range(nmodel):
             a = starts[m]
             b = stops[m]
-            best = a
-            bestv = cnorm[a] - 2.0 * dots[i, a]
-            for j in range(a + 1, b):
-                v = cnorm[j] - 2.0 * dots[i, j]
-                if v < bestv:
-                    bestv = v
-                    best = j
+            best, bestv, second = top2(dots, i, cnorm, a, b, 0)
+            e = err_bound(xnorm[i], xs[row0 + i], r2[m], rs[m], coef, slack)
+            if recheck and not second - bestv > 2.0 * e:
+                # a near tie: float32 rounding could decide it either way, so decide it
+                # exactly; labels then do not depend on how the GEMM was blocked
+                best = exact_argmin_u8(x[i], c255, a, b)
+                bestv = cnorm[best] - 2.0 * dots[i, best]
             dist = xnorm[i] + bestv
             if dist < 0.0:  # rounding of the expanded form
                 dist = 0.0
@@ -158,9 +257,15 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
                 if int_sums:  # uint8 rows: exact integer sums, 16 SIMD lanes of int32
                     for f in range(d):
                         sums[best, f] += np.int32(x[i, f])
+                    sq[best] += xsq[row0 + i]
                 else:
                     for f in range(d):
                         sums[best, f] += x[i, f]
+
+
+def model_r2(cnorm: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Per model, the largest squared centre norm (for the error bound)."""
+    return np.array([cnorm[a:b].max() for a, b in zip(starts, stops, strict=True)])
 
 
 @dataclass
@@ -172,6 +277,7 @@ class Assignment:
     inertia: np.ndarray  # (n_models,) float64
     counts: np.ndarray | None  # (M,) int64
     sums: np.ndarray | None  # (M, d) raw units: exact int64 for uint8 rows, else float64
+    sq: np.ndarray | None = None  # (M,) int64: raw squared norms per cluster (uint8 rows)
 
 
 def stack_bounds(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -210,12 +316,23 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     int_sums = x.dtype == np.uint8
     sdt = (np.int32 if 255 * n < 2**31 else np.int64) if int_sums else np.float64
     sums = np.zeros((m_total, d) if mode >= MODE_SUMS else (1, 1), dtype=sdt)
+    with_sq = int_sums and mode >= MODE_SUMS and chunk.xsq is not None
+    sq = np.zeros(m_total if with_sq else 1, dtype=np.int64)
+    xsq = chunk.xsq if with_sq else np.zeros(1, dtype=np.int64)
     # Buffers reused across blocks: fresh multi-MB temporaries page-fault on every block in
     # dask workers (the nanny sets a low MALLOC_TRIM_THRESHOLD_), which made this 4x slower.
     rows = min(BLOCK_ROWS, n)
     xbuf = np.empty((rows, d) if x.dtype != cdt else (1, 1), dtype=cdt)
     dbuf = np.empty((rows, m_total), dtype=cdt)
     div = cdt.type(chunk.divisor)
+    # uint8 rows: near ties are re-decided exactly (see _assign_block)
+    recheck = x.dtype == np.uint8 and chunk.divisor == 255.0
+    c255 = c.astype(np.float64) * 255.0 if recheck else np.empty((1, 1))
+    r2 = model_r2(cnorm, starts, stops)
+    rs = np.sqrt(r2)
+    xs = np.sqrt(chunk.xnorm)
+    coef = gemm_error_coef(d)
+    slack = f64_slack(d)
     for s in range(0, n, BLOCK_ROWS):
         xr = x[s : s + BLOCK_ROWS]
         nb = xr.shape[0]
@@ -229,7 +346,8 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
             xb = xr
         dots = np.matmul(xb, ct, out=dbuf[:nb])
         _assign_block(dots, cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
-                      sums, counts, inertia, labels, mind, s, keep_rows, int_sums)
+                      sums, counts, inertia, labels, mind, s, keep_rows, int_sums, recheck, c255,
+                      r2, coef, xs, rs, slack, xsq, sq)
     return Assignment(
         labels=labels if keep_rows else None,
         mind=mind if keep_rows else None,
@@ -237,6 +355,7 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
         counts=counts if mode >= MODE_COUNTS else None,
         # widened so that adding many chunks' sums on the client cannot overflow
         sums=(sums.astype(np.int64) if int_sums else sums) if mode >= MODE_SUMS else None,
+        sq=sq if with_sq else None,
     )
 
 
