@@ -68,10 +68,13 @@ class ChunkedRows:
         self.row_chunks = X.chunks[0]
         self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(int)
         self._blocks = list(X.to_delayed().ravel())
-        need = X.nbytes + 8 * X.shape[0]
+        need = X.nbytes + 16 * X.shape[0]  # rows, their norms
+        budget = memory_budget() if persist in ("auto", True) else 0
         if persist == "auto":
-            persist = need <= memory_budget()
+            persist = need <= budget
         self.persisted = bool(persist)
+        # what persisted data leaves of the budget, for derived per-row values (e.g. bounds)
+        self.spare_bytes = max(budget - need, 0) if self.persisted else 0
         self.passes = 0
         self._client = _current_client()
         self._groups: dict[tuple[str, int], list[int]] = {}

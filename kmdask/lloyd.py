@@ -5,18 +5,28 @@ per-cluster counts and (raw-unit) sums and the inertia; the client adds the chun
 chunk order and updates the centres. Convergence follows scikit-learn: a model stops when the
 squared centre shift is <= tol (an unchanged labelling gives a zero shift). A final pass assigns
 every row to the final centres, so labels match centres and inertia is exact for them.
+
+uint8 rows (images) go through :mod:`kmdask.pruned`: persisted chunks keep their rows' labels,
+integer sums and, once labels settle, distance bounds between passes, so a pass moves only the
+rows that changed cluster and computes only the distances the bounds cannot rule out. Results
+are bit-identical with or without that state (streamed chunks, recomputed chunks and resumed
+fits have none); the inertia of a pass is computed from the exact integer sums.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from kmdask import kernels
+from kmdask import kernels, pruned
 from kmdask.chunked import ChunkedRows
+
+_BOUNDS = "pruned.bounds"  # key of a chunk's labels and distance bounds in its cache
+USE_BOUNDS = True  # distance bounds (off: same results, every pass a GEMM pass; for tests)
 
 
 @dataclass
@@ -51,8 +61,22 @@ def _stack(states: list[ModelState], dtype: np.dtype):
 
 
 def _lloyd_chunk(chunk: kernels.Chunk, c, starts, stops):
+    """Float rows: every distance, float64 sums, per-row inertia."""
     a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False)
-    return a.sums, a.counts, a.inertia
+    return a.sums, a.counts, a.inertia, a.counts.size * chunk.x.shape[0]
+
+
+def _lloyd_chunk_u8(chunk: kernels.Chunk, c, starts, stops, ids, keep, bounds):
+    """uint8 rows: exact integer sums. Persisted chunks keep labels (and bounds) between passes
+    so that later passes do less (same results either way); streamed ones use the plain
+    kernel, the one seeding uses too (one compiled kernel less in a memory-tight worker)."""
+    if not keep:
+        a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False)
+        return a.sums, a.counts, a.sq, a.counts.size * chunk.x.shape[0]
+    prev = chunk.cache.pop(_BOUNDS, None)  # taken out first: a failed pass leaves nothing stale
+    res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, keep, bounds)
+    chunk.cache[_BOUNDS] = state
+    return res.sums, res.counts, res.sq, res.computed
 
 
 def _farthest_chunk(chunk: kernels.Chunk, c, starts, stops, n_far):
@@ -63,6 +87,14 @@ def _farthest_chunk(chunk: kernels.Chunk, c, starts, stops, n_far):
         k = min(int(n_far[m]), a.mind.shape[1])
         idx = np.argsort(-a.mind[m], kind="stable")[:k]
         out.append((a.mind[m, idx], idx + chunk.offset, a.labels[m, idx], chunk.x[idx]))
+    return out
+
+
+def _add(parts: list[np.ndarray]) -> np.ndarray:
+    """Chunk results added in chunk order (deterministic)."""
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
     return out
 
 
@@ -101,21 +133,33 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int, tol: float
     """
     cdt = kernels.compute_dtype(data.dtype)
     divisor = data.divisor
+    exact = data.dtype == np.uint8 and divisor == 255.0
+    token = uuid.uuid4().hex  # model ids for the bounds kept on the workers
     it = max(s.n_iter for s in states) if states else 0
     while it < max_iter:
-        live = [s for s in states if s.active and s.n_iter < max_iter]
+        live_idx = [i for i, s in enumerate(states) if s.active and s.n_iter < max_iter]
+        live = [states[i] for i in live_idx]
         if not live:
             break
         t0 = time.perf_counter()
         c, starts, stops = _stack(live, cdt)
-        parts = data.map(_lloyd_chunk, c, starts, stops)
-        sums = parts[0][0].copy()
-        counts = parts[0][1].copy()
-        inertia = parts[0][2].copy()
-        for s_, n_, i_ in parts[1:]:
-            sums += s_
-            counts += n_
-            inertia += i_
+        if exact:
+            ids = tuple((token, i) for i in live_idx)
+            # kept next to persisted chunks only, and only as far as the memory budget has
+            # room: labels take 4 bytes per row and model, bounds 4 per row and centre more
+            labels_b = data.shape[0] * 4 * len(live)
+            keep = data.persisted and data.spare_bytes >= labels_b
+            bounds = USE_BOUNDS and data.spare_bytes >= labels_b + data.shape[0] * 4 * (
+                c.shape[0] + len(live))
+            parts = data.map(_lloyd_chunk_u8, c, starts, stops, ids, keep, bounds)
+            sums, counts, sq = (_add([p[k] for p in parts]) for k in range(3))
+            computed = sum(p[3] for p in parts)
+            # from exact integer sums: independent of chunking and of which rows were skipped
+            inertia = pruned.inertia(sums, counts, sq, c, starts, stops)
+        else:
+            parts = data.map(_lloyd_chunk, c, starts, stops)
+            sums, counts, inertia = (_add([p[k] for p in parts]) for k in range(3))
+            computed = sum(p[3] for p in parts)
         if (counts == 0).any():
             _relocate_empty(data, live, c, starts, stops, sums, counts)
         for m, st in enumerate(live):
@@ -138,11 +182,14 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int, tol: float
                 "inertia": float(min(inertia)),
                 "shift": float(max(s.shift_history[-1] for s in live)),
                 "seconds": time.perf_counter() - t0,
+                # share of the row x centre distances this pass computed (bounds skip the rest)
+                "computed": computed / (data.shape[0] * c.shape[0]),
             })
     return final_assignment(data, states)
 
 
 def _final_chunk(chunk: kernels.Chunk, c, starts, stops):
+    chunk.cache.pop(_BOUNDS, None)  # the fit is over: free the memory its passes kept
     a = kernels.assign(chunk, c, starts, stops, kernels.MODE_ASSIGN)
     return a.labels, a.inertia
 

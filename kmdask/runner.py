@@ -189,7 +189,7 @@ def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool, images=None
         def show(p: dict) -> None:
             say(f"  {fit.name} it {p['iteration']:3d}: {p['models']:3d} model(s), "
                 f"inertia {p['inertia']:.6g}, shift {p['shift']:.3g}, "
-                f"{p['seconds'] * 1e3:.0f} ms", quiet)
+                f"{p['seconds'] * 1e3:.0f} ms ({p['computed']:.0%} of distances)", quiet)
 
         res = fit_models(X, fit.ks, n_init=fit.trials, init=fit.init, max_iter=fit.iterations,
                          tol=fit.tol, random_state=fit.seed,

@@ -1,0 +1,349 @@
+"""Lloyd passes over uint8 rows that reuse what the previous pass left next to the chunk.
+
+Two things are kept per chunk between passes (see :func:`lloyd_pass`):
+
+- every row's label per model, with the per-cluster integer sums: a pass then moves only the
+  rows whose label changed between the sums, instead of adding every row again (which cost
+  about half as much as the distance GEMM of a 27-model sweep);
+- once labels settle, Elkan's (2003) bounds: ``upper`` >= the distance to the row's own
+  centre and, per centre, ``lower`` <= the distance to that centre. When the centres move, each
+  bound is loosened by how far its centre moved (triangle inequality); a row whose lower bounds
+  all still exceed its upper bound keeps its label without any distance computation, and
+  otherwise only the distances that a bound cannot rule out are computed.
+
+Results are identical to a pass from scratch, not merely close:
+
+- labels are *canonical* (see :mod:`kmdask.kernels`): a row is decided by float32 only when
+  the gap exceeds a proven rounding bound, and exactly otherwise; the bounds are built from the
+  float32 distances widened by that same error bound, so a skip is taken only when the exact
+  decision could not differ;
+- per-cluster sums, counts and squared norms are exact integers (uint8 pixels), so updating
+  them by the rows that changed label equals summing from scratch.
+
+The state (:class:`Bounds`) is kept by the caller next to the chunk and passed back; without it
+(streamed data, a recomputed chunk, a resumed fit) the pass simply computes every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from kmdask import kernels
+
+_BOUNDS_FROM = 0.02  # set bounds up once a pass changes at most this share of the labels
+_ELKAN_MAX = 0.25  # drop them after a bounded pass that computed more than this share
+
+
+@dataclass
+class Bounds:
+    """The state of one chunk after a pass: labels, per-cluster sums and distance bounds.
+
+    Everything refers to ``centres``; reusing it next pass gives the same results as a pass
+    from scratch (tested). Model ``m`` (id ``ids[m]``) owns ``centres[starts[m]:stops[m]]``.
+    Bounds are stored relative to ``drift``, each centre's accumulated movement since they were
+    set: the lower bound to centre j is ``lower[r, j] - drift[j]`` and the upper bound is
+    ``upper[r, m] + drift[own]``, so moving centres costs no write per row.
+    """
+
+    ids: tuple  # model ids, in stacking order
+    centres: np.ndarray  # (M, d) float32: the centres the labels and bounds refer to
+    starts: np.ndarray  # (n_models,) int64
+    stops: np.ndarray  # (n_models,) int64
+    labels: np.ndarray  # (n, n_models) int32 canonical labels (local to the model)
+    sums: np.ndarray  # (M, d) int32 or int64: raw pixel sums per label
+    counts: np.ndarray  # (M,) int64
+    sq: np.ndarray  # (M,) int64: raw squared row norms summed per label
+    upper: np.ndarray | None  # (n, n_models) float32
+    lower: np.ndarray | None  # (n, M) float32
+    drift: np.ndarray | None  # (M,) float64
+    bounded: bool  # the pass that made this state used the bounds
+    computed: float  # share of the distances that pass computed
+    changed: float  # share of the (row, model) labels that pass changed
+
+
+@dataclass
+class PassResult:
+    """A chunk's contribution to one Lloyd pass, all in raw (unscaled) integer units."""
+
+    sums: np.ndarray  # (M, d) int64
+    counts: np.ndarray  # (M,) int64
+    sq: np.ndarray  # (M,) int64
+    computed: int  # distances computed (row x centre)
+    possible: int  # rows x centres
+    changed: int  # (row, model) labels that changed (all of them on a first pass)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _f32_up(v):  # pragma: no cover - compiled
+    # float32 >= v: float32 rounding moves a value by at most 2**-24 of it (plus 2**-150
+    # for subnormals), so step out by more first
+    return np.float32(v + abs(v) * 2.0**-22 + 1e-30)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _f32_down(v):  # pragma: no cover - compiled
+    return np.float32(v - abs(v) * 2.0**-22 - 1e-30)
+
+
+@njit(cache=True, nogil=True)
+def _move(x, r, old, new, xsq, sums, counts, sq):  # pragma: no cover - compiled
+    if old >= 0:
+        for f in range(x.shape[1]):
+            sums[old, f] -= x[r, f]
+        counts[old] -= 1
+        sq[old] -= xsq[r]
+    for f in range(x.shape[1]):
+        sums[new, f] += x[r, f]
+    counts[new] += 1
+    sq[new] += xsq[r]
+
+
+@njit(cache=True, nogil=True)
+def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, c255, r2, rs, r2c, rsc, coef,
+                slack, bounds, labels, upper, lower, sums, counts, sq):  # pragma: no cover
+    # Every distance of a block from its GEMM: decide, move changed rows, set fresh bounds.
+    changed = 0
+    for i in range(dots.shape[0]):
+        r = s + i
+        if bounds:  # one flat loop over all centres (r2c, rsc: their model's r2, rs): SIMD
+            for j in range(cnorm.shape[0]):
+                e = coef * xs[r] * rsc[j] + slack * (xnorm[r] + r2c[j] + 1.0)
+                lo = xnorm[r] + cnorm[j] - 2.0 * dots[i, j] - e
+                lower[r, j] = _f32_down(np.sqrt(max(lo, 0.0)))
+        for m in range(starts.shape[0]):
+            a = starts[m]
+            b = stops[m]
+            best, bestv, second = kernels.top2(dots, i, cnorm, a, b, 0)
+            e = kernels.err_bound(xnorm[r], xs[r], r2[m], rs[m], coef, slack)
+            if not second - bestv > 2.0 * e:  # near tie: decide exactly
+                best = kernels.exact_argmin_u8(x[r], c255, a, b)
+                bestv = cnorm[best] - 2.0 * dots[i, best]
+            old = labels[r, m]
+            if old != best - a:
+                _move(x, r, a + old if old >= 0 else -1, best, xsq, sums, counts, sq)
+                labels[r, m] = best - a
+                changed += 1
+            if bounds:
+                upper[r, m] = _f32_up(np.sqrt(max(xnorm[r] + bestv + e, 0.0)))
+    return changed
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _bounded(x, xnorm, xs, xsq, c32, cnorm, c255, starts, stops, drift, r2, rs, coef, slack,
+             labels, upper, lower, sums, counts, sq, fval, js, xf):  # pragma: no cover - compiled
+    # Elkan's pass: compute only the distances that a bound cannot rule out. Returns the
+    # distances computed and the labels changed.
+    computed = 0
+    changed = 0
+    for r in range(x.shape[0]):
+        xn = xnorm[r]
+        converted = False
+        for m in range(starts.shape[0]):
+            a = starts[m]
+            b = stops[m]
+            own = a + labels[r, m]
+            tiny = slack * (xn + r2[m] + 1.0)
+            u = np.float64(upper[r, m]) + drift[own]
+            settled = True
+            for j in range(a, b):
+                lo = np.float64(lower[r, j]) - drift[j]
+                # the exact decision keeps the own label when d_j^2 - d_own^2 > its rounding
+                settled &= (j == own) | ((lo > u) & (lo * lo - u * u > tiny))
+            if settled:  # every other centre is provably farther: the label stands
+                continue
+            if not converted:  # x / 255 in float32, once per row, as the GEMM pass does
+                for p in range(x.shape[1]):
+                    xf[p] = np.float32(x[r, p]) / np.float32(255.0)
+                converted = True
+            e = kernels.err_bound(xn, xs[r], r2[m], rs[m], coef, slack)
+            # the own distance first: it tightens the upper bound
+            acc = np.float32(0.0)
+            for p in range(x.shape[1]):
+                acc += xf[p] * c32[own, p]
+            fown = cnorm[own] - 2.0 * np.float64(acc)
+            u = np.sqrt(max(xn + fown + e, 0.0))
+            nj = 0
+            for j in range(a, b):
+                fval[j] = np.inf
+                lo = np.float64(lower[r, j]) - drift[j]
+                if j != own and not ((lo > u) & (lo * lo - u * u > tiny)):
+                    js[nj] = j
+                    nj += 1
+            fval[own] = fown
+            computed += 1 + nj
+            for q in range(nj):
+                j = js[q]
+                acc = np.float32(0.0)
+                for p in range(x.shape[1]):
+                    acc += xf[p] * c32[j, p]
+                v = cnorm[j] - 2.0 * np.float64(acc)
+                fval[j] = v
+                lower[r, j] = _f32_down(np.sqrt(max(xn + v - e, 0.0)) + drift[j])
+            best = a
+            bestv = fval[a]
+            second = np.inf
+            for j in range(a + 1, b):  # nearest and runner-up among the computed
+                v = fval[j]
+                second = min(second, max(bestv, v))
+                best = j if v < bestv else best
+                bestv = min(bestv, v)
+            if not second - bestv > 2.0 * e:  # near tie among the computed: decide exactly
+                best = kernels.exact_argmin_u8(x[r], c255, a, b)
+                bestv = fval[best]
+            if best != own:
+                lower[r, own] = _f32_down(np.sqrt(max(xn + fown - e, 0.0)) + drift[own])
+                _move(x, r, own, best, xsq, sums, counts, sq)
+                labels[r, m] = best - a
+                changed += 1
+            upper[r, m] = _f32_up(np.sqrt(max(xn + bestv + e, 0.0)) - drift[best])
+    return computed, changed
+
+
+def _reuse(prev: Bounds | None, ids: tuple, starts: np.ndarray, stops: np.ndarray, n: int,
+           d: int, sdt: np.dtype) -> Bounds | None:
+    """``prev`` rearranged for the models ``ids`` (None where it cannot serve all of them)."""
+    if prev is None or prev.labels.shape[0] != n or prev.sums.dtype != sdt \
+            or prev.centres.shape[1] != d:
+        return None
+    if prev.ids == ids:
+        return prev
+    where = {i: m for m, i in enumerate(prev.ids)}
+    if not all(i in where for i in ids):
+        return None
+    sizes = stops - starts
+    old = [where[i] for i in ids]
+    if any(prev.stops[o] - prev.starts[o] != k for o, k in zip(old, sizes, strict=True)):
+        return None
+    cols = np.concatenate([np.arange(prev.starts[o], prev.stops[o]) for o in old])
+    has = prev.upper is not None
+    return Bounds(ids=ids, centres=prev.centres[cols], starts=starts, stops=stops,
+                  labels=prev.labels[:, old], sums=prev.sums[cols], counts=prev.counts[cols],
+                  sq=prev.sq[cols], upper=prev.upper[:, old] if has else None,
+                  lower=prev.lower[:, cols] if has else None,
+                  drift=prev.drift[cols] if has else None, bounded=prev.bounded,
+                  computed=prev.computed, changed=prev.changed)
+
+
+def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
+               stops: np.ndarray, ids: tuple | None = None, prev: Bounds | None = None,
+               keep: bool = True, bounds: bool = True) -> tuple[PassResult, Bounds | None]:
+    """One Lloyd assignment pass over a uint8 chunk for every model, reusing ``prev``.
+
+    Three ways, chosen from ``prev``; all give the same result:
+
+    - no state: one float32 GEMM per row block against every centre (like
+      :func:`kmdask.kernels.assign`), summing every row;
+    - labels from the previous pass: the same GEMM, but only rows whose label changed move
+      between the per-cluster sums (summing every row costs about half the GEMM). Once few
+      labels change, this pass also sets distance bounds (a square root per row and centre);
+    - bounds from the previous pass: Elkan's pass, computing only the distances the bounds
+      cannot rule out. It pays only once centres barely move: a distance computed alone costs
+      several times its share of a GEMM, so after a pass that still computed many, the bounds
+      are dropped until labels settle again.
+
+    Parameters
+    ----------
+    chunk : a uint8 :class:`kmdask.kernels.Chunk`.
+    centres : (M, d) all models' centres stacked (scaled units); used in float32.
+    starts, stops : model ``m`` owns ``centres[starts[m]:stops[m]]``.
+    ids : a hashable id per model, so that ``prev`` can be matched to the models.
+    prev : what this chunk's previous pass returned, or None. It is *consumed*: updated in
+        place, so the caller must drop its reference before the call (a failed pass then
+        leaves no half-updated state behind).
+    keep : build the state for the next pass (False when the chunk will not be seen again).
+    bounds : keep distance bounds in the state (4 bytes per row and centre); without them the
+        state holds labels and sums only and every pass is a GEMM pass.
+
+    Returns
+    -------
+    The chunk's integer sums/counts/squared norms per cluster, and the new state (or None).
+    """
+    x = chunk.x
+    if x.dtype != np.uint8:
+        raise TypeError(f"lloyd_pass takes uint8 rows, not {x.dtype}")
+    n, d = x.shape
+    nmodel = starts.shape[0]
+    ids = tuple(range(nmodel)) if ids is None else tuple(ids)
+    c = np.ascontiguousarray(centres, dtype=np.float32)
+    c64 = c.astype(np.float64)
+    c255 = c64 * 255.0
+    cnorm = np.einsum("ij,ij->i", c64, c64)
+    r2 = kernels.model_r2(cnorm, starts, stops)
+    rs = np.sqrt(r2)
+    xs = np.sqrt(chunk.xnorm)
+    coef = kernels.gemm_error_coef(d)
+    slack = kernels.f64_slack(d)
+    m_total = c.shape[0]
+    possible = n * m_total
+    sdt = np.dtype(np.int32 if 255 * n < 2**31 else np.int64)
+    state = _reuse(prev, ids, starts, stops, n, d, sdt) if keep else None
+    bounds = bounds and keep
+    if state is not None and state.upper is not None and bounds \
+            and not (state.bounded and state.computed > _ELKAN_MAX):
+        labels, sums, counts, sq = state.labels, state.sums, state.counts, state.sq
+        upper, lower = state.upper, state.lower
+        # each centre's movement, rounded up, added to what it moved before
+        delta = np.sqrt(((c64 - state.centres.astype(np.float64)) ** 2).sum(axis=1))
+        drift = state.drift + delta * (1.0 + 1e-9)
+        computed, changed = _bounded(
+            x, chunk.xnorm, xs, chunk.xsq, c, cnorm, c255, starts, stops, drift, r2, rs, coef,
+            slack, labels, upper, lower, sums, counts, sq, np.empty(m_total),
+            np.empty(m_total, dtype=np.int64),
+            np.empty(d, dtype=np.float32))
+        bounded = True
+    else:
+        if state is not None:
+            labels, sums, counts, sq = state.labels, state.sums, state.counts, state.sq
+        else:
+            labels = np.full((n, nmodel), -1, dtype=np.int32)
+            sums = np.zeros((m_total, d), dtype=sdt)
+            counts = np.zeros(m_total, dtype=np.int64)
+            sq = np.zeros(m_total, dtype=np.int64)
+        bounds = bounds and state is not None and state.changed <= _BOUNDS_FROM
+        upper = np.empty((n, nmodel) if bounds else (1, 1), dtype=np.float32)
+        lower = np.empty((n, m_total) if bounds else (1, 1), dtype=np.float32)
+        drift = np.zeros(m_total)
+        which = np.repeat(np.arange(nmodel), stops - starts)  # each centre's model
+        r2c, rsc = r2[which], rs[which]
+        ct = np.ascontiguousarray(c.T)
+        rows = min(kernels.BLOCK_ROWS, n)
+        xbuf = np.empty((rows, d), dtype=np.float32)
+        dbuf = np.empty((rows, m_total), dtype=np.float32)
+        changed = 0
+        for s in range(0, n, kernels.BLOCK_ROWS):
+            xr = x[s : s + kernels.BLOCK_ROWS]
+            nb = xr.shape[0]
+            kernels._pixels_to_f32(xr, 255.0, xbuf[:nb])
+            dots = np.matmul(xbuf[:nb], ct, out=dbuf[:nb])
+            changed += _full_block(dots, s, x, chunk.xnorm, xs, chunk.xsq, starts, stops,
+                                   cnorm, c255, r2, rs, r2c, rsc, coef, slack, bounds,
+                                   labels, upper, lower, sums, counts, sq)
+        computed = possible
+        bounded = False
+        if not bounds:
+            upper = lower = drift = None
+    result = PassResult(sums=sums.astype(np.int64), counts=counts.copy(), sq=sq.copy(),
+                        computed=int(computed), possible=possible, changed=int(changed))
+    if not keep:
+        return result, None
+    return result, Bounds(ids=ids, centres=c, starts=starts, stops=stops, labels=labels,
+                          sums=sums, counts=counts, sq=sq, upper=upper, lower=lower,
+                          drift=drift, bounded=bounded, computed=computed / possible,
+                          changed=changed / (n * nmodel))
+
+
+def inertia(result_sums: np.ndarray, counts: np.ndarray, sq: np.ndarray, centres: np.ndarray,
+            starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Per model, sum of squared distances of the rows to their centres, from exact sums.
+
+    sum_k (sum_i ||x_i||^2 - 2 c_k . sum_i x_i + n_k ||c_k||^2), in scaled units, with the
+    float32 centres the pass used; exact integers in, so independent of chunking.
+    """
+    c = np.asarray(centres, dtype=np.float32).astype(np.float64)
+    per = (sq / 65025.0 - 2.0 * np.einsum("kd,kd->k", c, result_sums.astype(np.float64)) / 255.0
+           + counts * np.einsum("kd,kd->k", c, c))
+    out = np.array([per[a:b].sum() for a, b in zip(starts, stops, strict=True)])
+    return np.maximum(out, 0.0)
