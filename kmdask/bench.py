@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     import dask.array as da
     from distributed import Client, LocalCluster
 
+    from kmdask.cluster import worker_environment
     from kmdask.datasets import open_images
     from kmdask.staging import stage_dataset
 
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     xf = x8.astype(np.float32) / np.float32(255)
     only = set(args.only or ["end_to_end", "per_iteration", "n_init", "sweep", "out_of_core"])
     results: dict = {"machine": {"cpus": __import__("os").cpu_count()}, "rows": int(x8.shape[0])}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=":0", memory_limit="4GiB") as cluster, \
+    with worker_environment(), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=":0", memory_limit="4GiB") as cluster, \
             Client(cluster) as client:
         X = da.from_array(x8, chunks=Xz.chunks)
         steps = [
@@ -274,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = fn()
     if "out_of_core" in only and args.big_store is not None:
         print("== out_of_core", flush=True)
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=":0", memory_limit="400MB") as cluster, \
+        with worker_environment(), \
+                LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                             host="127.0.0.1", dashboard_address=":0",
+                             memory_limit="400MB") as cluster, \
                 Client(cluster) as client:
             results["out_of_core"] = bench_out_of_core(args.big_store, client, 10)
     args.out.mkdir(parents=True, exist_ok=True)
