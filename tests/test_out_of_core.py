@@ -12,6 +12,7 @@ from kmdask import KMeans
 
 @pytest.mark.slow
 def test_streamed_fit_on_millions_of_rows_under_memory_limits(mnist_source, tmp_path_factory):
+    import dask
     from distributed import Client, LocalCluster
 
     from kmdask.datasets import open_images
@@ -23,8 +24,14 @@ def test_streamed_fit_on_millions_of_rows_under_memory_limits(mnist_source, tmp_
     assert X.shape[0] == 40 * 60_000 >= 1_000_000
     assert X.nbytes > 2 * (2 * 400e6)  # several times the workers' total memory
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=":0", memory_limit="400MB") as cluster, \
+    # Libraries take ~250 MB of each 400 MB worker before any data (numba's LLVM; dask.array
+    # imports scipy, and sparse where dask-ml is installed, as in this test environment).
+    # dask pauses a worker at 80% of its limit, and a worker paused by memory that is not
+    # data never resumes: the fit would wait forever. Pause at 90% instead; the limit itself,
+    # enforced at 95%, stands, and the test checks that no worker was killed for it.
+    with dask.config.set({"distributed.worker.memory.pause": 0.9}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=":0", memory_limit="400MB") as cluster, \
             Client(cluster) as client:
         workers_before = set(client.scheduler_info()["workers"])
         km = KMeans(10, random_state=0, max_iter=4, init_rounds=2).fit(X)
