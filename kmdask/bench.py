@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     xf = x8.astype(np.float32) / np.float32(255)
     only = set(args.only or ["end_to_end", "per_iteration", "n_init", "sweep", "out_of_core"])
     results: dict = {"machine": {"cpus": __import__("os").cpu_count()}, "rows": int(x8.shape[0])}
-    with worker_environment(), \
+    with worker_environment("4GiB"), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                          dashboard_address=":0", memory_limit="4GiB") as cluster, \
             Client(cluster) as client:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = fn()
     if "out_of_core" in only and args.big_store is not None:
         print("== out_of_core", flush=True)
-        with worker_environment(), \
+        with worker_environment("400MB"), \
                 LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                              host="127.0.0.1", dashboard_address=":0",
                              memory_limit="400MB") as cluster, \

@@ -106,6 +106,20 @@ def test_local_profile_binds_only_loopback():
         assert ips and set(ips) == {"127.0.0.1"}, ips  # scheduler, dashboard, workers, nannies
 
 
+@pytest.mark.parametrize("limit, tuned", [("4GiB", True), ("400MB", False)])
+def test_local_workers_malloc_environment(limit, tuned):
+    """Big workers keep multi-MB buffers in the heap (fast re-use); small ones keep dask's
+    default (freed memory goes straight back to the OS)."""
+    with connect(_profile("local", n_workers=1, memory_limit=limit), quiet=True) as client:
+        env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in (
+            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")}).values()))
+    assert env["OPENBLAS_NUM_THREADS"] == "1"  # dask's own settings are kept
+    if tuned:
+        assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(32 << 20)
+    else:
+        assert env["MALLOC_MMAP_THRESHOLD_"] is None and env["MALLOC_TRIM_THRESHOLD_"] == "65536"
+
+
 # ------------------------------------------------------------------------------------------
 # address: a scheduler and workers started here
 
