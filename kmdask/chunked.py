@@ -7,6 +7,7 @@ them is deterministic whatever the number of workers or threads.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,13 @@ import dask.array as da
 import numpy as np
 
 from kmdask import kernels
+from kmdask.errors import ClusterStalled
 
 _BUDGET_FRACTION = 0.5  # share of the workers' memory that persisted data may take
+# A worker that dask paused for memory runs no task until its memory falls, which memory held by
+# libraries (not data it could spill) never does: a pass would wait forever. Give up after this
+# long with every worker paused (dask config key ``kmdask.paused-timeout``, seconds).
+_PAUSED_TIMEOUT = 120.0
 
 
 def _prepared(x: np.ndarray, divisor: float, offset: int, index: int) -> kernels.Chunk:
@@ -128,6 +134,7 @@ class ChunkedRows:
                 workers=[worker] if worker else None, allow_other_workers=True, pure=False,
             ))
             order.append(idx)
+        _wait_unless_paused(client, futs)
         out = {}
         for idx, res in zip(order, client.gather(futs), strict=True):
             out.update(zip(idx, res, strict=True))
@@ -204,6 +211,34 @@ def _block_graph(block) -> _BlockGraph:
     g = block.__dask_graph__()
     g = g.cull({block.key}) if hasattr(g, "cull") else g
     return _BlockGraph(dict(g), block.key)
+
+
+def _wait_unless_paused(client, futs: list) -> None:
+    """Wait for ``futs``; raise ClusterStalled once every worker has been paused too long."""
+    from distributed import wait
+
+    limit = float(dask.config.get("kmdask.paused-timeout", _PAUSED_TIMEOUT))
+    every = min(5.0, max(limit / 4, 0.1))
+    paused_since = None
+    while True:
+        try:
+            wait(futs, timeout=every)
+            return
+        except TimeoutError:
+            pass
+        status = [w.get("status") for w in
+                  client.scheduler_info(n_workers=-1)["workers"].values()]
+        if not status or any(s != "paused" for s in status):
+            paused_since = None  # working, or waiting for workers to join (a batch queue)
+            continue
+        now = time.monotonic()
+        paused_since = paused_since if paused_since is not None else now
+        if now - paused_since >= limit:
+            client.cancel(futs)
+            raise ClusterStalled(
+                f"all {len(status)} worker(s) paused by dask for memory for {limit:.0f} s "
+                "(not data they could spill): give each worker more memory (memory_limit in "
+                "cluster.yaml)")
 
 
 def _current_client():

@@ -19,3 +19,7 @@ class DataError(KmdaskError):
 
 class ConfigError(KmdaskError):
     """Bad job spec, cluster profile or parameter value."""
+
+
+class ClusterStalled(KmdaskError):
+    """The cluster cannot make progress (e.g. every worker paused by memory for too long)."""

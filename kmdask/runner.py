@@ -26,7 +26,7 @@ import numpy as np
 from kmdask import __version__, metrics, rundir
 from kmdask.cases import case_order
 from kmdask.config import FitSpec, JobSpec
-from kmdask.errors import DataError, KmdaskError
+from kmdask.errors import ClusterStalled, DataError, KmdaskError
 from kmdask.lloyd import ModelState
 
 HEAD_ROWS_DEFAULT = 100
@@ -368,7 +368,7 @@ def _cluster_failures() -> tuple[type[BaseException], ...]:
     from distributed.comm.core import CommClosedError
 
     kinds: list[type[BaseException]] = [KilledWorker, CommClosedError, OSError, TimeoutError,
-                                         asyncio.CancelledError]
+                                         asyncio.CancelledError, ClusterStalled]
     try:  # the name of distributed's "your future was cancelled" error varies by version
         from distributed.client import FutureCancelledError
         kinds.append(FutureCancelledError)

@@ -212,3 +212,45 @@ def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path):
         for f in ("centers.npy", "labels.npy"):
             assert (a / "fits/second" / f"k{k}" / f).read_bytes() == \
                 (b / "fits/second" / f"k{k}" / f).read_bytes()
+
+
+def test_workers_paused_for_memory_end_the_run_clearly(mnist_store, tmp_path):
+    """Every worker paused by dask for memory (and nothing it could spill): instead of waiting
+    forever, the run stops with a one-line error and its progress saved."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from kmdask.config import parse_job
+    from kmdask.runner import run_job
+
+    spec = {"job": "paused", "data": {"store": str(mnist_store)},
+            "fits": [{"name": "a", "algorithm": "scalable", "rows": 20_000, "k": [5],
+                      "iterations": 300, "tol": 0.0, "persist": False}]}
+    job = parse_job(spec, "paused.yaml")
+    with dask.config.set({"kmdask.paused-timeout": 2}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        profile = {"name": "t", "kind": "address", "address": cluster.scheduler_address,
+                   "source": "test", "timeout": 30}
+        pause = threading.Event()
+
+        def pauser():  # once Lloyd has checkpointed, pause every worker as memory would
+            part = tmp_path / "runs" / "paused"
+            while not list(part.glob(".*.partial/fits/a/checkpoint.npz")):
+                time.sleep(0.02)
+            # what the memory monitor does when a worker's memory passes the pause fraction
+            c.run(lambda dask_worker: setattr(dask_worker.memory_manager,
+                                              "memory_pause_fraction", 1e-6))
+            pause.set()
+
+        t = threading.Thread(target=pauser, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(KmdaskError) as ei:
+            run_job(job, profile, runs_dir=tmp_path / "runs", quiet=True)
+        t.join()
+        assert pause.is_set() and time.monotonic() - t0 < 60
+    msg = str(ei.value)
+    assert "\n" not in msg and "ClusterStalled" in msg and "paused" in msg and "rerun" in msg
+    assert list((tmp_path / "runs" / "paused").glob(".*.partial/fits/a/checkpoint.npz"))
