@@ -1,6 +1,7 @@
 """Cluster profiles against real processes: a LocalCluster, a `dask scheduler` + `dask worker`s
 started here (plain and TLS), and the single-node SLURM of tests/slurm/slurm.sh (sbatch, and
-qsub through slurm-wlm-torque). SLURM tests skip only where sbatch/qsub is absent."""
+qsub through slurm-wlm-torque). SLURM tests skip only where sbatch/qsub is absent, and never
+under .ci/run (KMDASK_REQUIRE_SLURM=1)."""
 
 from __future__ import annotations
 
