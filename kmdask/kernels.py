@@ -268,6 +268,60 @@ def model_r2(cnorm: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.nda
     return np.array([cnorm[a:b].max() for a, b in zip(starts, stops, strict=True)])
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What a nearest-centre decision needs besides the dot products (top2, err_bound and,
+    for near ties of uint8 rows, exact_argmin_u8)."""
+
+    cnorm: np.ndarray  # (M,) float64 squared centre norms
+    c255: np.ndarray  # (M, d) float64 255 * centres, for exact re-decisions of uint8 rows
+    r2: np.ndarray  # (n_models,) largest squared centre norm per model
+    rs: np.ndarray  # (n_models,) its square root
+    xs: np.ndarray  # (n,) row norms
+    coef: float
+    slack: float
+    recheck: bool  # uint8 rows: near ties are decided exactly
+
+
+def decision(chunk: Chunk, c: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> Decision:
+    """Per-pass constants of the decision for centres ``c`` (in the compute dtype)."""
+    c64 = c.astype(np.float64)
+    cnorm = np.einsum("ij,ij->i", c64, c64)
+    recheck = chunk.x.dtype == np.uint8 and chunk.divisor == 255.0
+    r2 = model_r2(cnorm, starts, stops)
+    d = chunk.x.shape[1]
+    return Decision(cnorm=cnorm, c255=c64 * 255.0 if recheck else np.empty((1, 1)), r2=r2,
+                    rs=np.sqrt(r2), xs=np.sqrt(chunk.xnorm), coef=gemm_error_coef(d),
+                    slack=f64_slack(d), recheck=recheck)
+
+
+def gemm_blocks(chunk: Chunk, c: np.ndarray):
+    """Yield ``(start, raw rows, dots)`` per row block: one GEMM of the scaled rows against all
+    centres ``c`` (compute dtype). ``dots`` is a reused buffer, valid until the next block."""
+    x = chunk.x
+    n, d = x.shape
+    cdt = c.dtype
+    ct = np.ascontiguousarray(c.T)
+    # Buffers reused across blocks: fresh multi-MB temporaries page-fault on every block in
+    # dask workers (the nanny sets a low MALLOC_TRIM_THRESHOLD_), which made this 4x slower.
+    rows = min(BLOCK_ROWS, n)
+    xbuf = np.empty((rows, d) if x.dtype != cdt else (1, 1), dtype=cdt)
+    dbuf = np.empty((rows, c.shape[0]), dtype=cdt)
+    div = cdt.type(chunk.divisor)
+    for s in range(0, n, BLOCK_ROWS):
+        xr = x[s : s + BLOCK_ROWS]
+        nb = xr.shape[0]
+        if x.dtype == np.uint8:
+            xb = xbuf[:nb]
+            _pixels_to_f32(xr, chunk.divisor, xb)
+        elif chunk.divisor != 1.0:
+            xb = xbuf[:nb]
+            np.divide(xr, div, out=xb)
+        else:  # float rows are used in place
+            xb = xr
+        yield s, xr, np.matmul(xb, ct, out=dbuf[:nb])
+
+
 @dataclass
 class Assignment:
     """Result of :func:`assign` for one chunk. ``sums`` are in raw units (divide by divisor)."""
@@ -301,10 +355,8 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     """
     x = chunk.x
     n, d = x.shape
-    cdt = compute_dtype(x.dtype)
-    c = np.ascontiguousarray(centres, dtype=cdt)
-    ct = np.ascontiguousarray(c.T)
-    cnorm = np.einsum("ij,ij->i", c.astype(np.float64), c.astype(np.float64))
+    c = np.ascontiguousarray(centres, dtype=compute_dtype(x.dtype))
+    dec = decision(chunk, c, starts, stops)
     nmodel = starts.shape[0]
     m_total = c.shape[0]
     shape = (nmodel, n) if keep_rows else (1, 1)
@@ -319,35 +371,10 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     with_sq = int_sums and mode >= MODE_SUMS and chunk.xsq is not None
     sq = np.zeros(m_total if with_sq else 1, dtype=np.int64)
     xsq = chunk.xsq if with_sq else np.zeros(1, dtype=np.int64)
-    # Buffers reused across blocks: fresh multi-MB temporaries page-fault on every block in
-    # dask workers (the nanny sets a low MALLOC_TRIM_THRESHOLD_), which made this 4x slower.
-    rows = min(BLOCK_ROWS, n)
-    xbuf = np.empty((rows, d) if x.dtype != cdt else (1, 1), dtype=cdt)
-    dbuf = np.empty((rows, m_total), dtype=cdt)
-    div = cdt.type(chunk.divisor)
-    # uint8 rows: near ties are re-decided exactly (see _assign_block)
-    recheck = x.dtype == np.uint8 and chunk.divisor == 255.0
-    c255 = c.astype(np.float64) * 255.0 if recheck else np.empty((1, 1))
-    r2 = model_r2(cnorm, starts, stops)
-    rs = np.sqrt(r2)
-    xs = np.sqrt(chunk.xnorm)
-    coef = gemm_error_coef(d)
-    slack = f64_slack(d)
-    for s in range(0, n, BLOCK_ROWS):
-        xr = x[s : s + BLOCK_ROWS]
-        nb = xr.shape[0]
-        if x.dtype == np.uint8:
-            xb = xbuf[:nb]
-            _pixels_to_f32(xr, chunk.divisor, xb)
-        elif chunk.divisor != 1.0:
-            xb = xbuf[:nb]
-            np.divide(xr, div, out=xb)
-        else:  # float rows are used in place
-            xb = xr
-        dots = np.matmul(xb, ct, out=dbuf[:nb])
-        _assign_block(dots, cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
-                      sums, counts, inertia, labels, mind, s, keep_rows, int_sums, recheck, c255,
-                      r2, coef, xs, rs, slack, xsq, sq)
+    for s, xr, dots in gemm_blocks(chunk, c):
+        _assign_block(dots, dec.cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
+                      sums, counts, inertia, labels, mind, s, keep_rows, int_sums, dec.recheck,
+                      dec.c255, dec.r2, dec.coef, dec.xs, dec.rs, dec.slack, xsq, sq)
     return Assignment(
         labels=labels if keep_rows else None,
         mind=mind if keep_rows else None,

@@ -262,20 +262,17 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
     The chunk's integer sums/counts/squared norms per cluster, and the new state (or None).
     """
     x = chunk.x
-    if x.dtype != np.uint8:
-        raise TypeError(f"lloyd_pass takes uint8 rows, not {x.dtype}")
+    if x.dtype != np.uint8 or chunk.divisor != 255.0:
+        raise TypeError(f"lloyd_pass takes uint8 pixels scaled by 1/255, not {x.dtype} / "
+                        f"{chunk.divisor}")
     n, d = x.shape
     nmodel = starts.shape[0]
     ids = tuple(range(nmodel)) if ids is None else tuple(ids)
     c = np.ascontiguousarray(centres, dtype=np.float32)
     c64 = c.astype(np.float64)
-    c255 = c64 * 255.0
-    cnorm = np.einsum("ij,ij->i", c64, c64)
-    r2 = kernels.model_r2(cnorm, starts, stops)
-    rs = np.sqrt(r2)
-    xs = np.sqrt(chunk.xnorm)
-    coef = kernels.gemm_error_coef(d)
-    slack = kernels.f64_slack(d)
+    dec = kernels.decision(chunk, c, starts, stops)
+    cnorm, c255, r2, rs, xs = dec.cnorm, dec.c255, dec.r2, dec.rs, dec.xs
+    coef, slack = dec.coef, dec.slack
     m_total = c.shape[0]
     possible = n * m_total
     sdt = np.dtype(np.int32 if 255 * n < 2**31 else np.int64)
@@ -308,16 +305,8 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         drift = np.zeros(m_total)
         which = np.repeat(np.arange(nmodel), stops - starts)  # each centre's model
         r2c, rsc = r2[which], rs[which]
-        ct = np.ascontiguousarray(c.T)
-        rows = min(kernels.BLOCK_ROWS, n)
-        xbuf = np.empty((rows, d), dtype=np.float32)
-        dbuf = np.empty((rows, m_total), dtype=np.float32)
         changed = 0
-        for s in range(0, n, kernels.BLOCK_ROWS):
-            xr = x[s : s + kernels.BLOCK_ROWS]
-            nb = xr.shape[0]
-            kernels._pixels_to_f32(xr, 255.0, xbuf[:nb])
-            dots = np.matmul(xbuf[:nb], ct, out=dbuf[:nb])
+        for s, _, dots in kernels.gemm_blocks(chunk, c):
             changed += _full_block(dots, s, x, chunk.xnorm, xs, chunk.xsq, starts, stops,
                                    cnorm, c255, r2, rs, r2c, rsc, coef, slack, bounds,
                                    labels, upper, lower, sums, counts, sq)
