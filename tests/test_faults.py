@@ -108,12 +108,28 @@ def test_worker_killed_mid_lloyd_gives_identical_result(mnist_store):
         assert a.inertia == b.inertia and a.n_iter == b.n_iter
 
 
-def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
-    """Workers killed again and again beyond allowed-failures: the run stops with a one-line
-    error and a checkpoint; rerunning resumes it and ends identical to an undisturbed run."""
+@contextlib.contextmanager
+def _job_cluster(config: dict):
+    """Two worker processes under ``config``, a client, and an ``address`` profile for them."""
     import dask
     from distributed import Client, LocalCluster
 
+    with dask.config.set(config), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        yield c, {"name": "t", "kind": "address", "address": cluster.scheduler_address,
+                  "source": "test", "timeout": 30}
+
+
+def _wait_for_checkpoint(part) -> None:
+    while not list(part.glob(".*.partial/fits/a/checkpoint.npz")):
+        time.sleep(0.02)
+
+
+def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
+    """Workers killed again and again beyond allowed-failures: the run stops with a one-line
+    error and a checkpoint; rerunning resumes it and ends identical to an undisturbed run."""
     from kmdask.config import parse_job
     from kmdask.runner import run_job
 
@@ -121,12 +137,7 @@ def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
             "fits": [{"name": "a", "algorithm": "scalable", "rows": 40_000, "k": [7, 9],
                       "trials": 2, "iterations": 40, "tol": 0.0, "persist": False}]}
     job = parse_job(spec, "flaky.yaml")
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as c:
-        profile = {"name": "t", "kind": "address", "address": cluster.scheduler_address,
-                   "source": "test", "timeout": 30}
+    with _job_cluster({"distributed.scheduler.allowed-failures": 0}) as (c, profile):
         stop = threading.Event()
 
         def killer():
@@ -217,9 +228,6 @@ def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path):
 def test_workers_paused_for_memory_end_the_run_clearly(mnist_store, tmp_path):
     """Every worker paused by dask for memory (and nothing it could spill): instead of waiting
     forever, the run stops with a one-line error and its progress saved."""
-    import dask
-    from distributed import Client, LocalCluster
-
     from kmdask.config import parse_job
     from kmdask.runner import run_job
 
@@ -227,18 +235,11 @@ def test_workers_paused_for_memory_end_the_run_clearly(mnist_store, tmp_path):
             "fits": [{"name": "a", "algorithm": "scalable", "rows": 20_000, "k": [5],
                       "iterations": 300, "tol": 0.0, "persist": False}]}
     job = parse_job(spec, "paused.yaml")
-    with dask.config.set({"kmdask.paused-timeout": 2}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as c:
-        profile = {"name": "t", "kind": "address", "address": cluster.scheduler_address,
-                   "source": "test", "timeout": 30}
+    with _job_cluster({"kmdask.paused-timeout": 2}) as (c, profile):
         pause = threading.Event()
 
         def pauser():  # once Lloyd has checkpointed, pause every worker as memory would
-            part = tmp_path / "runs" / "paused"
-            while not list(part.glob(".*.partial/fits/a/checkpoint.npz")):
-                time.sleep(0.02)
+            _wait_for_checkpoint(tmp_path / "runs" / "paused")
             # what the memory monitor does when a worker's memory passes the pause fraction
             c.run(lambda dask_worker: setattr(dask_worker.memory_manager,
                                               "memory_pause_fraction", 1e-6))
