@@ -25,8 +25,14 @@ die() {
 }
 say() { echo "slurm.sh: $*"; }
 
-pid_alive() { # pidfile -> 0 when the process it names is running
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+pid_alive() { # pidfile -> 0 when the process it names is running and is that daemon
+  # A pidfile left by a machine that was shut down (or restored from a snapshot) can name a
+  # pid that now belongs to another process; such a file must not stop the daemon starting.
+  local pid
+  [ -s "$1" ] || return 1
+  pid="$(cat "$1")"
+  kill -0 "$pid" 2>/dev/null || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
 }
 
 node_state() { # the node's state as sinfo prints it (idle, mix, alloc, down*, ...), or empty
@@ -92,7 +98,7 @@ start_munge() {
 
 stop_pidfile() { # pidfile name: TERM, wait up to 10 s, then KILL
   local f="$1" pid
-  pid_alive "$f" || return 0
+  pid_alive "$f" || { rm -f "$f"; return 0; }
   pid="$(cat "$f")"
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 100); do
