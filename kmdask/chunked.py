@@ -88,15 +88,25 @@ class ChunkedRows:
         if self._client is not None:
             owner = self._owners()
             if self.persisted:
-                parts = [dask.delayed(_prepared, pure=True)(b, self.divisor, int(o), i)
-                         for i, (b, o) in enumerate(zip(self._blocks, self.offsets,
-                                                        strict=True))]
-                self._items = [self._client.compute(p, workers=[w] if w else None,
-                                                    allow_other_workers=True)
-                               for p, (w, _) in zip(parts, owner, strict=True)]
-                from distributed import wait
+                targets = [w for w, _ in owner]
 
-                wait(self._items)
+                def place(i: int, worker: str | None) -> Any:
+                    # The hint goes on the chunk's own task only, not on the source tasks it
+                    # reads (see below why no restriction may outlive the placement).
+                    hint = {"workers": [worker], "allow_other_workers": True} if worker else {}
+                    with dask.annotate(**hint):
+                        part = dask.delayed(_prepared, pure=bool(worker))(
+                            self._blocks[i], self.divisor, int(self.offsets[i]), i)
+                    return self._client.compute(part)
+
+                self._items = [place(i, w) for i, w in enumerate(targets)]
+                _wait_for(self._client, self._items, targets, lambda i: place(i, None))
+                # The placement was only a hint for spreading the chunks. Left in place, a
+                # chunk lost with its worker and recomputed while no worker is up would wait
+                # for that worker's address forever (dask schedules a "no-worker" task only
+                # on a worker that its restrictions name, loose or not).
+                self._client.sync(self._client.scheduler.set_restrictions,
+                                  worker={f.key: None for f in self._items})
             else:
                 self._items = [_block_graph(b) for b in self._blocks]
         elif self.persisted:
@@ -122,19 +132,23 @@ class ChunkedRows:
     def _run_groups(self, fn: Callable, shared: tuple, extras: dict[int, tuple]) -> dict:
         """One task per run, restricted to the chunks in ``extras``; {chunk: result}."""
         client = self._client
-        futs, order = [], []
+        targets, order, args = [], [], []
         for (worker, _), idx in self._groups.items():
             idx = [i for i in idx if i in extras]
             if not idx:
                 continue
             meta = [(int(self.offsets[i]), i) for i in idx]
-            futs.append(client.submit(
-                _run_group, fn, [self._items[i] for i in idx], meta, self.divisor,
-                self.persisted, shared, [extras[i] for i in idx],
-                workers=[worker] if worker else None, allow_other_workers=True, pure=False,
-            ))
+            targets.append(worker)
             order.append(idx)
-        _wait_unless_paused(client, futs)
+            args.append((fn, [self._items[i] for i in idx], meta, self.divisor, self.persisted,
+                         shared, [extras[i] for i in idx]))
+
+        def submit(j: int, worker: str | None) -> Any:
+            hint = {"workers": [worker], "allow_other_workers": True} if worker else {}
+            return client.submit(_run_group, *args[j], pure=False, **hint)
+
+        futs = [submit(j, w) for j, w in enumerate(targets)]
+        _wait_for(client, futs, targets, lambda j: submit(j, None))
         out = {}
         for idx, res in zip(order, client.gather(futs), strict=True):
             out.update(zip(idx, res, strict=True))
@@ -213,12 +227,24 @@ def _block_graph(block) -> _BlockGraph:
     return _BlockGraph(dict(g), block.key)
 
 
-def _wait_unless_paused(client, futs: list) -> None:
-    """Wait for ``futs``; raise ClusterStalled once every worker has been paused too long."""
+def _wait_for(client, futs: list, targets: list[str], resubmit: Callable[[int], Any]) -> None:
+    """Wait for ``futs`` (each submitted to worker ``targets[i]`` as a loose hint).
+
+    Two ways a pass could otherwise wait forever:
+
+    * Every worker is paused by dask for memory that is not data it could spill: raise
+      ClusterStalled after ``kmdask.paused-timeout`` seconds.
+    * A task whose hinted worker is gone and that is not running anywhere: dask sends a
+      "no-worker" task only to a worker its restrictions name, loose or not, so a task that
+      found no worker up (all of them lost at once) waits for the old address forever, while
+      the replacement workers have new ones. It is cancelled and ``resubmit(i)`` (no hint)
+      replaces ``futs[i]`` in place. Tasks are pure, so a rerun gives the same result.
+    """
     from distributed import wait
 
     limit = float(dask.config.get("kmdask.paused-timeout", _PAUSED_TIMEOUT))
     every = min(5.0, max(limit / 4, 0.1))
+    targets = list(targets)
     paused_since = None
     while True:
         try:
@@ -226,8 +252,17 @@ def _wait_unless_paused(client, futs: list) -> None:
             return
         except TimeoutError:
             pass
-        status = [w.get("status") for w in
-                  client.scheduler_info(n_workers=-1)["workers"].values()]
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        lost = [i for i, (f, w) in enumerate(zip(futs, targets, strict=True))
+                if w and w not in workers and not f.done()]
+        if lost:
+            running = {k for keys in client.processing().values() for k in keys}
+            for i in lost:
+                if futs[i].key not in running:
+                    client.cancel(futs[i])
+                    futs[i] = resubmit(i)
+                    targets[i] = ""
+        status = [w.get("status") for w in workers.values()]
         if not status or any(s != "paused" for s in status):
             paused_since = None  # working, or waiting for workers to join (a batch queue)
             continue
