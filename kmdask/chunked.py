@@ -148,9 +148,9 @@ class ChunkedRows:
             return client.submit(_run_group, *args[j], pure=False, **hint)
 
         futs = [submit(j, w) for j, w in enumerate(targets)]
-        _wait_for(client, futs, targets, lambda j: submit(j, None))
+        got = _wait_for(client, futs, targets, lambda j: submit(j, None), gather=True)
         out = {}
-        for idx, res in zip(order, client.gather(futs), strict=True):
+        for idx, res in zip(order, got, strict=True):
             out.update(zip(idx, res, strict=True))
         return out
 
@@ -227,8 +227,14 @@ def _block_graph(block) -> _BlockGraph:
     return _BlockGraph(dict(g), block.key)
 
 
-def _wait_for(client, futs: list, targets: list[str], resubmit: Callable[[int], Any]) -> None:
-    """Wait for ``futs`` (each submitted to worker ``targets[i]`` as a loose hint).
+async def _gather_async(client, futs: list) -> list:
+    return await client.gather(futs, asynchronous=True)
+
+
+def _wait_for(client, futs: list, targets: list[str], resubmit: Callable[[int], Any],
+              gather: bool = False) -> list | None:
+    """Wait for ``futs`` (each submitted to worker ``targets[i]`` as a loose hint) and, with
+    ``gather``, return their results.
 
     Two ways a pass could otherwise wait forever:
 
@@ -239,6 +245,8 @@ def _wait_for(client, futs: list, targets: list[str], resubmit: Callable[[int], 
       found no worker up (all of them lost at once) waits for the old address forever, while
       the replacement workers have new ones. It is cancelled and ``resubmit(i)`` (no hint)
       replaces ``futs[i]`` in place. Tasks are pure, so a rerun gives the same result.
+      The same holds for a finished result lost with its worker before it was gathered: dask
+      recomputes it under the old hint, so gathering is given up and checked the same way.
     """
     from distributed import wait
 
@@ -249,9 +257,12 @@ def _wait_for(client, futs: list, targets: list[str], resubmit: Callable[[int], 
     while True:
         try:
             wait(futs, timeout=every)
-            return
+            if not gather:
+                return None
+            return client.sync(_gather_async, client, futs, callback_timeout=every)
         except TimeoutError:
-            pass
+            if gather and all(f.done() for f in futs):
+                return client.gather(futs)  # a slow transfer, nothing lost: let it finish
         workers = client.scheduler_info(n_workers=-1)["workers"]
         lost = [i for i, (f, w) in enumerate(zip(futs, targets, strict=True))
                 if w and w not in workers and not f.done()]

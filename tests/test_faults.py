@@ -113,6 +113,44 @@ def test_workers_killed_mid_lloyd_give_identical_result(mnist_store, victims, pe
         assert a.inertia == b.inertia and a.n_iter == b.n_iter
 
 
+@pytest.mark.timeout(120)
+def test_results_lost_before_gathering_are_recomputed(monkeypatch):
+    """Every worker dies after a pass's tasks finished but before their results reached the
+    client: dask recomputes them under the old placement hint, which no new worker matches;
+    the pass resubmits them and returns the same results."""
+    import dask.array as da
+    import distributed
+    from distributed import Client, LocalCluster
+
+    from kmdask.chunked import ChunkedRows
+
+    x = (np.arange(4000 * 8) % 251).astype(np.uint8).reshape(4000, 8)
+    X = da.from_array(x, chunks=(500, 8))
+    total = lambda chunk: int(chunk.x.sum(dtype=np.int64))  # noqa: E731 (pickled by value)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c, c.as_current():
+        rows = ChunkedRows(X, persist=False)
+        ref = rows.map(total)
+        real_wait, killed = distributed.wait, []
+
+        def wait_then_kill_all(fs, *args, **kwargs):
+            out = real_wait(fs, *args, **kwargs)
+            if not killed:
+                for pid in _worker_pids(c).values():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                while all(f.done() for f in fs):  # until the client hears the results are lost
+                    time.sleep(0.01)
+            return out
+
+        monkeypatch.setattr(distributed, "wait", wait_then_kill_all)
+        got = rows.map(total)
+        c.wait_for_workers(2, timeout=60)  # closing a cluster mid-restart logs tracebacks
+    assert len(killed) == 2
+    assert got == ref == [int(x[i * 500:(i + 1) * 500].sum()) for i in range(8)]
+
+
 @contextlib.contextmanager
 def _job_cluster(config: dict):
     """Two worker processes under ``config``, a client, and an ``address`` profile for them."""
