@@ -93,8 +93,8 @@ class ChunkedRows:
                 def place(i: int, worker: str | None) -> Any:
                     # The hint goes on the chunk's own task only, not on the source tasks it
                     # reads (see below why no restriction may outlive the placement).
-                    hint = {"workers": [worker], "allow_other_workers": True} if worker else {}
-                    with dask.annotate(**hint):
+                    # a resubmission needs a new key: the old one keeps its old restriction
+                    with dask.annotate(**_hint(worker)):
                         part = dask.delayed(_prepared, pure=bool(worker))(
                             self._blocks[i], self.divisor, int(self.offsets[i]), i)
                     return self._client.compute(part)
@@ -144,8 +144,7 @@ class ChunkedRows:
                          shared, [extras[i] for i in idx]))
 
         def submit(j: int, worker: str | None) -> Any:
-            hint = {"workers": [worker], "allow_other_workers": True} if worker else {}
-            return client.submit(_run_group, *args[j], pure=False, **hint)
+            return client.submit(_run_group, *args[j], pure=False, **_hint(worker))
 
         futs = [submit(j, w) for j, w in enumerate(targets)]
         got = _wait_for(client, futs, targets, lambda j: submit(j, None), gather=True)
@@ -225,6 +224,11 @@ def _block_graph(block) -> _BlockGraph:
     g = block.__dask_graph__()
     g = g.cull({block.key}) if hasattr(g, "cull") else g
     return _BlockGraph(dict(g), block.key)
+
+
+def _hint(worker: str | None) -> dict:
+    """Task options that place a task on ``worker`` when it can (none: anywhere)."""
+    return {"workers": [worker], "allow_other_workers": True} if worker else {}
 
 
 async def _gather_async(client, futs: list) -> list:

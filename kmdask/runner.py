@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -314,7 +315,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
                     else:
                         fits[f.name] = _run_fit(partial, f, images[:rows], truth_all[:rows],
                                                 client, quiet)
-                except _CLUSTER_FAILURES as exc:
+                except _cluster_failures() as exc:
                     # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is
                     # on disk, so say how to resume rather than dumping dask's traceback.
                     # Anything else is a bug and keeps its traceback.
@@ -361,7 +362,10 @@ def _public_spec(raw: dict, describe) -> dict:
     return spec
 
 
+@functools.cache
 def _cluster_failures() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the cluster failed (not a bug); built on first failure, so that
+    importing the runner does not import distributed."""
     import asyncio
 
     from distributed import KilledWorker
@@ -375,9 +379,6 @@ def _cluster_failures() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(kinds)
-
-
-_CLUSTER_FAILURES = _cluster_failures()
 
 
 def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:

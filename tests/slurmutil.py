@@ -20,8 +20,9 @@ def ensure_slurm(exe: str) -> None:
     ``.ci/run`` (KMDASK_REQUIRE_SLURM=1, which installs and starts SLURM) a missing SLURM is a
     failure, so CI can never pass by skipping them."""
     if shutil.which(exe) is None:
-        msg = (f"{exe} not on PATH: install slurmctld slurmd slurm-client munge "
-               "slurm-wlm-torque and run tests/slurm/slurm.sh start")
+        msg = (f"needs a real SLURM and {exe} is not on PATH: install slurmctld slurmd "
+               "slurm-client munge slurm-wlm-torque and run tests/slurm/slurm.sh start, or "
+               "run bash .ci/run, which does both")
         if os.environ.get("KMDASK_REQUIRE_SLURM") == "1":
             pytest.fail(msg)
         pytest.skip(msg)

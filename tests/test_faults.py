@@ -79,6 +79,21 @@ def _worker_pids(client) -> dict[str, int]:
     return client.run(os.getpid)
 
 
+@contextlib.contextmanager
+def _job_cluster(config: dict | None = None):
+    """Two worker processes (under dask ``config``), a client, and an ``address`` profile for
+    them."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set(config or {}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        yield c, {"name": "t", "kind": "address", "address": cluster.scheduler_address,
+                  "source": "test", "timeout": 30}
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("victims", "persist"), [("one", True), ("all", True), ("all", False)])
 def test_workers_killed_mid_lloyd_give_identical_result(mnist_store, victims, persist):
@@ -86,15 +101,11 @@ def test_workers_killed_mid_lloyd_give_identical_result(mnist_store, victims, pe
     restart them at new addresses): lost persisted chunks are recomputed, tasks meant for the
     dead workers run on the new ones, and the fit ends bit-identical. With every worker gone,
     dask would keep a task meant for a dead worker waiting for that address forever."""
-    from distributed import Client, LocalCluster
-
     from kmdask.estimator import fit_models
 
     X = open_images(mnist_store)[:30_000]
     kw = dict(n_init=2, random_state=5, max_iter=25, tol=0.0, persist=persist)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as c, c.as_current():
+    with _job_cluster() as (c, _), c.as_current():
         ref = fit_models(X, [6, 8], **kw)
         killed = []
 
@@ -120,16 +131,13 @@ def test_results_lost_before_gathering_are_recomputed(monkeypatch):
     the pass resubmits them and returns the same results."""
     import dask.array as da
     import distributed
-    from distributed import Client, LocalCluster
 
     from kmdask.chunked import ChunkedRows
 
     x = (np.arange(4000 * 8) % 251).astype(np.uint8).reshape(4000, 8)
     X = da.from_array(x, chunks=(500, 8))
     total = lambda chunk: int(chunk.x.sum(dtype=np.int64))  # noqa: E731 (pickled by value)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as c, c.as_current():
+    with _job_cluster() as (c, _), c.as_current():
         rows = ChunkedRows(X, persist=False)
         ref = rows.map(total)
         real_wait, killed = distributed.wait, []
@@ -149,20 +157,6 @@ def test_results_lost_before_gathering_are_recomputed(monkeypatch):
         c.wait_for_workers(2, timeout=60)  # closing a cluster mid-restart logs tracebacks
     assert len(killed) == 2
     assert got == ref == [int(x[i * 500:(i + 1) * 500].sum()) for i in range(8)]
-
-
-@contextlib.contextmanager
-def _job_cluster(config: dict):
-    """Two worker processes under ``config``, a client, and an ``address`` profile for them."""
-    import dask
-    from distributed import Client, LocalCluster
-
-    with dask.config.set(config), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=":0") as cluster, \
-            Client(cluster, set_as_default=False) as c:
-        yield c, {"name": "t", "kind": "address", "address": cluster.scheduler_address,
-                  "source": "test", "timeout": 30}
 
 
 def _wait_for_checkpoint(part) -> None:
