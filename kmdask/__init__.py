@@ -17,7 +17,7 @@ __all__ = ["ConfigError", "DataError", "KMeans", "KmdaskError", "__version__", "
 def __getattr__(name: str):
     # Lazy: importing kmdask (e.g. for the CLI's --help) should not import dask.
     if name in ("KMeans", "fit_sweep", "fit_models"):
-        from kmdask import estimator
+        from kmdask.engine import estimator
 
         return getattr(estimator, name)
     raise AttributeError(name)

@@ -101,7 +101,7 @@ def bench_per_iteration(X, Xz, xf, iters: int, reps: int) -> dict:
     from sklearn.cluster import KMeans as SKKMeans
     from threadpoolctl import threadpool_limits
 
-    from kmdask.estimator import fit_models
+    from kmdask.engine.estimator import fit_models
 
     init = xf[np.random.default_rng(0).choice(xf.shape[0], 10, replace=False)].astype(np.float64)
 
@@ -157,7 +157,7 @@ def bench_n_init(X, xf, reps: int) -> dict:
 
 def bench_sweep(X, iters: int, reps: int) -> dict:
     """Seconds per pass with K=2..10 x 3 trials fused vs one K=10 model."""
-    from kmdask.estimator import fit_models
+    from kmdask.engine.estimator import fit_models
 
     rng = np.random.default_rng(1)
     n = X.shape[0]
@@ -177,7 +177,7 @@ def bench_sweep(X, iters: int, reps: int) -> dict:
 
 def bench_out_of_core(store: Path, client, max_iter: int) -> dict:
     from kmdask import KMeans
-    from kmdask.datasets import open_images
+    from kmdask.data.store import open_images
 
     X = open_images(store, "train")
     with _PeakRSS(client) as peak:
@@ -248,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     import dask.array as da
     from distributed import Client, LocalCluster
 
-    from kmdask.cluster import worker_environment
-    from kmdask.datasets import open_images
-    from kmdask.staging import stage_dataset
+    from kmdask.batch.cluster import worker_environment
+    from kmdask.data.staging import stage_dataset
+    from kmdask.data.store import open_images
 
     if not args.store.exists():
         stage_dataset("mnist", out=args.store)

@@ -35,7 +35,7 @@ def _nonneg_int(text: str) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from kmdask.staging import stage_dataset
+    from kmdask.data.staging import stage_dataset
 
     result = stage_dataset(
         args.dataset,
@@ -52,14 +52,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> dict:
-    from kmdask.config import load_profile
+    from kmdask.batch.spec import load_profile
 
     return load_profile(args.profile, args.cluster_file)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kmdask.config import load_job
-    from kmdask.runner import run_job
+    from kmdask.batch.runner import run_job
+    from kmdask.batch.spec import load_job
 
     job = load_job(args.job)
     out = run_job(job, _profile(args), runs_dir=args.runs_dir, address=args.address,
@@ -69,8 +69,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from kmdask.config import load_job
-    from kmdask.runner import run_job
+    from kmdask.batch.runner import run_job
+    from kmdask.batch.spec import load_job
 
     profile = _profile(args)
     runs = []
@@ -78,7 +78,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         job = load_job(path)
         runs.append(run_job(job, profile, runs_dir=args.runs_dir, address=args.address,
                             wait=not args.no_wait, quiet=args.quiet).path)
-    from kmdask.report import write_report
+    from kmdask.report.build import write_report
 
     index = write_report(runs, args.out, quiet=args.quiet)
     print(index)
@@ -88,7 +88,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     import json
 
-    from kmdask.runner import list_runs
+    from kmdask.batch.runner import list_runs
 
     rows = list_runs(args.runs_dir)
     if args.json:
@@ -107,7 +107,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from kmdask.submit import submit_job
+    from kmdask.batch.submit import submit_job
 
     job_id = submit_job(Path(args.job), _profile(args), runs_dir=args.runs_dir,
                         extra_args=list(args.scheduler_args))
@@ -116,7 +116,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from kmdask.report import write_report
+    from kmdask.report.build import write_report
 
     print(write_report(args.runs, args.out, quiet=args.quiet))
     return 0

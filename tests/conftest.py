@@ -37,7 +37,7 @@ def synth(tmp_path, monkeypatch):
     """A registered synthetic data set "synth" and a gz source directory holding it."""
     from synthdata import synth_arrays, synth_spec, write_idx_dir
 
-    from kmdask import datasets
+    from kmdask.data import store as datasets
 
     arrays = synth_arrays()
     monkeypatch.setitem(datasets.REGISTRY, "synth", synth_spec("synth", arrays))
@@ -55,7 +55,7 @@ def mnist_source() -> Path:
 @pytest.fixture(scope="session")
 def mnist_store(mnist_source, tmp_path_factory) -> Path:
     """Real MNIST staged once per test session into a zarr store on disk."""
-    from kmdask.staging import stage_dataset
+    from kmdask.data.staging import stage_dataset
 
     out = tmp_path_factory.mktemp("stores") / "mnist.zarr"
     stage_dataset("mnist", out=out, source=mnist_source, quiet=True)

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from slurmutil import ensure_slurm
 
-from kmdask.cluster import connect, merged_dask_config
-from kmdask.config import deep_merge, load_profile
+from kmdask.batch.cluster import connect, merged_dask_config
+from kmdask.batch.spec import deep_merge, load_profile
 from kmdask.errors import ConfigError, KmdaskError
 
 REPO = Path(__file__).resolve().parents[1]

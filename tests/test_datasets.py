@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from synthdata import synth_arrays, write_idx_dir  # noqa: E402,F401
 
-from kmdask import datasets
-from kmdask.datasets import (
+from kmdask.data import store as datasets
+from kmdask.data.store import (
     check_split,
     data_fingerprint,
     digests,
@@ -138,7 +138,7 @@ def test_store_info_rejects_non_stores(tmp_path):
 
 
 def test_open_store_and_fingerprint(synth, tmp_path):
-    from kmdask.staging import stage_dataset
+    from kmdask.data.staging import stage_dataset
 
     arrays, src = synth
     a = stage_dataset("synth", out=tmp_path / "a.zarr", source=src, chunk_rows=64, quiet=True)
@@ -161,7 +161,7 @@ def test_open_store_and_fingerprint(synth, tmp_path):
 
 
 def test_verify_store_detects_corruption(synth, tmp_path):
-    from kmdask.staging import stage_dataset
+    from kmdask.data.staging import stage_dataset
 
     _, src = synth
     res = stage_dataset("synth", out=tmp_path / "s.zarr", source=src, chunk_rows=100,
@@ -177,7 +177,7 @@ def test_verify_store_detects_corruption(synth, tmp_path):
 
 
 def test_store_attributes(synth, tmp_path):
-    from kmdask.staging import stage_dataset
+    from kmdask.data.staging import stage_dataset
 
     _, src = synth
     res = stage_dataset("synth", out=tmp_path / "s.zarr", source=src, quiet=True)

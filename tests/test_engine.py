@@ -121,7 +121,7 @@ def test_predict_transform_score_agree_with_fit(blobs, client):
 
 
 def test_streamed_equals_persisted(mnist_store, client):
-    from kmdask.datasets import open_images
+    from kmdask.data.store import open_images
 
     X = open_images(mnist_store, "train")[:20_000]
     a = KMeans(6, random_state=0, max_iter=20, persist=True).fit(X)

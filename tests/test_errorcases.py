@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 import yaml
 
-from kmdask.cases import case_order, case_vectors, reliable_cluster, transform, zero_mask
-from kmdask.config import CasesSpec, load_job, parse_job
+from kmdask.batch.spec import CasesSpec, load_job, parse_job
+from kmdask.errorcases.experiment import bootstrap_ci, class_set, evaluate, mcnemar, route
+from kmdask.errorcases.vectors import (
+    case_order,
+    case_vectors,
+    reliable_cluster,
+    transform,
+    zero_mask,
+)
 from kmdask.errors import ConfigError, DataError
-from kmdask.experiment import bootstrap_ci, class_set, evaluate, mcnemar, route
-from kmdask.mccaffrey import fit_mccaffrey
-from kmdask.rng import DotNetRandom
+from kmdask.mccaffrey.dotnet_random import DotNetRandom
+from kmdask.mccaffrey.fit import fit_mccaffrey
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")
 
@@ -343,8 +349,8 @@ def cases_run(tmp_path_factory, mnist_store) -> tuple[Path, Path, str]:
 def test_cases_job_writes_classifier_vectors_and_clusters(cases_run, mnist_store):
     import zarr
 
-    from kmdask.classifier import Network
-    from kmdask.datasets import open_images
+    from kmdask.data.store import open_images
+    from kmdask.errorcases.classifier import Network
 
     work, run, log = cases_run
     assert "classifier: training (32,) on 6000 rows" in log
@@ -382,7 +388,7 @@ def test_cases_job_writes_classifier_vectors_and_clusters(cases_run, mnist_store
 
 
 def test_cases_job_experiment_and_report(cases_run, tmp_path):
-    from kmdask.report import write_report
+    from kmdask.report.build import write_report
 
     work, run, log = cases_run
     e = json.loads((run / "experiment.json").read_text())
@@ -426,9 +432,9 @@ def test_same_classifier_is_reused_and_models_are_not_runs(cases_run, mnist_stor
 
 
 def test_classifier_is_deterministic(mnist_store):
-    from kmdask.classifier import train
-    from kmdask.config import ClassifierSpec
-    from kmdask.datasets import open_images, open_labels
+    from kmdask.batch.spec import ClassifierSpec
+    from kmdask.data.store import open_images, open_labels
+    from kmdask.errorcases.classifier import train
 
     x = np.asarray(open_images(mnist_store)[:1500].compute())
     y = np.asarray(open_labels(mnist_store)[:1500].compute())

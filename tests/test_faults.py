@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kmdask import KMeans
-from kmdask.datasets import open_images
+from kmdask.data.store import open_images
 from kmdask.errors import DataError, KmdaskError
 
 
@@ -101,7 +101,7 @@ def test_workers_killed_mid_lloyd_give_identical_result(mnist_store, victims, pe
     restart them at new addresses): lost persisted chunks are recomputed, tasks meant for the
     dead workers run on the new ones, and the fit ends bit-identical. With every worker gone,
     dask would keep a task meant for a dead worker waiting for that address forever."""
-    from kmdask.estimator import fit_models
+    from kmdask.engine.estimator import fit_models
 
     X = open_images(mnist_store)[:30_000]
     kw = dict(n_init=2, random_state=5, max_iter=25, tol=0.0, persist=persist)
@@ -132,7 +132,7 @@ def test_results_lost_before_gathering_are_recomputed(monkeypatch):
     import dask.array as da
     import distributed
 
-    from kmdask.chunked import ChunkedRows
+    from kmdask.engine.executor import ChunkedRows
 
     x = (np.arange(4000 * 8) % 251).astype(np.uint8).reshape(4000, 8)
     X = da.from_array(x, chunks=(500, 8))
@@ -167,8 +167,8 @@ def _wait_for_checkpoint(part) -> None:
 def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
     """Workers killed again and again beyond allowed-failures: the run stops with a one-line
     error and a checkpoint; rerunning resumes it and ends identical to an undisturbed run."""
-    from kmdask.config import parse_job
-    from kmdask.runner import run_job
+    from kmdask.batch.runner import run_job
+    from kmdask.batch.spec import parse_job
 
     spec = {"job": "flaky", "data": {"store": str(mnist_store)},
             "fits": [{"name": "a", "algorithm": "scalable", "rows": 40_000, "k": [7, 9],
@@ -265,8 +265,8 @@ def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path):
 def test_workers_paused_for_memory_end_the_run_clearly(mnist_store, tmp_path):
     """Every worker paused by dask for memory (and nothing it could spill): instead of waiting
     forever, the run stops with a one-line error and its progress saved."""
-    from kmdask.config import parse_job
-    from kmdask.runner import run_job
+    from kmdask.batch.runner import run_job
+    from kmdask.batch.spec import parse_job
 
     spec = {"job": "paused", "data": {"store": str(mnist_store)},
             "fits": [{"name": "a", "algorithm": "scalable", "rows": 20_000, "k": [5],

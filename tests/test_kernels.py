@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.testing import assert_allclose, assert_array_equal
 
-from kmdask import kernels
+from kmdask.engine import kernels
 
 
 def _chunk(x, divisor=1.0, offset=0):

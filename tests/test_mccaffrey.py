@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from kmdask import mccaffrey_kernels as mk
 from kmdask.errors import ConfigError, DataError, KmdaskError
-from kmdask.mccaffrey import fit_mccaffrey, mccaffrey_draws
-from kmdask.rng import DotNetRandom
+from kmdask.mccaffrey import kernels as mk
+from kmdask.mccaffrey.dotnet_random import DotNetRandom
+from kmdask.mccaffrey.fit import fit_mccaffrey, mccaffrey_draws
 
 # da.from_array embeds the rows in the graph; that is the point of these tests, not a problem.
 pytestmark = pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")

@@ -15,8 +15,8 @@ def test_streamed_fit_on_millions_of_rows_under_memory_limits(mnist_source, tmp_
     import dask
     from distributed import Client, LocalCluster
 
-    from kmdask.datasets import open_images
-    from kmdask.staging import stage_dataset
+    from kmdask.data.staging import stage_dataset
+    from kmdask.data.store import open_images
 
     store = tmp_path_factory.mktemp("big") / "mnist-aug39.zarr"
     stage_dataset("mnist", out=store, source=mnist_source, augment=39, quiet=True)

@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kmdask.config import parse_job
-from kmdask.datasets import decompress_idx, parse_idx
+from kmdask.batch.spec import parse_job
+from kmdask.data.store import decompress_idx, parse_idx
 from kmdask.errors import KmdaskError
 
 FAST = settings(max_examples=300, deadline=None,

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from kmdask import kernels, lloyd, pruned
-from kmdask.estimator import fit_models
+from kmdask.engine import incremental as pruned
+from kmdask.engine import kernels, lloyd
+from kmdask.engine.estimator import fit_models
 
 SWEEP = [k for k in range(2, 11) for _ in range(3)]  # K=2..10 x 3 trials: 27 models
 

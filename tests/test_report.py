@@ -75,7 +75,7 @@ def _copy(run: Path, dest: Path) -> Path:
 
 
 def test_report_writes_every_figure_and_links_resolve(run_dir, tmp_path):
-    from kmdask.report import write_report
+    from kmdask.report.build import write_report
 
     out = tmp_path / "report"
     index = write_report([run_dir], out, quiet=True)
@@ -110,7 +110,7 @@ def test_report_writes_every_figure_and_links_resolve(run_dir, tmp_path):
 
 
 def _data_means(store: Path, labels: np.ndarray, k: int) -> np.ndarray:
-    from kmdask.datasets import open_images
+    from kmdask.data.store import open_images
 
     x = np.asarray(open_images(store)[: labels.shape[0]].compute())
     v = x.astype(np.float32) / np.float32(255)
@@ -120,9 +120,9 @@ def _data_means(store: Path, labels: np.ndarray, k: int) -> np.ndarray:
 def test_mean_image_pixels_are_the_cluster_means(run_dir, mnist_store, tmp_path):
     import matplotlib.image as mpimg
 
-    from kmdask.config import parse_job
-    from kmdask.figures import draw_clusters, mean_image_rgb
-    from kmdask.rundir import open_run
+    from kmdask.batch.rundir import open_run
+    from kmdask.batch.spec import parse_job
+    from kmdask.report.clusters import draw_clusters, mean_image_rgb
 
     run = open_run(run_dir)
     figs = {f.name: f for f in parse_job(run.manifest["spec"]).figures}
@@ -157,9 +157,9 @@ def test_mean_image_pixels_are_the_cluster_means(run_dir, mnist_store, tmp_path)
 
 
 def test_samples_are_the_first_rows_in_their_clusters(run_dir, tmp_path):
-    from kmdask.config import parse_job
-    from kmdask.figures import _panel
-    from kmdask.rundir import open_run
+    from kmdask.batch.rundir import open_run
+    from kmdask.batch.spec import parse_job
+    from kmdask.report.clusters import _panel
 
     run = open_run(run_dir)
     fig = next(f for f in parse_job(run.manifest["spec"]).figures if f.name == "demo")
@@ -177,7 +177,7 @@ def test_samples_are_the_first_rows_in_their_clusters(run_dir, tmp_path):
 
 
 def _report_fails(run: Path, out: Path, match: str) -> None:
-    from kmdask.report import write_report
+    from kmdask.report.build import write_report
 
     with pytest.raises(DataError, match=match) as exc:
         write_report([run], out, quiet=True)
@@ -221,8 +221,8 @@ def test_cli_refuses_incomplete_run_with_one_line(run_dir, tmp_path):
 
 
 def test_failed_report_leaves_the_previous_one_intact(run_dir, tmp_path, monkeypatch):
-    from kmdask import figures
-    from kmdask.report import write_report
+    from kmdask.report import clusters as figures
+    from kmdask.report.build import write_report
 
     out = tmp_path / "report"
     write_report([run_dir], out, quiet=True)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmdask.rng import DotNetRandom, keyed_rng
+from kmdask.mccaffrey.dotnet_random import DotNetRandom
+from kmdask.rng import keyed_rng
 
 # First ten `new Random(seed).Next()` values for seeds 0..19, as asserted by .NET's own
 # test-suite (dotnet/corefx, System.Runtime.Extensions/tests/System/Random.cs).

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kmdask.config import load_job, parse_job
+from kmdask.batch.spec import load_job, parse_job
 from kmdask.errors import ConfigError
 
 SMALL_JOB = {

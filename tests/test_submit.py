@@ -12,9 +12,9 @@ import pytest
 import yaml
 from slurmutil import ensure_slurm
 
-from kmdask.config import load_profile
+from kmdask.batch.spec import load_profile
+from kmdask.batch.submit import submit_job, submit_script, wait_for_job, write_batch_script
 from kmdask.errors import ConfigError, KmdaskError
-from kmdask.submit import submit_job, submit_script, wait_for_job, write_batch_script
 
 REPO = Path(__file__).resolve().parents[1]
 EXE = {"slurm": "sbatch", "pbs": "qsub"}

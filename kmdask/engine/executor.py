@@ -16,7 +16,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from kmdask import kernels
+from kmdask.engine import kernels
 from kmdask.errors import ClusterStalled
 
 _BUDGET_FRACTION = 0.5  # share of the workers' memory that persisted data may take

@@ -13,7 +13,7 @@ Two things are kept per chunk between passes (see :func:`lloyd_pass`):
 
 Results are identical to a pass from scratch, not merely close:
 
-- labels are *canonical* (see :mod:`kmdask.kernels`): a row is decided by float32 only when
+- labels are *canonical* (see :mod:`kmdask.engine.kernels`): a row is decided by float32 only when
   the gap exceeds a proven rounding bound, and exactly otherwise; the bounds are built from the
   float32 distances widened by that same error bound, so a skip is taken only when the exact
   decision could not differ;
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from kmdask import kernels
+from kmdask.engine import kernels
 
 _BOUNDS_FROM = 0.02  # set bounds up once a pass changes at most this share of the labels
 _ELKAN_MAX = 0.25  # drop them after a bounded pass that computed more than this share
@@ -235,7 +235,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
     Three ways, chosen from ``prev``; all give the same result:
 
     - no state: one float32 GEMM per row block against every centre (like
-      :func:`kmdask.kernels.assign`), summing every row;
+      :func:`kmdask.engine.kernels.assign`), summing every row;
     - labels from the previous pass: the same GEMM, but only rows whose label changed move
       between the per-cluster sums (summing every row costs about half the GEMM). Once few
       labels change, this pass also sets distance bounds (a square root per row and centre);
@@ -246,7 +246,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
 
     Parameters
     ----------
-    chunk : a uint8 :class:`kmdask.kernels.Chunk`.
+    chunk : a uint8 :class:`kmdask.engine.kernels.Chunk`.
     centres : (M, d) all models' centres stacked (scaled units); used in float32.
     starts, stops : model ``m`` owns ``centres[starts[m]:stops[m]]``.
     ids : a hashable id per model, so that ``prev`` can be matched to the models.

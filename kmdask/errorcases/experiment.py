@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kmdask import rundir
-from kmdask.cases import CaseData, transform
-from kmdask.classifier import train
-from kmdask.config import ClassifierSpec, ExperimentSpec, JobSpec
+from kmdask.batch import rundir
+from kmdask.batch.spec import ClassifierSpec, ExperimentSpec, JobSpec
+from kmdask.errorcases.classifier import train
+from kmdask.errorcases.vectors import CaseData, transform
 
 
 def _say(msg: str, quiet: bool) -> None:

@@ -2,7 +2,7 @@
 
 Each ``draw_<kind>(run, fig, out_dir) -> list[Drawn]`` reads one complete run directory and
 writes PNG(s) into ``out_dir``; ordinary matplotlib axes in the dark theme of
-:mod:`kmdask.figstyle`.
+:mod:`kmdask.report.style`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib import patches, ticker, transforms
 
-from kmdask.config import FigureSpec
-from kmdask.figstyle import (
+from kmdask.batch.spec import FigureSpec
+from kmdask.report.style import (
     ALG_COLOURS,
     CHART_DPI,
     TEXT_HEX,
@@ -33,7 +33,7 @@ from kmdask.figstyle import (
     composition,
     fit_label,
 )
-from kmdask.rundir import Run
+from kmdask.batch.rundir import Run
 
 
 def _per_k(run: Run, fit: str, key: str) -> tuple[list[int], list[float]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kmdask.casespec import (
+from kmdask.errorcases.spec import (
     CasesSpec,
     ClassifierSpec,
     ExperimentSpec,

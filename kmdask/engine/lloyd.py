@@ -6,11 +6,11 @@ chunk order and updates the centres. Convergence follows scikit-learn: a model s
 squared centre shift is <= tol (an unchanged labelling gives a zero shift). A final pass assigns
 every row to the final centres, so labels match centres and inertia is exact for them.
 
-uint8 rows (images) go through :mod:`kmdask.pruned`: persisted chunks keep their rows' labels,
-integer sums and, once labels settle, distance bounds between passes, so a pass moves only the
-rows that changed cluster and computes only the distances the bounds cannot rule out. Results
-are bit-identical with or without that state (streamed chunks, recomputed chunks and resumed
-fits have none); the inertia of a pass is computed from the exact integer sums.
+uint8 rows (images) go through :mod:`kmdask.engine.incremental`: persisted chunks keep their
+rows' labels, integer sums and, once labels settle, distance bounds between passes, so a pass
+moves only the rows that changed cluster and computes only the distances the bounds cannot rule
+out. Results are bit-identical with or without that state (streamed chunks, recomputed chunks
+and resumed fits have none); the inertia of a pass is computed from the exact integer sums.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kmdask import kernels, pruned
-from kmdask.chunked import ChunkedRows
+from kmdask.engine import incremental as pruned
+from kmdask.engine import kernels
+from kmdask.engine.executor import ChunkedRows
 
 _BOUNDS = "pruned.bounds"  # key of a chunk's labels and distance bounds in its cache
 USE_BOUNDS = True  # distance bounds (off: same results, every pass a GEMM pass; for tests)

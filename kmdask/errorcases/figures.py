@@ -19,9 +19,10 @@ import numpy as np
 from matplotlib import colors, patches, ticker
 from matplotlib.figure import Figure
 
-from kmdask.config import FigureSpec
+from kmdask.batch.rundir import Run
+from kmdask.batch.spec import FigureSpec
 from kmdask.errors import DataError
-from kmdask.figstyle import (
+from kmdask.report.style import (
     BOX_H,
     BOX_W,
     CHART_DPI,
@@ -56,7 +57,6 @@ from kmdask.figstyle import (
     sample_image_rgb,
     text_width,
 )
-from kmdask.rundir import Run
 
 BAR_H = 560  # canvas px of a cluster's mean-vector chart
 MUTED = (0.68, 0.66, 0.57)

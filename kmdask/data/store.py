@@ -4,7 +4,7 @@
   the **decompressed** bytes (the gz wrappers in circulation differ, the contents do not).
 * :func:`read_idx` / :func:`parse_idx` — IDX (gz or raw) to numpy, validating every header field.
 * :func:`open_images` / :func:`open_labels` / :func:`store_info` / :func:`data_fingerprint` —
-  read a store written by :func:`kmdask.staging.stage_dataset`.
+  read a store written by :func:`kmdask.data.staging.stage_dataset`.
 
 Every bad-data condition raises :class:`~kmdask.errors.DataError` with a one-line message that
 names the file.

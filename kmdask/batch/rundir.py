@@ -11,7 +11,7 @@ Layout of ``runs/<job>/<run-id>/`` (run-id = the first 16 hex digits of the fing
     fits/<fit>/k<K>/members_idx.npy    (K, P) int64 their row indices (-1 = fewer members)
     fits/<fit>/k<K>/result.json        inertia, n_iter, histories, trials, counts, metrics
 
-A job whose fits cluster error-case vectors (``cases:``, :mod:`kmdask.cases`) adds::
+A job whose fits cluster error-case vectors (``cases:``, :mod:`kmdask.errorcases.vectors`) adds::
 
     classifier/weights.npz             the general network (float32 arrays w0, w1, ...; no pickle)
     classifier/classifier.json         its settings, fingerprint, train/test accuracy, seconds
@@ -20,7 +20,7 @@ A job whose fits cluster error-case vectors (``cases:``, :mod:`kmdask.cases`) ad
     fits/<fit>/k<K>/members.npy        still MNIST images (uint8), not the vectors clustered
     fits/<fit>/k<K>/result.json        + reliable_cluster (the one holding the zeroed cases),
                                        display_order (it first), n_zeroed, relabelled
-    experiments/<fit>/experiment.json  the routing experiment (:mod:`kmdask.experiment`)
+    experiments/<fit>/experiment.json  the routing experiment (:mod:`kmdask.errorcases.experiment`)
     experiments/<fit>/predictions.npz  test labels, general/routed/baseline answers, routes
     experiment.json                    the first experiment's numbers + all under "experiments"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kmdask import kernels
-from kmdask.chunked import ChunkedRows
+from kmdask.engine import kernels
+from kmdask.engine.executor import ChunkedRows
 from kmdask.rng import keyed_rng
 
 # Purposes of keyed random streams.

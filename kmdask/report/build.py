@@ -1,8 +1,8 @@
 """The report: the figure suite of one or more run directories, and an ``index.html`` showing it.
 
-``write_report(run_dirs, out)`` reads only run directories (:mod:`kmdask.rundir`; it never refits
+``write_report(run_dirs, out)`` reads only run directories (:mod:`kmdask.batch.rundir`; it never refits
 and never opens the data store), draws every figure the run's job asks for
-(:mod:`kmdask.figures`, one function per figure kind) and writes::
+(:mod:`kmdask.report.clusters`, one function per figure kind) and writes::
 
     out/index.html           one static page: every run's parameters, metrics, timings, figures
     out/<job>/<figure>.png   that run's figures (``<job>-<run id>`` when one job appears twice)
@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kmdask.config import JobSpec, parse_job
+from kmdask.batch.spec import JobSpec, parse_job
 from kmdask.errors import ConfigError, DataError, KmdaskError
-from kmdask.rundir import Run, open_run
+from kmdask.batch.rundir import Run, open_run
 
 DESCRIPTIONS = {
     "clusters": "One column per cluster, in the order its centre was drawn: the cluster's size "
@@ -226,7 +226,7 @@ def _params_table(run: Run, job: JobSpec) -> str:
 def _counts_html(counts: list[int], result: dict | None = None) -> str:
     """Counts in cluster order; for a cases fit in display order (reliable first, red, as in
     its figure), each with the algorithm's cluster index."""
-    from kmdask.figures import cluster_colour
+    from kmdask.report.clusters import cluster_colour
 
     order = (result or {}).get("display_order")
     if not order:

@@ -1,11 +1,11 @@
 """The figure suite, one function per figure kind (:data:`DRAW`); matplotlib's Agg canvas only.
 
 Each ``draw_<kind>(run, fig, out_dir) -> list[Drawn]`` reads one complete run directory
-(:class:`kmdask.rundir.Run`) and writes PNG(s) into ``out_dir``. The clusters figure (here) is
+(:class:`kmdask.batch.rundir.Run`) and writes PNG(s) into ``out_dir``. The clusters figure (here) is
 composed as one pixel-exact RGB canvas (every 28x28 image scaled by an integer factor, nearest
 neighbour, placed 1:1 in the PNG) with matplotlib drawing only the text on top; the charts
-(:mod:`kmdask.charts`) and the error-case figures (:mod:`kmdask.errorfigs`) are matplotlib axes
-in a dark theme matching it (:mod:`kmdask.figstyle`).
+(:mod:`kmdask.report.charts`) and the error-case figures (:mod:`kmdask.errorcases.figures`) are matplotlib axes
+in a dark theme matching it (:mod:`kmdask.report.style`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from kmdask import charts, errorfigs
-from kmdask.config import FigureSpec
+from kmdask.report import charts
+from kmdask.errorcases import figures as errorfigs
+from kmdask.batch.spec import FigureSpec
 from kmdask.errors import DataError
-from kmdask.figstyle import (  # noqa: F401  (re-exported: the report and tests use them)
+from kmdask.report.style import (  # noqa: F401  (re-exported: the report and tests use them)
     BOX_H,
     BOX_W,
     COL_GAP,
@@ -55,7 +56,7 @@ from kmdask.figstyle import (  # noqa: F401  (re-exported: the report and tests 
     sample_image_rgb,
     text_width,
 )
-from kmdask.rundir import Run
+from kmdask.batch.rundir import Run
 
 # =============================================================================================
 # clusters: the original's per-run figure

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmdask.casespec import ClassifierSpec
+from kmdask.errorcases.spec import ClassifierSpec
 from kmdask.errors import DataError
 
 SIDE = 28

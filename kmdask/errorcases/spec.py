@@ -1,7 +1,7 @@
 """Job-spec sections of the error-case experiment: ``cases:`` (per fit), ``classifier:`` and
 ``experiments:``.
 
-Parsed with :mod:`kmdask.config`'s checker (passed in, so this module imports nothing of
+Parsed with :mod:`kmdask.batch.spec`'s checker (passed in, so this module imports nothing of
 kmdask's): every error names the file, the key and the bad value in one line.
 """
 

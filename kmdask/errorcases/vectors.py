@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from kmdask import __version__
-from kmdask.classifier import Network, accuracy, read_model, train, write_model
-from kmdask.config import CasesSpec, ClassifierSpec, JobSpec
+from kmdask.batch.spec import CasesSpec, ClassifierSpec, JobSpec
+from kmdask.errorcases.classifier import Network, accuracy, read_model, train, write_model
 
 N_CLASSES = 10
-TRAINER_VERSION = 2  # bump when kmdask.classifier.train changes what it computes
+TRAINER_VERSION = 2  # bump when kmdask.errorcases.classifier.train changes what it computes
 
 
 def transform(probs: np.ndarray, targets: np.ndarray | None, vector: str, power: int
@@ -195,7 +195,7 @@ def prepare_cases(run: Path, job: JobSpec, store: Path, runs_dir: Path, *,
     ``run/classifier/``."""
     import zarr
 
-    from kmdask.datasets import data_fingerprint, open_images, open_labels
+    from kmdask.data.store import data_fingerprint, open_images, open_labels
 
     data: dict[str, dict] = {"images": {}, "labels": {}}
     for split in ("train", "test"):

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kmdask.datasets import (
+from kmdask.data.store import (
     IMAGE_SIDE,
     N_FEATURES,
     SPLITS,
@@ -303,14 +303,14 @@ def stage_dataset(dataset: str, out: str | Path | None = None,
     dataset : registry name ("mnist", "fashion-mnist").
     out : store path; default ``data/<dataset>.zarr`` (``data/<dataset>-aug<N>.zarr`` with
         augment), relative to the working directory.
-    source : directory or URL prefix tried alone (see :mod:`kmdask.sources`); None searches.
+    source : directory or URL prefix tried alone (see :mod:`kmdask.data.sources`); None searches.
     chunk_rows : rows per zarr chunk.
     compressor : "lz4" (blosc), "zstd" (blosc) or "none".
     augment, seed : append ``augment`` warped copies of the training set drawn from ``seed``.
     quiet : no progress lines on stderr.
     """
     from kmdask import __version__
-    from kmdask.sources import describe, find_dataset
+    from kmdask.data.sources import describe, find_dataset
 
     t0 = time.perf_counter()
     spec = get_spec(dataset)

@@ -12,7 +12,7 @@ For uint8 rows the labels are *canonical*: the float32 GEMM decides a row only w
 the runner-up exceeds a proven bound on its rounding error; near ties are re-decided with
 sequential float64 distances. Labels therefore do not depend on how the GEMM was blocked, which
 rows shared it, or which other models rode along, so a pass that skips rows by distance bounds
-(:mod:`kmdask.pruned`) gives the very same labels as a full pass.
+(:mod:`kmdask.engine.incremental`) gives the very same labels as a full pass.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Chunk:
     """A chunk of rows ready for the kernels: raw values plus cached squared row norms.
 
     ``cache`` holds values derived from this chunk between passes (e.g. the distance bounds of
-    :mod:`kmdask.pruned`); it travels with the chunk and is simply empty for a fresh one."""
+    :mod:`kmdask.engine.incremental`); it travels with the chunk and is empty for a fresh one."""
 
     x: np.ndarray  # (n, d) raw dtype (uint8/float32/float64)
     xnorm: np.ndarray  # (n,) float64, of the scaled values

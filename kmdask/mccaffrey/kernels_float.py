@@ -1,6 +1,6 @@
 """Per-chunk kernels of the mccaffrey mode for float64 rows (e.g. the error-case vectors).
 
-Same contract as :mod:`kmdask.mccaffrey_kernels` (whose uint8 path is untouched), with the
+Same contract as :mod:`kmdask.mccaffrey.kernels` (whose uint8 path is untouched), with the
 original's arithmetic on arbitrary float64 values:
 
 * a distance is the sum of squared differences accumulated in feature order, then ``sqrt``;
@@ -63,7 +63,7 @@ def _init_update(x, ct, dmin, amin, j):  # pragma: no cover - compiled
 
 
 def init_update(chunk: McFloatChunk, centres: np.ndarray, state, j: int):
-    """As :func:`kmdask.mccaffrey_kernels.init_update`, for float64 rows."""
+    """As :func:`kmdask.mccaffrey.kernels.init_update`, for float64 rows."""
     t_count, n = centres.shape[0], chunk.x.shape[0]
     if state is None:
         dmin = np.full((t_count, n), np.inf)

@@ -10,7 +10,7 @@ How it runs on dask without changing a single decision:
 * Every trial consumes exactly K draws, so all draws are made up front and **all trials share
   every pass** over the data (one GEMM against every trial's means per row block).
 * Chunks of rows live on the workers; every per-chunk result that decides something is exact
-  (see :mod:`kmdask.mccaffrey_kernels`): argmins use the original's sequential distances where
+  (see :mod:`kmdask.mccaffrey.kernels`): argmins use the original's sequential distances where
   the GEMM screen is not conclusive, and cluster sums are exact in float64.
 * Order-dependent float sums (ΣD², the roulette's running total, the WCSS) are computed as the
   original does, in row order: a chain of small tasks hands a per-trial carry from chunk to
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kmdask import mccaffrey_float as mf
-from kmdask import mccaffrey_kernels as mk
 from kmdask.errors import ConfigError, DataError, KmdaskError
-from kmdask.rng import DotNetRandom
+from kmdask.mccaffrey import kernels as mk
+from kmdask.mccaffrey import kernels_float as mf
+from kmdask.mccaffrey.dotnet_random import DotNetRandom
 
 __all__ = ["McCaffreyResult", "fit_mccaffrey", "mccaffrey_draws"]
 

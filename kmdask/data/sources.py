@@ -1,7 +1,7 @@
 """Where a data set's bytes come from: verified IDX bytes, whatever the source.
 
 Sources are tried in order until one yields files whose **decompressed** md5/sha256 match the
-registry (:mod:`kmdask.datasets`):
+registry (:mod:`kmdask.data.store`):
 
 1. an explicit ``source`` — a directory with the four IDX files (gz or raw) or a URL prefix.
    Any failure here is final: an explicit source never silently falls through;
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmdask.datasets import (
+from kmdask.data.store import (
     IMAGE_SIDE,
     DatasetSpec,
     check_split,

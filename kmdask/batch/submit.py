@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from kmdask.cluster import profile_dask_config
+from kmdask.batch.cluster import profile_dask_config
 from kmdask.errors import ConfigError, KmdaskError
 
 #: keys of a profile's ``submit:`` mapping
@@ -229,7 +229,7 @@ def write_batch_script(job_path: Path, profile: dict, *, runs_dir: Path,
     """Write ``<runs_dir>/<job>/submit/<job>-<stamp>.{sbatch,pbs}``; returns (script, output).
 
     Needs no scheduler command: the script can be written anywhere and inspected."""
-    from kmdask.config import load_job
+    from kmdask.batch.spec import load_job
 
     kind = _kind(profile)
     opts = submit_options(profile)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kmdask import __version__, metrics, rundir
-from kmdask.cases import case_order
-from kmdask.config import FitSpec, JobSpec
+from kmdask import __version__
+from kmdask.batch import rundir
+from kmdask.batch.spec import FitSpec, JobSpec
+from kmdask.engine import metrics
+from kmdask.engine.lloyd import ModelState
+from kmdask.errorcases.vectors import case_order
 from kmdask.errors import ClusterStalled, DataError, KmdaskError
-from kmdask.lloyd import ModelState
 
 HEAD_ROWS_DEFAULT = 100
 
@@ -40,8 +42,8 @@ def say(msg: str, quiet: bool = False) -> None:
 
 def resolve_store(job: JobSpec, *, quiet: bool = False) -> Path:
     """The job's zarr store; the default ``data/<dataset>.zarr`` is staged when missing."""
-    from kmdask.datasets import is_store
-    from kmdask.staging import stage_dataset
+    from kmdask.data.staging import stage_dataset
+    from kmdask.data.store import is_store
 
     if job.store:
         p = Path(job.store)
@@ -167,7 +169,7 @@ def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool, images=None
 
     A cases fit clusters case vectors ``X``; ``images`` are then the matching MNIST rows (the
     members kept for the figures) and ``zeroed`` marks its reliable cases."""
-    from kmdask.estimator import fit_models
+    from kmdask.engine.estimator import fit_models
 
     images = X if images is None else images
     fdir = run / "fits" / fit.name
@@ -212,7 +214,7 @@ def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool, images=None
                                            {**extra, **order})
         ck.path.unlink(missing_ok=True)
     else:
-        from kmdask.mccaffrey import fit_mccaffrey
+        from kmdask.mccaffrey.fit import fit_mccaffrey
 
         for k in fit.ks:
             t1 = time.perf_counter()
@@ -251,9 +253,9 @@ def _versions() -> dict:
 def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
             address: str | None = None, wait: bool = True, quiet: bool = False) -> RunOutcome:
     """Run ``job`` on the cluster ``profile`` describes; returns where its run directory is."""
-    from kmdask.cluster import connect
-    from kmdask.datasets import data_fingerprint, open_images, open_labels
-    from kmdask.sources import describe  # paths under $HOME are written as ~/...
+    from kmdask.batch.cluster import connect
+    from kmdask.data.sources import describe  # paths under $HOME are written as ~/...
+    from kmdask.data.store import data_fingerprint, open_images, open_labels
 
     t0 = time.perf_counter()
     store = resolve_store(job, quiet=quiet)
@@ -295,7 +297,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
             f"run {run_id}", quiet)
         cases = None
         if job.uses_cases:
-            from kmdask.cases import prepare_cases
+            from kmdask.errorcases.vectors import prepare_cases
 
             cases = prepare_cases(partial, job, store, runs_dir, quiet=quiet)
         fits: dict[str, dict] = {}
@@ -326,7 +328,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
             timings["classifier_and_cases"] = t_cases
             extra["classifier"] = {k: v for k, v in cases.info.items() if k != "epoch_loss"}
         if job.experiments:
-            from kmdask.experiment import run_experiments
+            from kmdask.errorcases.experiment import run_experiments
 
             t_exp = time.perf_counter()
             extra["experiments"] = run_experiments(partial, job, cases, quiet=quiet)
@@ -407,7 +409,7 @@ def list_runs(runs_dir: Path = Path("runs")) -> list[dict]:
                           if p.is_dir() and not p.name.startswith(".")):
         latest = job_dir / "latest"
         latest_id = os.readlink(latest) if latest.is_symlink() else None
-        if job_dir.name == "_models":  # the classifier cache (kmdask.cases), not a job
+        if job_dir.name == "_models":  # the classifier cache (kmdask.errorcases.vectors), not a job
             continue
         for d in sorted(job_dir.iterdir()):
             if not d.is_dir() or d.is_symlink() or d.name == "submit":

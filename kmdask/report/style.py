@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from kmdask.errors import DataError  # noqa: E402
-from kmdask.rundir import Run  # noqa: E402
+from kmdask.batch.rundir import Run  # noqa: E402
 
 # -- the original's look ----------------------------------------------------------------------
 PALETTE = [(255, 0, 0), (128, 192, 0), (64, 0, 255), (161, 195, 255), (0, 255, 0),

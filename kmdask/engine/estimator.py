@@ -18,11 +18,11 @@ from typing import Protocol
 import dask.array as da
 import numpy as np
 
-from kmdask import kernels
-from kmdask.chunked import ChunkedRows
+from kmdask.engine import kernels
+from kmdask.engine.executor import ChunkedRows
+from kmdask.engine.lloyd import ModelResult, ModelState, lloyd
+from kmdask.engine.seeding import kmeans_parallel, kmeans_plusplus
 from kmdask.errors import ConfigError
-from kmdask.lloyd import ModelResult, ModelState, lloyd
-from kmdask.seeding import kmeans_parallel, kmeans_plusplus
 
 _INITS = ("k-means||", "k-means++")
 DEFAULT_CHUNK_ROWS = 10_000
@@ -254,8 +254,8 @@ class KMeans:
         return self
 
     def _fit_mccaffrey(self, X: da.Array) -> KMeans:
-        from kmdask.chunked import _current_client
-        from kmdask.mccaffrey import fit_mccaffrey
+        from kmdask.engine.executor import _current_client
+        from kmdask.mccaffrey.fit import fit_mccaffrey
 
         if X.dtype != np.uint8:
             raise ConfigError(f"algorithm='mccaffrey' needs uint8 pixel rows, got {X.dtype}")
