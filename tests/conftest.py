@@ -37,10 +37,10 @@ def synth(tmp_path, monkeypatch):
     """A registered synthetic data set "synth" and a gz source directory holding it."""
     from synthdata import synth_arrays, synth_spec, write_idx_dir
 
-    from kmdask.data import store as datasets
+    from kmdask.data import registry
 
     arrays = synth_arrays()
-    monkeypatch.setitem(datasets.REGISTRY, "synth", synth_spec("synth", arrays))
+    monkeypatch.setitem(registry.REGISTRY, "synth", synth_spec("synth", arrays))
     return arrays, write_idx_dir(tmp_path / "src", arrays)
 
 

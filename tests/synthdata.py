@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kmdask.data.store import DatasetSpec, FileSpec, digests, idx_bytes
+from kmdask.data.idx import digests, idx_bytes
+from kmdask.data.registry import DatasetSpec, FileSpec
 
 
 def synth_arrays(n_train: int = 250, n_test: int = 50, seed: int = 0) -> dict[str, np.ndarray]:

@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 from synthdata import synth_arrays, write_idx_dir  # noqa: E402,F401
 
-from kmdask.data import store as datasets
-from kmdask.data.store import (
-    check_split,
-    data_fingerprint,
-    digests,
-    get_spec,
-    idx_bytes,
-    open_images,
-    open_labels,
-    parse_idx,
-    read_idx,
-    store_info,
-    verify_store,
-)
+from kmdask.data import idx, store
+from kmdask.data.idx import check_split, digests, idx_bytes, parse_idx, read_idx
+from kmdask.data.registry import get_spec
+from kmdask.data.store import data_fingerprint, open_images, open_labels, store_info, verify_store
 from kmdask.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +105,7 @@ def test_registry():
 def test_mnist_checksums_match_shared_files(mnist_source):
     """The hard-coded registry values are those of the real decompressed files."""
     for f in get_spec("mnist").files:
-        data = datasets.read_idx_bytes(mnist_source / (f.name + ".gz"))
+        data = idx.read_idx_bytes(mnist_source / (f.name + ".gz"))
         assert digests(data) == (f.md5, f.sha256)
 
 
@@ -134,7 +124,7 @@ def test_store_info_rejects_non_stores(tmp_path):
     zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3).attrs["x"] = 1
     with pytest.raises(DataError, match=r"g.zarr: not a kmdask store \(zarr group without"):
         open_labels(tmp_path / "g.zarr")
-    assert not datasets.is_store(tmp_path / "g.zarr")
+    assert not store.is_store(tmp_path / "g.zarr")
 
 
 def test_open_store_and_fingerprint(synth, tmp_path):
@@ -194,10 +184,10 @@ def test_store_attributes(synth, tmp_path):
 
 
 def test_gzip_bomb_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "MAX_IDX_BYTES", 1 << 20)
+    monkeypatch.setattr(idx, "MAX_IDX_BYTES", 1 << 20)
     bomb = gzip.compress(b"\0" * (4 << 20), compresslevel=9)  # 4 MiB of zeros, ~4 KB on disk
     p = tmp_path / "train-images-idx3-ubyte.gz"
     p.write_bytes(bomb)
     with pytest.raises(DataError, match=r"decompresses to more than 1,048,576 bytes"):
-        datasets.read_idx_bytes(p)
+        idx.read_idx_bytes(p)
     assert len(bomb) < 10_000  # the file itself is tiny

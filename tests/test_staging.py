@@ -17,16 +17,9 @@ import numpy as np
 import pytest
 from synthdata import synth_arrays, write_idx_dir
 
+from kmdask.data.idx import read_idx, read_idx_bytes
 from kmdask.data.staging import stage_dataset, train_rows, warp_images
-from kmdask.data.store import (
-    is_store,
-    open_images,
-    open_labels,
-    read_idx,
-    read_idx_bytes,
-    store_info,
-    verify_store,
-)
+from kmdask.data.store import is_store, open_images, open_labels, store_info, verify_store
 from kmdask.errors import ConfigError, DataError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

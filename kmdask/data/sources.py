@@ -37,17 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kmdask.data.store import (
-    IMAGE_SIDE,
-    DatasetSpec,
-    check_split,
-    decompress_idx,
-    digests,
-    get_spec,
-    idx_bytes,
-    parse_idx,
-    read_idx_bytes,
-)
+from kmdask.data.idx import IMAGE_SIDE, check_split, decompress_idx, digests, idx_bytes, parse_idx, read_idx_bytes
+from kmdask.data.registry import DatasetSpec, get_spec
 from kmdask.errors import DataError
 
 MIRRORS: dict[str, tuple[str, ...]] = {

@@ -29,17 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from kmdask.data.store import (
-    IMAGE_SIDE,
-    N_FEATURES,
-    SPLITS,
-    STORE_FORMAT,
-    DatasetSpec,
-    get_spec,
-    is_store,
-    parse_idx,
-    store_info,
-)
+from kmdask.data.idx import IMAGE_SIDE, parse_idx
+from kmdask.data.registry import DatasetSpec, N_FEATURES, SPLITS, get_spec
+from kmdask.data.store import STORE_FORMAT, is_store, store_info
 from kmdask.errors import ConfigError, DataError
 from kmdask.rng import keyed_rng
 

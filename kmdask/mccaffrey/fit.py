@@ -1,6 +1,6 @@
 """The seed-compatible "mccaffrey" mode: the original K-Means++ MNIST demo, bit for bit.
 
-What it reproduces is described in ``../shared/SEED_SPEC.md``: one .NET ``System.Random(seed)``
+What it reproduces is described in ``docs/original-demo.md``: one .NET ``System.Random(seed)``
 shared by all trials, roulette-wheel k-means++ seeding, the Lloyd loop with its stopping rules
 (including the stale means kept when ``max_iter`` is reached), and the best trial by strictly
 lower WCSS.
