@@ -1,17 +1,27 @@
-"""Command line: ``kmdask stage|fit ...``.
+"""The command line: ``kmdask stage|run|sweep|runs|submit|report``.
 
-Every user-facing failure is a :class:`~kmdask.errors.KmdaskError`, printed as one line on
-stderr with a non-zero exit. Nothing imports this module.
+Every user-facing failure is a :class:`~kmdask.errors.KmdaskError`, logged as one line on
+stderr with a non-zero exit (see :data:`EXIT_CODES`). Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
-from kmdask import __version__
+from kmdask import __version__, log
 from kmdask.errors import KmdaskError
+
+logger = logging.getLogger("kmdask.cli")
+
+#: what the exit status of every command means
+EXIT_CODES = {
+    0: "done (or nothing to do: an unchanged job's complete run exists)",
+    1: "a bug in kmdask (a traceback follows; please report it)",
+    2: "bad input, configuration, or a failure kmdask reports in one line",
+    130: "interrupted (Ctrl-C); a rerun of the same command resumes",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -45,14 +55,13 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         compressor=args.compressor,
         augment=args.augment,
         seed=args.seed,
-        quiet=args.quiet,
     )
     print(result.path)
     return 0
 
 
 def _profile(args: argparse.Namespace) -> dict:
-    from kmdask.batch.spec import load_profile
+    from kmdask.batch.profiles import load_profile
 
     return load_profile(args.profile, args.cluster_file)
 
@@ -63,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     out = run_job(job, _profile(args), runs_dir=args.runs_dir, address=args.address,
-                  wait=not args.no_wait, quiet=args.quiet)
+                  wait=not args.no_wait)
     print(out.path)
     return 0
 
@@ -77,10 +86,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for path in args.jobs:
         job = load_job(path)
         runs.append(run_job(job, profile, runs_dir=args.runs_dir, address=args.address,
-                            wait=not args.no_wait, quiet=args.quiet).path)
+                            wait=not args.no_wait).path)
     from kmdask.report.build import write_report
 
-    index = write_report(runs, args.out, quiet=args.quiet)
+    index = write_report(runs, args.out)
     print(index)
     return 0
 
@@ -118,7 +127,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from kmdask.report.build import write_report
 
-    print(write_report(args.runs, args.out, quiet=args.quiet))
+    print(write_report(args.runs, args.out))
     return 0
 
 
@@ -136,13 +145,27 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true",
                    help="exit with an error instead of waiting when another run of the same "
                         "job holds its lock")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def _add_log_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more detail (debug messages); repeat for more")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines: warnings and errors only")
+    g.add_argument("--log-format", choices=log.FORMATS, default="text",
+                   help="text (default) or json: one JSON object per line on stderr (time, "
+                        "level, logger, message and fields such as job, fit, iteration)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kmdask",
-        description="Distributed, out-of-core K-Means++ for MNIST-like image data on dask.",
+        description="Distributed, out-of-core K-Means++ for MNIST-like image data on dask. "
+                    "Quick start: `kmdask sweep` stages MNIST, runs jobs/sweep.yaml and "
+                    "jobs/errorcases.yaml on a LocalCluster and writes report/index.html.",
+        epilog="exit status: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
+               + ". Each command's --help says more.",
     )
     parser.add_argument("--version", action="version", version=f"kmdask {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -180,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append N shifted/rotated copies of the training set, written chunk by "
                         "chunk (for out-of-core tests; default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for --augment (default: 0)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser(
@@ -231,21 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<job>/<id> or "
                                                       "runs/<job>/latest)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
-    p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_report)
+    for cmd in sub.choices.values():
+        _add_log_args(cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    log.setup(-1 if args.quiet else args.verbose, args.log_format)
     try:
         return int(args.func(args) or 0)
     except KmdaskError as exc:
-        print(f"kmdask: error: {exc}", file=sys.stderr)
+        logger.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("kmdask: interrupted", file=sys.stderr)
+        logger.error("interrupted; rerun the same command to resume")
         return 130
 
 

@@ -58,7 +58,7 @@ def mnist_store(mnist_source, tmp_path_factory) -> Path:
     from kmdask.data.staging import stage_dataset
 
     out = tmp_path_factory.mktemp("stores") / "mnist.zarr"
-    stage_dataset("mnist", out=out, source=mnist_source, quiet=True)
+    stage_dataset("mnist", out=out, source=mnist_source)
     return out
 
 

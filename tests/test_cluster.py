@@ -24,7 +24,7 @@ import yaml
 from slurmutil import ensure_slurm
 
 from kmdask.batch.cluster import connect, merged_dask_config
-from kmdask.batch.spec import deep_merge, load_profile
+from kmdask.batch.profiles import deep_merge, load_profile
 from kmdask.errors import ConfigError, KmdaskError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,17 +69,17 @@ def test_partial_jobqueue_section_keeps_the_other_defaults():
 def test_bad_profile_values_are_one_line_errors():
     with (
         pytest.raises(ConfigError, match=r"profiles\.address\.timeout.*'soon'"),
-        connect(_profile("address", timeout="soon"), quiet=True),
+        connect(_profile("address", timeout="soon")),
     ):
         pass
     with (
         pytest.raises(ConfigError, match=r"security\.tls_cert: unknown key"),
-        connect(_profile("address", security={"tls_cert": "x"}), quiet=True),
+        connect(_profile("address", security={"tls_cert": "x"})),
     ):
         pass
     with (
         pytest.raises(ConfigError, match=r"require_encryption: is true but the address"),
-        connect(_profile("address", security={"require_encryption": True}), quiet=True),
+        connect(_profile("address", security={"require_encryption": True})),
     ):
         pass
 
@@ -97,7 +97,7 @@ def _listening(proc: psutil.Process) -> list[str]:
 
 
 def test_local_profile_binds_only_loopback():
-    with connect(_profile("local"), quiet=True) as client:
+    with connect(_profile("local")) as client:
         info = client.kmdask_cluster
         assert _square_sum(client) == sum(x * x for x in range(20))
         assert info["kind"] == "local" and info["n_workers"] == 2
@@ -111,7 +111,7 @@ def test_local_profile_binds_only_loopback():
 def test_local_workers_malloc_environment(limit, tuned):
     """Big workers keep multi-MB buffers in the heap (fast re-use); small ones keep dask's
     default (freed memory goes straight back to the OS)."""
-    with connect(_profile("local", n_workers=1, memory_limit=limit), quiet=True) as client:
+    with connect(_profile("local", n_workers=1, memory_limit=limit)) as client:
         env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in (
             "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")}).values()))
     assert env["OPENBLAS_NUM_THREADS"] == "1"  # dask's own settings are kept
@@ -204,12 +204,12 @@ def _wait_workers(profile: dict, n: int) -> None:
 def test_address_profile_runs_on_an_existing_scheduler(dask_address):
     prof = _profile("address", address=dask_address)
     _wait_workers(prof, 2)
-    with connect(prof, quiet=True) as client:
+    with connect(prof) as client:
         assert _square_sum(client) == sum(x * x for x in range(20))
         info = client.kmdask_cluster
         assert info["n_workers"] == 2 and info["scheduler"] == dask_address
     # --address overrides whatever kind the profile has
-    with connect(_profile("local"), address=dask_address, quiet=True) as client:
+    with connect(_profile("local"), address=dask_address) as client:
         assert client.kmdask_cluster["kind"] == "address"
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
 
@@ -217,7 +217,7 @@ def test_address_profile_runs_on_an_existing_scheduler(dask_address):
 def test_address_profile_closed_port_fails_within_timeout():
     prof = _profile("address", address=f"tcp://127.0.0.1:{_free_port()}", timeout="2s")
     t0 = time.perf_counter()
-    with pytest.raises(KmdaskError) as err, connect(prof, quiet=True):
+    with pytest.raises(KmdaskError) as err, connect(prof):
         pass
     took = time.perf_counter() - t0
     msg = str(err.value)
@@ -269,18 +269,18 @@ def test_tls_address_profile_with_require_encryption(tls_certs, tmp_path):
         prof = _profile("address", address=address, timeout="20s", security={
             "tls_ca_file": str(d / "ca.pem"), "tls_client_cert": str(d / "client.pem"),
             "tls_client_key": str(d / "client.key"), "require_encryption": True})
-        with connect(prof, quiet=True) as client:
+        with connect(prof) as client:
             assert _square_sum(client) == sum(x * x for x in range(20))
             assert client.kmdask_cluster["scheduler"].startswith("tls://127.0.0.1:")
         # a plain-text client is not let in ...
         plain = _profile("address", address="tcp://" + address[len("tls://"):], timeout="2s")
-        with pytest.raises(KmdaskError, match="cannot reach"), connect(plain, quiet=True):
+        with pytest.raises(KmdaskError, match="cannot reach"), connect(plain):
             pass
         # ... nor one whose certificate another CA signed
         rogue = _profile("address", address=address, timeout="3s", security={
             "tls_ca_file": str(d / "rogue.pem"), "tls_client_cert": str(d / "intruder.pem"),
             "tls_client_key": str(d / "intruder.key"), "require_encryption": True})
-        with pytest.raises(KmdaskError, match="cannot reach") as err, connect(rogue, quiet=True):
+        with pytest.raises(KmdaskError, match="cannot reach") as err, connect(rogue):
             pass
         assert "\n" not in str(err.value)
 
@@ -307,7 +307,7 @@ def test_jobqueue_profile_starts_workers_through_the_scheduler(kind, tmp_path):
                 "job_extra_directives": ["--comment=kmdask" if kind == "slurm" else "-r n"]})
     # distributed.* reaches the scheduler (here) and the workers (in the batch jobs)
     prof["config"]["distributed"] = {"scheduler": {"allowed-failures": 7}}
-    with connect(prof, quiet=True) as client:
+    with connect(prof) as client:
         info = client.kmdask_cluster
         script = client.cluster.job_script()
         assert _square_sum(client) == sum(x * x for x in range(20))
@@ -340,17 +340,17 @@ def test_slurm_profile_with_adapt_bounds(tmp_path):
                     adapt={"minimum_jobs": 1, "maximum_jobs": 2})
     prof["config"] = deep_merge(prof["config"], {"jobqueue": {"slurm": {
         "name": name, "log-directory": str(tmp_path)}}})
-    with connect(prof, quiet=True) as client:
+    with connect(prof) as client:
         assert _square_sum(client) == sum(x * x for x in range(20))
         assert 1 <= len(_jobs_named(name)) <= 2
     with (
         pytest.raises(ConfigError, match=r"profiles\.slurm\.adapt\.most: unknown key"),
-        connect(_profile("slurm", adapt={"most": 3}), quiet=True),
+        connect(_profile("slurm", adapt={"most": 3})),
     ):
         pass
     with (
         pytest.raises(ConfigError, match=r"profiles\.slurm\.adapt: set minimum_jobs"),
-        connect(_profile("slurm", adapt={"maximum_jobs": 3}), quiet=True),
+        connect(_profile("slurm", adapt={"maximum_jobs": 3})),
     ):
         pass
 
@@ -360,7 +360,7 @@ def test_jobqueue_profile_without_the_scheduler_command(monkeypatch):
     for kind, exe in (("slurm", "sbatch"), ("pbs", "qsub")):
         with (
             pytest.raises(KmdaskError, match=f"needs the {kind.upper()} command '{exe}'"),
-            connect(_profile(kind), quiet=True),
+            connect(_profile(kind)),
         ):
             pass
 

@@ -131,9 +131,9 @@ def test_open_store_and_fingerprint(synth, tmp_path):
     from kmdask.data.staging import stage_dataset
 
     arrays, src = synth
-    a = stage_dataset("synth", out=tmp_path / "a.zarr", source=src, chunk_rows=64, quiet=True)
+    a = stage_dataset("synth", out=tmp_path / "a.zarr", source=src, chunk_rows=64)
     b = stage_dataset("synth", out=tmp_path / "b.zarr", source=src, chunk_rows=100,
-                      compressor="none", quiet=True)
+                      compressor="none")
     x = open_images(a.path)
     assert x.dtype == np.uint8 and x.shape == (250, 784)
     assert x.chunks == ((64, 64, 64, 58), (784,))
@@ -145,7 +145,7 @@ def test_open_store_and_fingerprint(synth, tmp_path):
     fa, fb = data_fingerprint(a.path, "train"), data_fingerprint(b.path, "train")
     assert fa == fb and len(fa) == 16 and int(fa, 16) >= 0
     assert data_fingerprint(a.path, "test") != fa
-    aug = stage_dataset("synth", out=tmp_path / "c.zarr", source=src, augment=1, quiet=True)
+    aug = stage_dataset("synth", out=tmp_path / "c.zarr", source=src, augment=1)
     assert data_fingerprint(aug.path, "train") != fa
     assert data_fingerprint(aug.path, "test") == data_fingerprint(a.path, "test")
 
@@ -155,7 +155,7 @@ def test_verify_store_detects_corruption(synth, tmp_path):
 
     _, src = synth
     res = stage_dataset("synth", out=tmp_path / "s.zarr", source=src, chunk_rows=100,
-                        compressor="none", quiet=True)
+                        compressor="none")
     verify_store(res.path)
     chunk = res.path / "train" / "images" / "c" / "1" / "0"
     data = bytearray(chunk.read_bytes())
@@ -170,7 +170,7 @@ def test_store_attributes(synth, tmp_path):
     from kmdask.data.staging import stage_dataset
 
     _, src = synth
-    res = stage_dataset("synth", out=tmp_path / "s.zarr", source=src, quiet=True)
+    res = stage_dataset("synth", out=tmp_path / "s.zarr", source=src)
     info = store_info(res.path)
     assert info["dataset"] == "synth" and info["chunk_rows"] == 10000
     assert info["compressor"] == "lz4" and info["augment"] == {"copies": 0}

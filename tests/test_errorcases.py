@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from kmdask.batch.spec import CasesSpec, load_job, parse_job
+from kmdask.batch.spec import load_job, parse_job
+from kmdask.errorcases.spec import CasesSpec
 from kmdask.errorcases.experiment import bootstrap_ci, class_set, evaluate, mcnemar, route
 from kmdask.errorcases.vectors import (
     case_order,
@@ -405,7 +406,7 @@ def test_cases_job_experiment_and_report(cases_run, tmp_path):
     assert e["routed_accuracy"] == pytest.approx(np.mean(preds["routed"] == preds["y"]))
     assert e["baseline"]["examples"] == e["extra_examples"] > 0
     out = tmp_path / "report"
-    index = write_report([run], out, quiet=True)
+    index = write_report([run], out)
     pngs = {p.name for p in (out / "cases").iterdir()}
     assert pngs == {"ec_mcc.png", "ec_scal.png", "conf.png", "exp.png"}
     page = index.read_text()
@@ -432,7 +433,7 @@ def test_same_classifier_is_reused_and_models_are_not_runs(cases_run, mnist_stor
 
 
 def test_classifier_is_deterministic(mnist_store):
-    from kmdask.batch.spec import ClassifierSpec
+    from kmdask.errorcases.spec import ClassifierSpec
     from kmdask.data.store import open_images, open_labels
     from kmdask.errorcases.classifier import train
 

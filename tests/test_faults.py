@@ -203,7 +203,7 @@ def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
         t.start()
         try:
             with pytest.raises(KmdaskError) as ei:
-                run_job(job, profile, runs_dir=tmp_path / "runs", quiet=True)
+                run_job(job, profile, runs_dir=tmp_path / "runs")
         finally:
             stop.set()
             t.join()
@@ -211,8 +211,8 @@ def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
         assert "\n" not in msg and "stopped in fit 'a'" in msg and "rerun" in msg
         assert list((tmp_path / "runs" / "flaky").glob(".*.partial/fits/a/checkpoint.npz"))
         c.wait_for_workers(2, timeout=60)
-        resumed = run_job(job, profile, runs_dir=tmp_path / "runs", quiet=True)
-        ref = run_job(job, profile, runs_dir=tmp_path / "ref", quiet=True)
+        resumed = run_job(job, profile, runs_dir=tmp_path / "runs")
+        ref = run_job(job, profile, runs_dir=tmp_path / "ref")
     for k in (7, 9):
         for f in ("centers.npy", "labels.npy"):
             assert (resumed.path / "fits/a" / f"k{k}" / f).read_bytes() == \
@@ -286,7 +286,7 @@ def test_workers_paused_for_memory_end_the_run_clearly(mnist_store, tmp_path):
         t.start()
         t0 = time.monotonic()
         with pytest.raises(KmdaskError) as ei:
-            run_job(job, profile, runs_dir=tmp_path / "runs", quiet=True)
+            run_job(job, profile, runs_dir=tmp_path / "runs")
         t.join()
         assert pause.is_set() and time.monotonic() - t0 < 60
     msg = str(ei.value)

@@ -19,7 +19,7 @@ def test_streamed_fit_on_millions_of_rows_under_memory_limits(mnist_source, tmp_
     from kmdask.data.store import open_images
 
     store = tmp_path_factory.mktemp("big") / "mnist-aug39.zarr"
-    stage_dataset("mnist", out=store, source=mnist_source, augment=39, quiet=True)
+    stage_dataset("mnist", out=store, source=mnist_source, augment=39)
     X = open_images(store, "train")
     assert X.shape[0] == 40 * 60_000 >= 1_000_000
     assert X.nbytes > 2 * (2 * 400e6)  # several times the workers' total memory

@@ -78,7 +78,7 @@ def test_report_writes_every_figure_and_links_resolve(run_dir, tmp_path):
     from kmdask.report.build import write_report
 
     out = tmp_path / "report"
-    index = write_report([run_dir], out, quiet=True)
+    index = write_report([run_dir], out)
     assert index == out / "index.html" and index.is_file()
     assert {p.name for p in (out / "rep").iterdir()} == PNGS
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp left
@@ -99,7 +99,7 @@ def test_report_writes_every_figure_and_links_resolve(run_dir, tmp_path):
     # a second report into the same directory replaces the first one; two runs of one job
     # (here the run and a copy of it) get a section and a folder each
     again = _copy(run_dir, tmp_path / "again")
-    write_report([run_dir, again], out, quiet=True)
+    write_report([run_dir, again], out)
     subs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert subs == ["rep", f"rep-{m['run_id']}", f"rep-{m['run_id']}-2"]
     page = index.read_text()
@@ -122,7 +122,8 @@ def test_mean_image_pixels_are_the_cluster_means(run_dir, mnist_store, tmp_path)
 
     from kmdask.batch.rundir import open_run
     from kmdask.batch.spec import parse_job
-    from kmdask.report.clusters import draw_clusters, mean_image_rgb
+    from kmdask.report.clusters import draw_clusters
+    from kmdask.report.style import mean_image_rgb
 
     run = open_run(run_dir)
     figs = {f.name: f for f in parse_job(run.manifest["spec"]).figures}
@@ -180,7 +181,7 @@ def _report_fails(run: Path, out: Path, match: str) -> None:
     from kmdask.report.build import write_report
 
     with pytest.raises(DataError, match=match) as exc:
-        write_report([run], out, quiet=True)
+        write_report([run], out)
     assert "\n" not in str(exc.value)
     assert not (out / "index.html").exists()
 
@@ -221,20 +222,23 @@ def test_cli_refuses_incomplete_run_with_one_line(run_dir, tmp_path):
 
 
 def test_failed_report_leaves_the_previous_one_intact(run_dir, tmp_path, monkeypatch):
-    from kmdask.report import clusters as figures
+    import dataclasses
+
+    from kmdask.report import kinds
     from kmdask.report.build import write_report
 
     out = tmp_path / "report"
-    write_report([run_dir], out, quiet=True)
+    write_report([run_dir], out)
     before = (out / "index.html").read_bytes()
     pngs = sorted((out / "rep").iterdir())
 
     def boom(*_a, **_k):
         raise RuntimeError("drawing failed")
 
-    monkeypatch.setitem(figures.DRAW, "timing", boom)
+    registry = kinds.figure_kinds()
+    monkeypatch.setitem(registry, "timing", dataclasses.replace(registry["timing"], draw=boom))
     with pytest.raises(RuntimeError):
-        write_report([run_dir], out, quiet=True)
+        write_report([run_dir], out)
     assert (out / "index.html").read_bytes() == before
     assert sorted((out / "rep").iterdir()) == pngs
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

@@ -210,24 +210,24 @@ def test_mirror_download_is_verified_cached_and_reused(synth, tmp_path, monkeypa
     dead = f"http://127.0.0.1:{_closed_port()}/"
     good = http_dir(src)
     monkeypatch.setenv("KMDASK_MIRRORS", f"{dead} {http_dir(bad)} {good}")
-    found = find_dataset("synth", quiet=True)
+    found = find_dataset("synth")
     assert found.source == good
     assert found.files == {n: idx_bytes(a) for n, a in arrays.items()}
     cached = sorted(p.name for p in cache_dir("synth").iterdir())
     assert cached == sorted(n + ".gz" for n in arrays)  # stored as fetched, no temporaries
     # now offline: the cache alone serves it
     monkeypatch.setenv("KMDASK_MIRRORS", "")
-    again = find_dataset("synth", quiet=True)
+    again = find_dataset("synth")
     assert again.source.startswith("cache ") and again.files == found.files
 
 
 def test_explicit_url_source(synth, http_dir):
     arrays, src = synth
     url = http_dir(src).rstrip("/")  # a prefix without the slash works too
-    found = find_dataset("synth", url, quiet=True)
+    found = find_dataset("synth", url)
     assert found.source == url and found.files == {n: idx_bytes(a) for n, a in arrays.items()}
     with pytest.raises(DataError, match=r"/missing/train-images-idx3-ubyte: HTTP 404"):
-        find_dataset("synth", url + "/missing/", quiet=True)
+        find_dataset("synth", url + "/missing/")
 
 
 def test_data_dir_env_with_dataset_subdir(synth, tmp_path, monkeypatch):
@@ -235,7 +235,7 @@ def test_data_dir_env_with_dataset_subdir(synth, tmp_path, monkeypatch):
     root = tmp_path / "datadir"
     write_idx_dir(root / "synth", arrays, gz=False)
     monkeypatch.setenv("KMDASK_DATA_DIR", str(root))
-    found = find_dataset("synth", quiet=True)
+    found = find_dataset("synth")
     assert found.source == f"$KMDASK_DATA_DIR {root / 'synth'}"
     assert not cache_dir("synth").exists()  # local sources are not copied into the cache
 
@@ -246,8 +246,8 @@ def test_explicit_source_mismatch_never_falls_through(synth, tmp_path, monkeypat
     bad = write_idx_dir(tmp_path / "bad", {**arrays, "train-labels-idx1-ubyte":
                                            (arrays["train-labels-idx1-ubyte"] + 1) % 10})
     with pytest.raises(DataError, match=r"bad/train-labels-idx1-ubyte.gz: checksum mismatch"):
-        find_dataset("synth", bad, quiet=True)  # ... but the explicit source decides
-    assert find_dataset("synth", quiet=True).source.startswith("cache ")
+        find_dataset("synth", bad)  # ... but the explicit source decides
+    assert find_dataset("synth").source.startswith("cache ")
 
 
 def test_describe_hides_home(monkeypatch, tmp_path):

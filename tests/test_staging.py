@@ -140,7 +140,7 @@ def test_bad_input_in_process(tmp_path, case):
     src, out, needle = BAD_CASES[case](tmp_path)
     parent_existed = out.parent.exists()
     with pytest.raises(DataError) as exc:
-        stage_dataset("mnist", out=out, source=src, quiet=True)
+        stage_dataset("mnist", out=out, source=src)
     msg = str(exc.value)
     assert needle in msg and "\n" not in msg
     _assert_nothing_left(out, case, parent_existed)
@@ -165,7 +165,7 @@ def test_read_only_directory_as_non_root(synth, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     with pytest.raises(DataError, match=rf"output directory {ro} is not writable"):
-        stage_dataset("synth", out=ro / "o.zarr", source=src, quiet=True)
+        stage_dataset("synth", out=ro / "o.zarr", source=src)
     assert list(ro.iterdir()) == []
 
 
@@ -180,10 +180,10 @@ def test_lost_rename_race_reuses_the_winner(synth, tmp_path, monkeypatch):
     def write_then_lose(*args, **kwargs):
         real(*args, **kwargs)
         monkeypatch.setattr(staging, "_write_store", real)
-        stage_dataset("synth", out=out, source=src, quiet=True)  # the winner, in between
+        stage_dataset("synth", out=out, source=src)  # the winner, in between
 
     monkeypatch.setattr(staging, "_write_store", write_then_lose)
-    res = stage_dataset("synth", out=out, source=src, quiet=True)
+    res = stage_dataset("synth", out=out, source=src)
     assert res.reused and is_store(out) and _leftovers(out) == []
     verify_store(out)
 
@@ -207,7 +207,7 @@ def test_bad_parameters(synth, tmp_path):
 def test_synthetic_round_trip(synth, tmp_path, compressor):
     arrays, src = synth
     res = stage_dataset("synth", out=tmp_path / "s.zarr", source=src, chunk_rows=64,
-                        compressor=compressor, quiet=True)
+                        compressor=compressor)
     assert res.path == tmp_path / "s.zarr" and not res.reused and res.nbytes > 0
     for split, prefix in (("train", "train"), ("test", "t10k")):
         x = open_images(res.path, split)
@@ -245,14 +245,14 @@ def test_idempotent_reuse_and_refusal(mnist_store, mnist_source, capsys):
     assert res.reused and res.seconds < 2.0 and res.path == mnist_store
     assert f"reusing valid store at {mnist_store}" in capsys.readouterr().err
     # reuse needs no source at all: the registry checksums are compared with the store's
-    assert stage_dataset("mnist", out=mnist_store, source="/nonexistent", quiet=True).reused
+    assert stage_dataset("mnist", out=mnist_store, source="/nonexistent").reused
     with pytest.raises(DataError, match=r"is a kmdask store with different parameters: "
                                         r"chunk_rows 10000 \(wanted 5000\); remove it or choose"):
-        stage_dataset("mnist", out=mnist_store, source=mnist_source, chunk_rows=5000, quiet=True)
+        stage_dataset("mnist", out=mnist_store, source=mnist_source, chunk_rows=5000)
     with pytest.raises(DataError, match=r"different parameters: compressor 'lz4'"):
-        stage_dataset("mnist", out=mnist_store, compressor="none", quiet=True)
+        stage_dataset("mnist", out=mnist_store, compressor="none")
     with pytest.raises(DataError, match=r"different parameters: dataset 'mnist'.*files \(diff"):
-        stage_dataset("fashion-mnist", out=mnist_store, quiet=True)
+        stage_dataset("fashion-mnist", out=mnist_store)
     assert {p: p.stat().st_mtime_ns for p in mnist_store.rglob("*")} == before
 
 
@@ -265,10 +265,10 @@ def test_default_out_and_stale_temporaries(synth, tmp_path, monkeypatch):
     live = tmp_path / "data" / f".synth.zarr.tmp-{os.getppid()}-0000beef"
     for d in (stale, live):
         (d / "train").mkdir(parents=True)
-    res = stage_dataset("synth", source=src, quiet=True)
+    res = stage_dataset("synth", source=src)
     assert res.path == tmp_path / "data" / "synth.zarr" and is_store(res.path)
     assert not stale.exists() and live.exists()  # a running stage's temporary is left alone
-    aug = stage_dataset("synth", source=src, augment=2, quiet=True)
+    aug = stage_dataset("synth", source=src, augment=2)
     assert aug.path == tmp_path / "data" / "synth-aug2.zarr"
 
 
@@ -291,8 +291,7 @@ def test_sigkill_midway_leaves_nothing_valid(mnist_source, tmp_path):
         proc.wait()
     assert not out.exists() and not is_store(out)
     assert len(_leftovers(out)) == 1  # the killed stage's temporary, not a store
-    res = stage_dataset("mnist", out=out, source=mnist_source, chunk_rows=2000, augment=1,
-                        quiet=True)
+    res = stage_dataset("mnist", out=out, source=mnist_source, chunk_rows=2000, augment=1)
     assert not res.reused and is_store(out) and _leftovers(out) == []
     verify_store(out)
     assert open_images(out).shape == (120000, 784)
@@ -301,7 +300,7 @@ def test_sigkill_midway_leaves_nothing_valid(mnist_source, tmp_path):
 @pytest.mark.skipif(not FASHION.is_dir(),
                     reason=f"{FASHION} absent (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_from_debian_files(tmp_path):
-    res = stage_dataset("fashion-mnist", out=tmp_path / "f.zarr", quiet=True)
+    res = stage_dataset("fashion-mnist", out=tmp_path / "f.zarr")
     info = store_info(res.path)
     assert info["dataset"] == "fashion-mnist" and info["source"] == str(FASHION)
     want = read_idx(FASHION / "train-images-idx3-ubyte.gz").reshape(60000, 784)
@@ -335,7 +334,7 @@ def test_augment_shape_labels_determinism(synth, tmp_path):
     imgs = arrays["train-images-idx3-ubyte"].reshape(250, 784)
     labels = arrays["train-labels-idx1-ubyte"]
     a = stage_dataset("synth", out=tmp_path / "a.zarr", source=src, augment=2, seed=7,
-                      chunk_rows=64, quiet=True)
+                      chunk_rows=64)
     xa = open_images(a.path).compute()
     assert xa.shape == (750, 784) and open_images(a.path, "test").shape == (50, 784)
     np.testing.assert_array_equal(xa[:250], imgs)  # originals first, unchanged
@@ -349,10 +348,10 @@ def test_augment_shape_labels_determinism(synth, tmp_path):
     assert store_info(a.path)["augment"]["copies"] == 2
     # same seed, different chunking -> identical; other seed -> different
     b = stage_dataset("synth", out=tmp_path / "b.zarr", source=src, augment=2, seed=7,
-                      chunk_rows=100, quiet=True)
+                      chunk_rows=100)
     np.testing.assert_array_equal(open_images(b.path).compute(), xa)
     c = stage_dataset("synth", out=tmp_path / "c.zarr", source=src, augment=2, seed=8,
-                      chunk_rows=64, quiet=True)
+                      chunk_rows=64)
     xc = open_images(c.path).compute()
     np.testing.assert_array_equal(xc[:250], imgs)
     assert (xc[250:] != xa[250:]).any(axis=1).mean() > 0.9
@@ -376,7 +375,7 @@ def test_augment_real_mnist_memory_stays_bounded(mnist_source, tmp_path):
     """augment=2 writes 120,000 extra rows (94 MB) chunk by chunk: the peak barely moves."""
     def stage(n: int, name: str) -> Callable[[], object]:
         return lambda: stage_dataset("mnist", out=tmp_path / name, source=mnist_source,
-                                     chunk_rows=5000, augment=n, quiet=True)
+                                     chunk_rows=5000, augment=n)
     base = _peak_bytes(stage(0, "plain.zarr"))
     aug = _peak_bytes(stage(2, "aug.zarr"))
     extra = 2 * 60000 * 784

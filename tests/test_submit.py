@@ -12,7 +12,7 @@ import pytest
 import yaml
 from slurmutil import ensure_slurm
 
-from kmdask.batch.spec import load_profile
+from kmdask.batch.profiles import load_profile
 from kmdask.batch.submit import submit_job, submit_script, wait_for_job, write_batch_script
 from kmdask.errors import ConfigError, KmdaskError
 

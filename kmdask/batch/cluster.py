@@ -23,7 +23,6 @@ import logging
 import os
 import shlex
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,13 +32,10 @@ import dask
 
 from kmdask.errors import ConfigError, KmdaskError
 
+log = logging.getLogger(__name__)
+
 #: attribute of the yielded Client that holds :func:`connect`'s timing and address record
 INFO_ATTR = "kmdask_cluster"
-
-
-def _say(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _where(profile: dict, key: str = "") -> str:
@@ -201,7 +197,7 @@ def worker_environment(memory_limit: Any = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _local(profile: dict, quiet: bool) -> Iterator[Any]:
+def _local(profile: dict) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     n = int(profile.get("n_workers", 2))
@@ -224,13 +220,13 @@ def _local(profile: dict, quiet: bool) -> Iterator[Any]:
         info = _record(client, profile, t0)
         client.wait_for_workers(n)
         info["n_workers"] = n
-        _say(f"kmdask: LocalCluster: first worker after {info['time_to_first_worker_s']:.1f} s, "
-             f"{n} worker(s); dashboard {client.dashboard_link}", quiet)
+        log.info("kmdask: LocalCluster: first worker after %.1f s, %d worker(s); dashboard %s",
+                 info["time_to_first_worker_s"], n, client.dashboard_link)
         yield client
 
 
 @contextlib.contextmanager
-def _address(profile: dict, address: str | None, quiet: bool) -> Iterator[Any]:
+def _address(profile: dict, address: str | None) -> Iterator[Any]:
     from distributed import Client
 
     timeout = _timeout_seconds(profile, 10.0)
@@ -264,9 +260,9 @@ def _address(profile: dict, address: str | None, quiet: bool) -> Iterator[Any]:
             raise KmdaskError(f"the dask scheduler at {where} has no workers after "
                               f"{timeout:g} s") from None
         info = _record(client, profile, t0)
-        _say(f"kmdask: connected to {client.scheduler.address} in "
-             f"{info['time_to_first_worker_s']:.1f} s ({info['n_workers']} worker(s)); "
-             f"dashboard {client.dashboard_link}", quiet)
+        log.info(f"kmdask: connected to {client.scheduler.address} in "
+                 f"{info['time_to_first_worker_s']:.1f} s ({info['n_workers']} worker(s)); "
+                 f"dashboard {client.dashboard_link}")
         yield client
     finally:
         client.close()
@@ -329,7 +325,7 @@ def _scaling(profile: dict) -> tuple[str, dict]:
 
 
 @contextlib.contextmanager
-def _jobqueue(profile: dict, quiet: bool) -> Iterator[Any]:
+def _jobqueue(profile: dict) -> Iterator[Any]:
     kind = profile["kind"]
     exe = "sbatch" if kind == "slurm" else "qsub"
     if shutil.which(exe) is None:
@@ -381,14 +377,14 @@ def _jobqueue(profile: dict, quiet: bool) -> Iterator[Any]:
         job_ids = sorted({str(j.job_id) for j in cluster.workers.values()
                           if getattr(j, "job_id", None)})
         info = _record(client, profile, t0, job_ids=job_ids)
-        _say(f"kmdask: {kind.upper()} cluster: first worker after "
-             f"{info['time_to_first_worker_s']:.1f} s (jobs {', '.join(job_ids) or '?'}); "
-             f"dashboard {client.dashboard_link}", quiet)
+        log.info(f"kmdask: {kind.upper()} cluster: first worker after "
+                 f"{info['time_to_first_worker_s']:.1f} s (jobs {', '.join(job_ids) or '?'}); "
+                 f"dashboard {client.dashboard_link}")
         yield client
 
 
 @contextlib.contextmanager
-def connect(profile: dict, *, address: str | None = None, quiet: bool = False) -> Iterator[Any]:
+def connect(profile: dict, *, address: str | None = None) -> Iterator[Any]:
     """Start or connect to the cluster a profile describes; yields a distributed Client.
 
     Parameters
@@ -411,11 +407,11 @@ def connect(profile: dict, *, address: str | None = None, quiet: bool = False) -
     with dask.config.set({k: v for k, v in merged.items()
                           if dask.config.config.get(k, object()) != v}):
         if kind == "local":
-            cm = _local(profile, quiet)
+            cm = _local(profile)
         elif kind == "address":
-            cm = _address(profile, address, quiet)
+            cm = _address(profile, address)
         elif kind in ("slurm", "pbs"):
-            cm = _jobqueue(profile, quiet)
+            cm = _jobqueue(profile)
         else:  # load_profile already checked; keep a clear message for hand-made dicts
             raise ConfigError(f"{_where(profile, 'kind')}: unknown cluster kind {kind!r}")
         with cm as client:

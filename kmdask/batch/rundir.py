@@ -1,4 +1,4 @@
-"""The run directory: the only thing the report reads.
+"""The run directory: what a run leaves behind, and the only thing the report reads.
 
 Layout of ``runs/<job>/<run-id>/`` (run-id = the first 16 hex digits of the fingerprint)::
 
@@ -11,18 +11,8 @@ Layout of ``runs/<job>/<run-id>/`` (run-id = the first 16 hex digits of the fing
     fits/<fit>/k<K>/members_idx.npy    (K, P) int64 their row indices (-1 = fewer members)
     fits/<fit>/k<K>/result.json        inertia, n_iter, histories, trials, counts, metrics
 
-A job whose fits cluster error-case vectors (``cases:``, :mod:`kmdask.errorcases.vectors`) adds::
-
-    classifier/weights.npz             the general network (float32 arrays w0, w1, ...; no pickle)
-    classifier/classifier.json         its settings, fingerprint, train/test accuracy, seconds
-    cases.zarr/{train,test}/probs      (n, 10) float64 class probabilities, 10,000-row chunks
-    cases.zarr/vectors/<fit>/{train,test}  (n, 10) float64 the fit's transformed case vectors
-    fits/<fit>/k<K>/members.npy        still MNIST images (uint8), not the vectors clustered
-    fits/<fit>/k<K>/result.json        + reliable_cluster (the one holding the zeroed cases),
-                                       display_order (it first), n_zeroed, relabelled
-    experiments/<fit>/experiment.json  the routing experiment (:mod:`kmdask.errorcases.experiment`)
-    experiments/<fit>/predictions.npz  test labels, general/routed/baseline answers, routes
-    experiment.json                    the first experiment's numbers + all under "experiments"
+Job extensions add their own files (the error-case extension: ``classifier/``, ``cases.zarr``,
+``experiments/``; see :mod:`kmdask.errorcases`) and name the ones a complete run must hold.
 
 Runs are written under ``.<run-id>.partial/`` and renamed into place when complete; ``latest``
 (a symlink) is switched atomically afterwards. numpy + json only.
@@ -39,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from kmdask.batch.extensions import extensions
 from kmdask.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -98,7 +89,20 @@ def first_members(labels: np.ndarray, k: int, per_cluster: int = MEMBERS_PER_CLU
 
 
 def fit_dir(run: Path, fit: str, k: int) -> Path:
+    """Where the model of ``fit`` at ``k`` lives in run directory ``run``."""
     return run / "fits" / fit / f"k{k}"
+
+
+def write_model(run: Path, fit: str, k: int, centres: np.ndarray, labels: np.ndarray,
+                idx: np.ndarray, members: np.ndarray, result: dict) -> None:
+    """Write one model: centres, labels, the members kept (``idx`` from :func:`first_members`,
+    ``members`` their images) and ``result.json``."""
+    d = fit_dir(run, fit, k)
+    write_npy(d / "centers.npy", np.asarray(centres, dtype=np.float64))
+    write_npy(d / "labels.npy", np.asarray(labels, dtype=np.int32))
+    write_npy(d / "members.npy", members)
+    write_npy(d / "members_idx.npy", idx)
+    write_json(d / "result.json", result)
 
 
 @dataclass
@@ -149,27 +153,33 @@ class Run:
     def true_labels(self) -> np.ndarray:
         return _load(self.path / "data" / "true_labels.npy")
 
-    def cases(self, name: str) -> np.ndarray:
-        """An array of ``cases.zarr`` (e.g. ``train/probs``, ``vectors/<fit>/train``)."""
-        import zarr
+    def fit_info(self, fit: str) -> dict:
+        """The manifest's section of ``fit`` (algorithm, rows, settings, results by K)."""
+        info = self.manifest["fits"].get(fit)
+        if info is None:
+            raise DataError(f"{self.path}: run has no fit named {fit!r}")
+        return info
 
-        try:
-            return np.asarray(zarr.open_array(store=str(self.path / "cases.zarr"), path=name,
-                                              mode="r")[...])
-        except Exception as exc:  # zarr raises several types for missing/damaged nodes
-            raise DataError(f"{self.path / 'cases.zarr'}: cannot read {name} "
-                            f"({type(exc).__name__})") from None
+    def ks(self, fit: str) -> list[int]:
+        """The K values ``fit`` holds results for, ascending."""
+        return sorted(int(k) for k in self.fit_info(fit)["results"])
 
-    def experiment(self, fit: str) -> tuple[dict, dict[str, np.ndarray]]:
-        """A fit's experiment.json and its predictions."""
-        d = self.path / "experiments" / fit
-        try:
-            info = json.loads((d / "experiment.json").read_text())
-            with np.load(d / "predictions.npz", allow_pickle=False) as z:
-                preds = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{d}: unreadable experiment ({exc})") from None
-        return info, preds
+    def fit_labels(self, fit: str, k: int) -> np.ndarray:
+        """The cluster of every row of ``fit`` at ``k``, checked against the fit's row count."""
+        rows = int(self.fit_info(fit)["rows"])
+        labels = self.model(fit, k).labels
+        if labels.shape != (rows,):
+            raise DataError(f"{self.path}: fits/{fit}/k{k}/labels.npy holds {labels.shape[0]} "
+                            f"labels for a {rows}-row fit (damaged run)")
+        return labels
+
+    def truth(self, rows: int) -> np.ndarray:
+        """The true class of the first ``rows`` clustered rows."""
+        t = self.true_labels
+        if t.shape[0] < rows:
+            raise DataError(f"{self.path}: data/true_labels.npy holds {t.shape[0]} labels, the "
+                            f"fits need {rows} (damaged run)")
+        return t[:rows]
 
 
 def _load(path: Path) -> np.ndarray:
@@ -208,13 +218,7 @@ def open_run(path: str | Path) -> Run:
     for name in ("head_images.npy", "true_labels.npy"):
         if not (p / "data" / name).is_file():
             raise DataError(f"{p / 'data' / name}: missing from the run directory")
-    needed = []
-    if "classifier" in manifest:
-        needed += [p / "classifier" / "weights.npz", p / "classifier" / "classifier.json",
-                   p / "cases.zarr" / "zarr.json"]
-    for fit in manifest.get("experiments", {}):
-        needed += [p / "experiments" / fit / "experiment.json",
-                   p / "experiments" / fit / "predictions.npz"]
+    needed = [p / rel for e in extensions() for rel in e.run_files(manifest)]
     for f in needed:
         if not f.is_file():
             raise DataError(f"{f}: missing from the run directory (incomplete or damaged run)")

@@ -1,46 +1,49 @@
 """Run a job: open its data, connect to a cluster, fit every fit, write the run directory.
 
 A run is identified by its fingerprint = hash(data content fingerprint, chunking, the job spec,
-kmdask version). Rerunning a job whose fingerprint already has a complete run is a no-op; an
-interrupted run resumes from what its partial directory holds (finished fits, and the last
-Lloyd checkpoint of the fit in progress). A lock per job keeps two reruns from interleaving.
+kmdask version, and whatever inputs the job's extensions add). Rerunning a job whose
+fingerprint already has a complete run is a no-op; an interrupted run resumes from what its
+partial directory holds (finished fits, and the last Lloyd checkpoint of the fit in progress).
+A lock per job keeps two reruns from interleaving.
+
+Algorithms are reached through :data:`kmdask.batch.fitkinds.FIT_KINDS`, optional parts of a
+job through :mod:`kmdask.batch.extensions`: the runner itself knows neither.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from kmdask import __version__
-from kmdask.batch import rundir
+from kmdask.batch import extensions, rundir
+from kmdask.batch.checkpoint import FileCheckpoint
+from kmdask.batch.fitkinds import FIT_KINDS, FitContext
 from kmdask.batch.spec import FitSpec, JobSpec
-from kmdask.engine import metrics
-from kmdask.engine.lloyd import ModelState
-from kmdask.errorcases.vectors import case_order
 from kmdask.errors import ClusterStalled, DataError, KmdaskError
+from kmdask.log import fields
+
+log = logging.getLogger(__name__)
 
 HEAD_ROWS_DEFAULT = 100
 
 
-def say(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def resolve_store(job: JobSpec, *, quiet: bool = False) -> Path:
+def resolve_store(job: JobSpec) -> Path:
     """The job's zarr store; the default ``data/<dataset>.zarr`` is staged when missing."""
     from kmdask.data.staging import stage_dataset
     from kmdask.data.store import is_store
@@ -53,24 +56,24 @@ def resolve_store(job: JobSpec, *, quiet: bool = False) -> Path:
         return p
     p = Path("data") / f"{job.dataset}.zarr"
     if not is_store(p):
-        stage_dataset(job.dataset, out=p, quiet=quiet)
+        stage_dataset(job.dataset, out=p)
     return p
 
 
 def fingerprint(job: JobSpec, data_fp: str, chunks: tuple[int, ...],
-                extra_data: str | None = None) -> str:
-    """``extra_data``: the test split's fingerprint, for jobs whose classifier is scored on it
-    (left out otherwise, so that image-only jobs keep their fingerprints)."""
+                extra: dict | None = None) -> str:
+    """The run's identity. ``extra``: further inputs of the results that extensions name (the
+    error-case extension adds the test split's fingerprint, which scores its classifier); left
+    out when empty, so that plain jobs keep their fingerprints."""
     spec = {k: v for k, v in job.raw.items() if k != "description"}
-    key = {"data": data_fp, "chunks": list(chunks), "spec": spec, "kmdask": __version__}
-    if extra_data is not None:
-        key["test_data"] = extra_data
+    key = {"data": data_fp, "chunks": list(chunks), "spec": spec, "kmdask": __version__,
+           **(extra or {})}
     blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @contextlib.contextmanager
-def job_lock(job_dir: Path, *, wait: bool, quiet: bool) -> Iterator[None]:
+def job_lock(job_dir: Path, *, wait: bool) -> Iterator[None]:
     """An exclusive lock per job (flock: released by the OS if the holder dies)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / ".lock"
@@ -83,8 +86,7 @@ def job_lock(job_dir: Path, *, wait: bool, quiet: bool) -> Iterator[None]:
             if not wait:
                 raise KmdaskError(f"another run of job {job_dir.name!r} is in progress "
                                   f"(pid {holder}); not waiting (--no-wait)") from None
-            say(f"kmdask: waiting for another run of job {job_dir.name!r} (pid {holder})",
-                quiet)
+            log.info("kmdask: waiting for another run of job %r (pid %s)", job_dir.name, holder)
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
@@ -96,148 +98,142 @@ def job_lock(job_dir: Path, *, wait: bool, quiet: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class FileCheckpoint:
-    """Lloyd model states in one .npz, replaced atomically after every iteration."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def load(self) -> list[ModelState] | None:
-        if not self.path.exists():
-            return None
-        with np.load(self.path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            states = []
-            for i, m in enumerate(meta):
-                states.append(ModelState(centres=z[f"c{i}"].copy(), n_iter=m["n_iter"],
-                                         active=m["active"], inertia_history=m["inertia"],
-                                         shift_history=m["shift"], n_relocated=m["relocated"]))
-        return states
-
-    def save(self, states: list[ModelState]) -> None:
-        meta = [{"n_iter": s.n_iter, "active": s.active, "inertia": s.inertia_history,
-                 "shift": s.shift_history, "relocated": s.n_relocated} for s in states]
-        arrays = {f"c{i}": s.centres for i, s in enumerate(states)}
-        tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, self.path)
-
-    @property
-    def iteration(self) -> int:
-        s = self.load()
-        return max(st.n_iter for st in s) if s else 0
-
-
 @dataclass
 class RunOutcome:
+    """Where a run went: its directory, whether an earlier complete run was reused, its
+    duration and fingerprint."""
+
     path: Path
     reused: bool
     seconds: float
     fingerprint: str
 
 
-def _write_model(run: Path, fit: FitSpec, k: int, centres, labels, x_rows, truth, extra: dict
-                 ) -> dict:
-    """``x_rows``: the images (uint8 rows) whose first members are kept, also for fits that
-    cluster case vectors."""
-    d = rundir.fit_dir(run, fit.name, k)
-    labels = np.asarray(labels, dtype=np.int32)
+@dataclass
+class _Hooks:
+    """An extension's :class:`~kmdask.batch.extensions.JobHooks`, with this run's state; the
+    optional hooks default to doing nothing."""
+
+    impl: Any
+    state: Any = None
+
+    def fingerprint_inputs(self, job: JobSpec, store: Path) -> dict:
+        fn = getattr(self.impl, "fingerprint_inputs", None)
+        return {} if fn is None else fn(job, store)
+
+    def fit_rows(self, fit: FitSpec, n: int) -> Any:
+        fn = getattr(self.impl, "fit_rows", None)
+        return None if fn is None else fn(self.state, fit, n)
+
+    def model_result(self, fit: FitSpec, labels: np.ndarray, centres: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+        fn = getattr(self.impl, "model_result", None)
+        return (labels, centres, {}) if fn is None else fn(self.state, fit, labels, centres)
+
+
+@dataclass
+class _Data:
+    """The job's data, opened lazily (dask arrays) and checked against its fits."""
+
+    store: Path
+    images: Any  # (n, d) uint8 dask array
+    labels: Any  # (n,) uint8 dask array
+    fingerprint: str
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _open_data(job: JobSpec) -> _Data:
+    from kmdask.data.store import data_fingerprint, open_images, open_labels
+
+    store = resolve_store(job)
+    data = _Data(store, open_images(store, job.split), open_labels(store, job.split),
+                 data_fingerprint(store, job.split))
+    for f in job.fits:
+        if f.rows is not None and f.rows > data.n:
+            raise KmdaskError(f"{job.source}: fit {f.name!r}: rows={f.rows} but {store} "
+                              f"{job.split} has only {data.n} rows")
+        if max(f.ks) > (f.rows or data.n):
+            raise KmdaskError(f"{job.source}: fit {f.name!r}: K={max(f.ks)} is larger than "
+                              f"rows={f.rows or data.n}")
+    return data
+
+
+def _members(images: Any, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of each cluster's first members and their images (uint8 rows)."""
     idx = rundir.first_members(labels, k)
+    members = np.zeros((k, idx.shape[1], images.shape[1]), dtype=np.uint8)
     flat = idx[idx >= 0]
-    members = np.zeros((k, idx.shape[1], x_rows.shape[1]), dtype=np.uint8)
     if flat.size:
         wanted = np.sort(flat)
-        rows = np.asarray(x_rows[wanted].compute())
-        lookup = dict(zip(wanted.tolist(), range(wanted.size), strict=True))
-        for j in range(k):
-            for p, r in enumerate(idx[j][idx[j] >= 0]):
-                members[j, p] = rows[lookup[int(r)]]
-    rundir.write_npy(d / "centers.npy", np.asarray(centres, dtype=np.float64))
-    rundir.write_npy(d / "labels.npy", labels)
-    rundir.write_npy(d / "members.npy", members)
-    rundir.write_npy(d / "members_idx.npy", idx)
-    counts = np.bincount(labels, minlength=k)
-    result = {"k": k, "counts": counts.tolist(),
-              "nmi": metrics.nmi(truth, labels), "ari": metrics.ari(truth, labels), **extra}
-    rundir.write_json(d / "result.json", result)
-    return result
+        rows = np.asarray(images[wanted].compute())
+        pos = np.searchsorted(wanted, idx)
+        members[idx >= 0] = rows[pos[idx >= 0]]
+    return idx, members
 
 
-def _run_fit(run: Path, fit: FitSpec, X, truth, client, quiet: bool, images=None,
-             zeroed: np.ndarray | None = None) -> dict:
+def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray,
+             hooks: list[_Hooks]) -> dict:
     """Fit one entry of the job (all its K x trials); returns its manifest section.
 
-    A cases fit clusters case vectors ``X``; ``images`` are then the matching MNIST rows (the
-    members kept for the figures) and ``zeroed`` marks its reliable cases."""
-    from kmdask.engine.estimator import fit_models
+    ``X`` are the rows clustered, ``images`` the images kept as each cluster's members (the
+    same rows, unless an extension clusters something else)."""
+    from kmdask.engine import metrics
 
-    images = X if images is None else images
+    kind = FIT_KINDS[fit.algorithm]
     fdir = run / "fits" / fit.name
     done = fdir / "done.json"
     if done.exists():
-        say(f"  {fit.name}: already done in this partial run, skipping", quiet)
+        log.info("  %s: already done in this partial run, skipping", fit.name)
         return json.loads(done.read_text())
     started_before = fdir.exists()  # a previous attempt got this far
     fdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    ck = FileCheckpoint(fdir / "checkpoint.npz") if kind.resumes else None
+    if ck is not None and ck.path.exists():
+        log.info("  %s: resuming at iteration %d", fit.name, ck.iteration)
+    elif ck is not None and started_before:
+        log.info("  %s: no checkpoint yet (stopped during seeding): seeding again", fit.name)
+
+    def show(p: dict) -> None:
+        log.info("  %s it %3d: %3d model(s), inertia %.6g, shift %.3g, %.0f ms (%.0f%% of "
+                 "distances)", fit.name, p["iteration"], p["models"], p["inertia"], p["shift"],
+                 p["seconds"] * 1e3, 100 * p["computed"],
+                 **fields(fit=fit.name, **{k: p[k] for k in ("iteration", "models", "inertia",
+                                                             "shift", "seconds")}))
+
+    records = kind.fit(X, fit, FitContext(checkpoint=ck, progress=show))
     results: dict[str, dict] = {}
-    if fit.algorithm == "scalable":
-        ck = FileCheckpoint(fdir / "checkpoint.npz")
-        if ck.path.exists():
-            say(f"  {fit.name}: resuming at iteration {ck.iteration}", quiet)
-        elif started_before:
-            say(f"  {fit.name}: no checkpoint yet (stopped during seeding): seeding again",
-                quiet)
-
-        def show(p: dict) -> None:
-            say(f"  {fit.name} it {p['iteration']:3d}: {p['models']:3d} model(s), "
-                f"inertia {p['inertia']:.6g}, shift {p['shift']:.3g}, "
-                f"{p['seconds'] * 1e3:.0f} ms ({p['computed']:.0%} of distances)", quiet)
-
-        res = fit_models(X, fit.ks, n_init=fit.trials, init=fit.init, max_iter=fit.iterations,
-                         tol=fit.tol, random_state=fit.seed,
-                         oversampling_factor=fit.oversampling_factor,
-                         init_rounds=fit.init_rounds, persist=fit.persist, progress=show,
-                         checkpoint=ck)
-        for k in fit.ks:
-            trial, best = res.best(k)
-            trials = [r for (kk, _), r in zip(res.models, res.results, strict=True) if kk == k]
-            extra = {"inertia": best.inertia, "n_iter": best.n_iter, "best_trial": trial,
-                     "inertia_history": best.inertia_history,
-                     "shift_history": best.shift_history,
-                     "trial_inertia": [r.inertia for r in trials],
-                     "trial_history": [r.inertia_history for r in trials],
-                     "seconds": res.timings["total"]}
-            labels, centres, order = case_order(fit.algorithm, np.concatenate(best.labels),
-                                                np.asarray(best.centres), zeroed)
-            results[str(k)] = _write_model(run, fit, k, centres, labels, images, truth,
-                                           {**extra, **order})
+    for rec in records:
+        labels, centres, extra = rec.labels, rec.centres, {}
+        for h in hooks:
+            labels, centres, more = h.model_result(fit, labels, centres)
+            extra.update(more)
+        idx, members = _members(images, labels, rec.k)
+        counts = np.bincount(labels, minlength=rec.k)
+        result = {"k": rec.k, "counts": counts.tolist(), "nmi": metrics.nmi(truth, labels),
+                  "ari": metrics.ari(truth, labels), **rec.result, **extra}
+        rundir.write_model(run, fit.name, rec.k, centres, labels, idx, members, result)
+        results[str(rec.k)] = result
+        log.info("  %s K=%d: inertia %.6g, counts %s (%.1f s)", fit.name, rec.k,
+                 result["inertia"], ", ".join(map(str, result["counts"])), result["seconds"],
+                 **fields(fit=fit.name, k=rec.k, inertia=result["inertia"]))
+    if ck is not None:
         ck.path.unlink(missing_ok=True)
-    else:
-        from kmdask.mccaffrey.fit import fit_mccaffrey
-
-        for k in fit.ks:
-            t1 = time.perf_counter()
-            r = fit_mccaffrey(X, k, fit.iterations, fit.trials, fit.seed, client=client)
-            extra = {"inertia": r.wcss, "n_iter": int(r.trial_n_iter[r.best_trial]),
-                     "best_trial": r.best_trial, "trial_inertia": list(r.trial_wcss),
-                     "trial_n_iter": list(r.trial_n_iter),
-                     "trial_history": [list(h) for h in r.trial_history],
-                     "inertia_history": list(r.trial_history[r.best_trial]),
-                     "seconds": time.perf_counter() - t1}
-            labels, centres, order = case_order(fit.algorithm, r.labels, r.centers, zeroed)
-            results[str(k)] = _write_model(run, fit, k, centres, labels, images, truth,
-                                           {**extra, **order})
-            say(f"  {fit.name} K={k}: WCSS {r.wcss:.6g}, counts "
-                f"{', '.join(map(str, results[str(k)]['counts']))} "
-                f"({extra['seconds']:.1f} s)", quiet)
     section = {"algorithm": fit.algorithm, "rows": int(X.shape[0]), "ks": list(fit.ks),
-               "cases": None if fit.cases is None else vars(fit.cases).copy(),
+               **{k: _plain(v) for k, v in fit.extras.items()},
                "iterations": fit.iterations, "trials": fit.trials, "seed": fit.seed,
                "init": fit.init, "tol": fit.tol, "seconds": time.perf_counter() - t0,
                "results": results}
     rundir.write_json(done, section)
     return section
+
+
+def _plain(value: Any) -> Any:
+    """A spec value as the manifest records it (dataclasses as mappings)."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _versions() -> dict:
@@ -251,109 +247,124 @@ def _versions() -> dict:
 
 
 def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
-            address: str | None = None, wait: bool = True, quiet: bool = False) -> RunOutcome:
-    """Run ``job`` on the cluster ``profile`` describes; returns where its run directory is."""
-    from kmdask.batch.cluster import connect
-    from kmdask.data.sources import describe  # paths under $HOME are written as ~/...
-    from kmdask.data.store import data_fingerprint, open_images, open_labels
+            address: str | None = None, wait: bool = True) -> RunOutcome:
+    """Run ``job`` on the cluster ``profile`` describes; returns where its run directory is.
 
+    Parameters
+    ----------
+    job : JobSpec
+    profile : dict
+        A cluster profile (:func:`kmdask.batch.profiles.load_profile`).
+    runs_dir : Path
+        Where run directories go (``<runs_dir>/<job>/<run id>``).
+    address : str, optional
+        Connect to this scheduler instead of what the profile says.
+    wait : bool
+        Wait for another run of the same job to finish (False: raise at once).
+    """
     t0 = time.perf_counter()
-    store = resolve_store(job, quiet=quiet)
-    images = open_images(store, job.split)
-    labels_all = open_labels(store, job.split)
-    n_total = images.shape[0]
-    for f in job.fits:
-        if f.rows is not None and f.rows > n_total:
-            raise KmdaskError(f"{job.source}: fit {f.name!r}: rows={f.rows} but {store} "
-                              f"{job.split} has only {n_total} rows")
-        rows = f.rows or n_total
-        if max(f.ks) > rows:
-            raise KmdaskError(f"{job.source}: fit {f.name!r}: K={max(f.ks)} is larger than "
-                              f"rows={rows}")
-    fp = fingerprint(job, data_fingerprint(store, job.split), images.chunks[0],
-                     data_fingerprint(store, "test") if job.uses_cases else None)
+    data = _open_data(job)
+    hooks = [_Hooks(e.hooks()) for e in extensions.used_by(job)]
+    extra_fp = {}
+    for h in hooks:
+        extra_fp.update(h.fingerprint_inputs(job, data.store))
+    fp = fingerprint(job, data.fingerprint, data.images.chunks[0], extra_fp)
     run_id = fp[:16]
     job_dir = runs_dir / job.name
     final = job_dir / run_id
-    with job_lock(job_dir, wait=wait, quiet=quiet):
+    with job_lock(job_dir, wait=wait):
         if (final / rundir.MANIFEST).exists():
-            say(f"kmdask: job {job.name!r} unchanged (fingerprint {run_id}); complete run at "
-                f"{final}, nothing to do", quiet)
+            log.info("kmdask: job %r unchanged (fingerprint %s); complete run at %s, nothing "
+                     "to do", job.name, run_id, final, **fields(job=job.name, run=run_id))
             _point_latest(job_dir, run_id)
             return RunOutcome(final, True, time.perf_counter() - t0, fp)
         partial = job_dir / f".{run_id}.partial"
         if partial.exists():
             done = sorted(p.parent.name for p in partial.glob("fits/*/done.json"))
-            say(f"kmdask: resuming interrupted run {run_id} ({len(done)} of {len(job.fits)} "
-                f"fit(s) already done{': ' + ', '.join(done) if done else ''})", quiet)
+            log.info("kmdask: resuming interrupted run %s (%d of %d fit(s) already done%s)",
+                     run_id, len(done), len(job.fits), ": " + ", ".join(done) if done else "")
         partial.mkdir(parents=True, exist_ok=True)
-        max_rows = max((f.rows or n_total) for f in job.fits)
-        head = max([HEAD_ROWS_DEFAULT] + [g.samples or 0 for g in job.figures])
-        truth_all = np.asarray(labels_all[:max_rows].compute())
-        rundir.write_npy(partial / "data" / "true_labels.npy", truth_all)
-        rundir.write_npy(partial / "data" / "head_images.npy",
-                         np.asarray(images[: min(head, max_rows)].compute()))
-        say(f"kmdask: job {job.name!r}: {len(job.fits)} fit(s) on {store} ({job.split}), "
-            f"run {run_id}", quiet)
-        cases = None
-        if job.uses_cases:
-            from kmdask.errorcases.vectors import prepare_cases
-
-            cases = prepare_cases(partial, job, store, runs_dir, quiet=quiet)
-        fits: dict[str, dict] = {}
-        t_cases = time.perf_counter() - t0
-        with connect(profile, address=address, quiet=quiet) as client:
-            t_conn = time.perf_counter() - t0 - t_cases
-            cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
-            for i, f in enumerate(job.fits, 1):
-                rows = f.rows or n_total
-                say(f"[{i}/{len(job.fits)}] {f.name}: {f.algorithm}, K={list(f.ks)}, "
-                    f"rows={rows}, iterations={f.iterations}, trials={f.trials}", quiet)
-                try:
-                    if f.cases is not None:
-                        fits[f.name] = _run_fit(partial, f, cases.vectors(f.name, job.split)
-                                                [:rows], truth_all[:rows], client, quiet,
-                                                images=images[:rows], zeroed=cases.zeroed[f.name])
-                    else:
-                        fits[f.name] = _run_fit(partial, f, images[:rows], truth_all[:rows],
-                                                client, quiet)
-                except _cluster_failures() as exc:
-                    # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is
-                    # on disk, so say how to resume rather than dumping dask's traceback.
-                    # Anything else is a bug and keeps its traceback.
-                    raise KmdaskError(_interrupted(job, f.name, partial, exc)) from None
-        extra: dict = {}
-        timings = {"connect": t_conn}
-        if cases is not None:
-            timings["classifier_and_cases"] = t_cases
-            extra["classifier"] = {k: v for k, v in cases.info.items() if k != "epoch_loss"}
-        if job.experiments:
-            from kmdask.errorcases.experiment import run_experiments
-
-            t_exp = time.perf_counter()
-            extra["experiments"] = run_experiments(partial, job, cases, quiet=quiet)
-            timings["experiments"] = time.perf_counter() - t_exp
-        manifest = {
-            **extra,
-            "status": "complete", "job": job.name, "job_file": describe(job.source),
-            "fingerprint": fp, "run_id": run_id, "versions": _versions(),
-            "data": {"dataset": job.dataset, "store": describe(store), "split": job.split,
-                     "fingerprint": data_fingerprint(store, job.split), "rows": int(n_total),
-                     "chunks": list(images.chunks[0])},
-            "profile": {"name": profile.get("name"), "kind": profile.get("kind")},
-            "cluster": {k: v for k, v in cluster_info.items() if k != "dashboard"},
-            "spec": _public_spec(job.raw, describe), "fits": fits,
-            "timings": {**timings, "total": time.perf_counter() - t0},
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        truth = _write_inputs(partial, job, data)
+        log.info("kmdask: job %r: %d fit(s) on %s (%s), run %s", job.name, len(job.fits),
+                 data.store, job.split, run_id, **fields(job=job.name, run=run_id))
+        for h in hooks:
+            h.state = h.impl.prepare(partial, job, data.store, runs_dir)
+        fits, cluster_info, t_conn = _run_fits(partial, job, data, truth, hooks, profile,
+                                               address)
+        extra, timings = {}, {"connect": t_conn}
+        for h in hooks:
+            more, secs = h.impl.finish(partial, job, h.state)
+            extra.update(more)
+            timings.update(secs)
+        manifest = _manifest(job, data, profile, cluster_info, fits, fp, extra,
+                             {**timings, "total": time.perf_counter() - t0})
         rundir.write_json(partial / rundir.MANIFEST, manifest)
         if final.exists():  # a damaged leftover without manifest: replace it
             shutil.rmtree(final)
         os.replace(partial, final)
         _point_latest(job_dir, run_id)
-    say(f"kmdask: job {job.name!r} complete in {time.perf_counter() - t0:.1f} s: {final}",
-        quiet)
+    log.info("kmdask: job %r complete in %.1f s: %s", job.name, time.perf_counter() - t0,
+             final, **fields(job=job.name, run=run_id))
     return RunOutcome(final, False, time.perf_counter() - t0, fp)
+
+
+def _write_inputs(partial: Path, job: JobSpec, data: _Data) -> np.ndarray:
+    """The true labels and first images of the rows the fits use; returns the labels."""
+    max_rows = max((f.rows or data.n) for f in job.fits)
+    head = max([HEAD_ROWS_DEFAULT] + [g.samples or 0 for g in job.figures])
+    truth = np.asarray(data.labels[:max_rows].compute())
+    rundir.write_npy(partial / "data" / "true_labels.npy", truth)
+    rundir.write_npy(partial / "data" / "head_images.npy",
+                     np.asarray(data.images[: min(head, max_rows)].compute()))
+    return truth
+
+
+def _run_fits(partial: Path, job: JobSpec, data: _Data, truth: np.ndarray,
+              hooks: list[_Hooks], profile: dict, address: str | None
+              ) -> tuple[dict, dict, float]:
+    """Connect, then every fit in turn: (manifest sections, cluster record, connect time)."""
+    from kmdask.batch.cluster import connect
+
+    t0 = time.perf_counter()
+    fits: dict[str, dict] = {}
+    with connect(profile, address=address) as client:
+        t_conn = time.perf_counter() - t0
+        cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
+        for i, f in enumerate(job.fits, 1):
+            rows = f.rows or data.n
+            log.info("[%d/%d] %s: %s, K=%s, rows=%d, iterations=%d, trials=%d", i,
+                     len(job.fits), f.name, f.algorithm, list(f.ks), rows, f.iterations,
+                     f.trials, **fields(job=job.name, fit=f.name))
+            X = images = data.images[:rows]
+            for h in hooks:
+                got = h.fit_rows(f, rows)
+                X = X if got is None else got
+            try:
+                fits[f.name] = _run_fit(partial, f, X, images, truth[:rows], hooks)
+            except _cluster_failures() as exc:
+                # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is on
+                # disk, so say how to resume rather than dumping dask's traceback. Anything
+                # else is a bug and keeps its traceback.
+                raise KmdaskError(_interrupted(job, f.name, partial, exc)) from None
+    return fits, cluster_info, t_conn
+
+
+def _manifest(job: JobSpec, data: _Data, profile: dict, cluster_info: dict, fits: dict,
+              fp: str, extra: dict, timings: dict) -> dict:
+    from kmdask.data.sources import describe  # paths under $HOME are written as ~/...
+
+    return {
+        **extra,
+        "status": "complete", "job": job.name, "job_file": describe(job.source),
+        "fingerprint": fp, "run_id": fp[:16], "versions": _versions(),
+        "data": {"dataset": job.dataset, "store": describe(data.store), "split": job.split,
+                 "fingerprint": data.fingerprint, "rows": data.n,
+                 "chunks": list(data.images.chunks[0])},
+        "profile": {"name": profile.get("name"), "kind": profile.get("kind")},
+        "cluster": {k: v for k, v in cluster_info.items() if k != "dashboard"},
+        "spec": _public_spec(job.raw, describe), "fits": fits, "timings": timings,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _public_spec(raw: dict, describe) -> dict:
@@ -401,16 +412,17 @@ def _point_latest(job_dir: Path, run_id: str) -> None:
 
 
 def list_runs(runs_dir: Path = Path("runs")) -> list[dict]:
-    """Every run under ``runs_dir``: complete ones and interrupted partial ones."""
+    """Every run under ``runs_dir``: complete ones and interrupted partial ones.
+
+    Directories whose names start with ``_`` or ``.`` are kmdask's own (caches, locks), never
+    jobs (job names cannot start with either)."""
     out = []
     if not runs_dir.is_dir():
         return out
     for job_dir in sorted(p for p in runs_dir.iterdir()
-                          if p.is_dir() and not p.name.startswith(".")):
+                          if p.is_dir() and not p.name.startswith((".", "_"))):
         latest = job_dir / "latest"
         latest_id = os.readlink(latest) if latest.is_symlink() else None
-        if job_dir.name == "_models":  # the classifier cache (kmdask.errorcases.vectors), not a job
-            continue
         for d in sorted(job_dir.iterdir()):
             if not d.is_dir() or d.is_symlink() or d.name == "submit":
                 continue

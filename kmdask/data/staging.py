@@ -17,6 +17,7 @@ the group attributes and a crc32 per chunk in each array's attributes.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -35,6 +36,8 @@ from kmdask.data.store import STORE_FORMAT, is_store, store_info
 from kmdask.errors import ConfigError, DataError
 from kmdask.rng import keyed_rng
 
+log = logging.getLogger(__name__)
+
 CODECS = ("lz4", "zstd", "none")
 AUG_BLOCK = 10_000  # source rows per keyed random stream
 AUG_MAX_SHIFT = 2.0  # pixels
@@ -52,11 +55,6 @@ class StageResult:
     reused: bool
     seconds: float
     nbytes: int  # bytes on disk
-
-
-def _say(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"kmdask: {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +162,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale(parent: Path, name: str, quiet: bool) -> None:
+def _clean_stale(parent: Path, name: str) -> None:
     """Remove ``.<name>.tmp-<pid>-*`` left by stages whose process is gone."""
     for tmp in parent.glob(f".{name}.tmp-*"):
         try:
@@ -172,7 +170,7 @@ def _clean_stale(parent: Path, name: str, quiet: bool) -> None:
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
-            _say(f"removing stale temporary {tmp}", quiet)
+            log.info(f"kmdask: removing stale temporary {tmp}")
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -238,8 +236,7 @@ def _compressors(name: str) -> Any:
                        typesize=1)]
 
 
-def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes], attrs: dict[str, Any],
-                 quiet: bool) -> None:
+def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes], attrs: dict[str, Any]) -> None:
     import zarr
 
     chunk_rows, copies = attrs["chunk_rows"], attrs["augment"]["copies"]
@@ -276,18 +273,17 @@ def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes], attrs: d
             now = time.perf_counter()
             if now - last >= _PROGRESS_EVERY:
                 last = now
-                _say(f"{split}: {stop}/{n} rows ({stop / (now - t0):,.0f} rows/s)", quiet)
+                log.info(f"kmdask: {split}: {stop}/{n} rows ({stop / (now - t0):,.0f} rows/s)")
         img_arr.attrs["chunk_crc32"] = crc_img
         lab_arr.attrs["chunk_crc32"] = crc_lab
-        _say(f"{split}: wrote {n} rows in {time.perf_counter() - t0:.2f} s", quiet)
+        log.info(f"kmdask: {split}: wrote {n} rows in {time.perf_counter() - t0:.2f} s")
     # written last: a store without these attributes is never taken for a kmdask store
     root.attrs.update(attrs)
 
 
 def stage_dataset(dataset: str, out: str | Path | None = None,
                   source: str | Path | None = None, chunk_rows: int = 10_000,
-                  compressor: str = "lz4", augment: int = 0, seed: int = 0,
-                  quiet: bool = False) -> StageResult:
+                  compressor: str = "lz4", augment: int = 0, seed: int = 0) -> StageResult:
     """Find verified IDX files for ``dataset`` and write them to a zarr store at ``out``.
 
     Parameters
@@ -321,13 +317,13 @@ def stage_dataset(dataset: str, out: str | Path | None = None,
 
     _check_out_parent(out.parent)
     if out.parent.is_dir():
-        _clean_stale(out.parent, out.name, quiet)
+        _clean_stale(out.parent, out.name)
     if out.exists() or out.is_symlink():
         _check_existing(out, wanted, n_rows)
-        _say(f"reusing valid store at {out}", quiet)
+        log.info(f"kmdask: reusing valid store at {out}")
         return StageResult(out, True, time.perf_counter() - t0, _dir_size(out))
 
-    found = find_dataset(dataset, source, quiet=quiet)
+    found = find_dataset(dataset, source)
     attrs = {
         "kmdask_store": STORE_FORMAT,
         **wanted,
@@ -345,14 +341,14 @@ def stage_dataset(dataset: str, out: str | Path | None = None,
         raise DataError(f"cannot write output directory {out.parent}: "
                         f"{exc.strerror or exc}") from None
     try:
-        _say(f"writing {dataset} to {describe(tmp)}", quiet)
-        _write_store(tmp, spec, found.files, attrs, quiet)
+        log.info(f"kmdask: writing {dataset} to {describe(tmp)}")
+        _write_store(tmp, spec, found.files, attrs)
         os.rename(tmp, out)  # atomic on one file system; fails if out appeared meanwhile
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if out.exists() and is_store(out):  # a concurrent stage finished first
             _check_existing(out, wanted, n_rows)
-            _say(f"reusing valid store at {out} (staged concurrently)", quiet)
+            log.info(f"kmdask: reusing valid store at {out} (staged concurrently)")
             return StageResult(out, True, time.perf_counter() - t0, _dir_size(out))
         raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
     except BaseException:
@@ -360,5 +356,5 @@ def stage_dataset(dataset: str, out: str | Path | None = None,
         raise
     seconds = time.perf_counter() - t0
     nbytes = _dir_size(out)
-    _say(f"staged {dataset} at {out} ({nbytes / 2**20:.1f} MiB, {seconds:.1f} s)", quiet)
+    log.info(f"kmdask: staged {dataset} at {out} ({nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
     return StageResult(out, False, seconds, nbytes)

@@ -20,7 +20,7 @@ import numpy as np
 
 from kmdask.engine import kernels
 from kmdask.engine.executor import ChunkedRows
-from kmdask.engine.lloyd import ModelResult, ModelState, lloyd
+from kmdask.engine.lloyd import ModelResult, ModelState, lloyd, pack_states, unpack_states
 from kmdask.engine.seeding import kmeans_parallel, kmeans_plusplus
 from kmdask.errors import ConfigError
 
@@ -54,11 +54,12 @@ def as_dask(X, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
 
 
 class Checkpoint(Protocol):
-    """Where :func:`fit_models` keeps model states between iterations."""
+    """Where :func:`fit_models` keeps its model states between iterations: as named arrays and
+    JSON-ready records (:func:`kmdask.engine.lloyd.pack_states`)."""
 
-    def load(self) -> list[ModelState] | None: ...
+    def load(self) -> tuple[dict[str, np.ndarray], list[dict]] | None: ...
 
-    def save(self, states: list[ModelState]) -> None: ...
+    def save(self, arrays: dict[str, np.ndarray], records: list[dict]) -> None: ...
 
 
 @dataclass
@@ -123,8 +124,9 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
     models = [(k, t) for k in ks for t in range(n_init)]
     specs = [(k, seeds[t]) for k, t in models]
     saved = checkpoint.load() if checkpoint is not None else None
+    save = None if checkpoint is None else (lambda st: checkpoint.save(*pack_states(st)))
     if saved is not None:
-        states = saved
+        states = unpack_states(*saved)
     else:
         if isinstance(init, str) and init == "k-means||":
             centres = kmeans_parallel(data, specs, oversampling_factor, init_rounds)
@@ -133,12 +135,12 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
         else:
             centres = [np.asarray(init, dtype=np.float64)] * len(specs)
         states = [ModelState(centres=c.copy()) for c in centres]
-        if checkpoint is not None:
-            checkpoint.save(states)
+        if save is not None:
+            save(states)
     t_init = time.perf_counter()
     progress = progress or _progress_printer(verbose)
     results = lloyd(data, states, max_iter=max_iter, tol=tol_abs, progress=progress,
-                    on_iteration=checkpoint.save if checkpoint is not None else None)
+                    on_iteration=save)
     t_end = time.perf_counter()
     out = FitResult(
         models=models, results=results, chunks=X.chunks[0], n_passes=data.passes,

@@ -46,6 +46,20 @@ class ModelState:
         return self.centres.shape[0]
 
 
+def pack_states(states: list[ModelState]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Model states as (named arrays, JSON-ready records), e.g. for a checkpoint file."""
+    records = [{"n_iter": s.n_iter, "active": s.active, "inertia": s.inertia_history,
+                "shift": s.shift_history, "relocated": s.n_relocated} for s in states]
+    return {f"c{i}": s.centres for i, s in enumerate(states)}, records
+
+
+def unpack_states(arrays: dict[str, np.ndarray], records: list[dict]) -> list[ModelState]:
+    """The inverse of :func:`pack_states`."""
+    return [ModelState(centres=np.array(arrays[f"c{i}"]), n_iter=m["n_iter"], active=m["active"],
+                       inertia_history=list(m["inertia"]), shift_history=list(m["shift"]),
+                       n_relocated=m["relocated"]) for i, m in enumerate(records)]
+
+
 @dataclass
 class ModelResult:
     centres: np.ndarray

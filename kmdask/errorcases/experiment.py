@@ -26,22 +26,20 @@ in ``predictions.npz``), and the first experiment's numbers to ``experiment.json
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from kmdask.batch import rundir
-from kmdask.batch.spec import ClassifierSpec, ExperimentSpec, JobSpec
+from kmdask.batch.spec import JobSpec
 from kmdask.errorcases.classifier import train
+from kmdask.errorcases.spec import ClassifierSpec, ExperimentSpec
 from kmdask.errorcases.vectors import CaseData, transform
 
-
-def _say(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def route(probs: np.ndarray, centres: np.ndarray, reliable: int | None, threshold: float,
@@ -162,8 +160,7 @@ def _fit_result(run: Path, fit: str, k: int) -> tuple[dict, np.ndarray, np.ndarr
     return res, np.load(d / "centers.npy"), np.load(d / "labels.npy")
 
 
-def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData,
-                   quiet: bool = False) -> dict:
+def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData) -> dict:
     """Train the specialists and the baseline, route, evaluate; returns experiment.json."""
     t0 = time.perf_counter()
     fit = job.fit(exp.fit)
@@ -209,9 +206,9 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
         clusters.append({"cluster": j, "train_cases": int(members.size), "classes": classes,
                          "neighbourhood": int(idx.shape[0]), "examples": hist["examples"],
                          "seconds": hist["seconds"], "test_routed": int(m.sum())})
-        _say(f"  experiment {exp.fit}: specialist {j} on classes {classes}: "
-             f"{members.size} cases, neighbourhood {idx.shape[0]}, {m.sum()} test cases "
-             f"routed ({hist['seconds']:.1f} s)", quiet)
+        log.info(f"  experiment {exp.fit}: specialist {j} on classes {classes}: "
+                 f"{members.size} cases, neighbourhood {idx.shape[0]}, {m.sum()} test cases "
+                 f"routed ({hist['seconds']:.1f} s)")
     base_net, base_hist = train(x_tr, y_tr, clf, init=cases.network, examples=max(budget, 1),
                                 learning_rate=sp.learning_rate, seed=exp.seed)
     baseline = np.argmax(base_net.logits(x_te), axis=1)
@@ -234,10 +231,11 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
              route=routes, top=p_te.max(axis=1), routed_nearest=nearest,
              route_nearest=routes_nearest)
     rundir.write_json(d / "experiment.json", out)
-    _say(f"  experiment {exp.fit}: general {out['general_accuracy']:.2%}, routed "
-         f"{out['routed_accuracy']:.2%}, baseline {out['baseline_accuracy']:.2%} "
-         f"({out['n_routed']} routed; McNemar p {out['mcnemar_general_vs_routed']['p_value']:.3g}"
-         f" / {out['mcnemar_baseline_vs_routed']['p_value']:.3g})", quiet)
+    log.info("  experiment %s: general %.2f%%, routed %.2f%%, baseline %.2f%% (%d routed; "
+             "McNemar p %.3g / %.3g)", exp.fit, 100 * out["general_accuracy"],
+             100 * out["routed_accuracy"], 100 * out["baseline_accuracy"], out["n_routed"],
+             out["mcnemar_general_vs_routed"]["p_value"],
+             out["mcnemar_baseline_vs_routed"]["p_value"])
     return out
 
 
@@ -247,17 +245,17 @@ SUMMARY_KEYS = ("general_accuracy", "routed_accuracy", "baseline_accuracy", "gen
                 "routed_nearest_accuracy", "routed_nearest_ci", "n_routed_nearest")
 
 
-def run_experiments(run: Path, job: JobSpec, cases: CaseData, quiet: bool = False) -> dict:
+def run_experiments(run: Path, job: JobSpec, cases: CaseData) -> dict:
     """Every experiment of the job (finished ones of an interrupted run are kept); writes
     ``experiment.json`` = the first experiment's numbers + all of them under ``experiments``."""
     done: dict[str, dict] = {}
     for exp in job.experiments:
         path = run / "experiments" / exp.fit / "experiment.json"
         if path.is_file():
-            _say(f"  experiment {exp.fit}: already done in this partial run", quiet)
+            log.info(f"  experiment {exp.fit}: already done in this partial run")
             done[exp.fit] = json.loads(path.read_text())
         else:
-            done[exp.fit] = run_experiment(run, job, exp, cases, quiet)
+            done[exp.fit] = run_experiment(run, job, exp, cases)
     first = done[job.experiments[0].fit]
     rundir.write_json(run / "experiment.json",
                       {**first, "headline_fit": job.experiments[0].fit, "experiments": done})

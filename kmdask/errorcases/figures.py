@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from kmdask.batch.rundir import Run
 from kmdask.batch.spec import FigureSpec
+from kmdask.errorcases.artefacts import read_cases, read_experiment
 from kmdask.errors import DataError
 from kmdask.report.style import (
     BOX_H,
@@ -42,20 +43,16 @@ from kmdask.report.style import (
     TEXT_HEX,
     TITLE_PX,
     Drawn,
-    _algorithm_title,
-    _chart,
-    _fit_info,
-    _hex,
-    _ks,
-    _labels,
-    _pt,
-    _save,
-    _style,
-    _truth,
-    _upscale,
+    algorithm_title,
+    chart,
     cluster_colour,
+    dark_theme,
+    hex_colour,
+    pt,
     sample_image_rgb,
+    save_png,
     text_width,
+    upscale,
 )
 
 BAR_H = 560  # canvas px of a cluster's mean-vector chart
@@ -63,7 +60,7 @@ MUTED = (0.68, 0.66, 0.57)
 
 
 def _cases_info(run: Run, fit: str) -> dict:
-    cases = _fit_info(run, fit).get("cases")
+    cases = run.fit_info(fit).get("cases")
     if not cases:
         raise DataError(f"{run.path}: fit {fit!r} did not cluster case vectors")
     return cases
@@ -85,10 +82,10 @@ def vector_label(cases: dict) -> str:
 
 def _outputs(run: Run, fit: str) -> tuple[np.ndarray, np.ndarray]:
     """(true class, general network's predicted class) of the fit's clustered rows."""
-    rows = int(_fit_info(run, fit)["rows"])
+    rows = int(run.fit_info(fit)["rows"])
     split = run.manifest.get("data", {}).get("split", "train")
-    probs = run.cases(f"{split}/probs")[:rows]
-    return _truth(run, rows), np.argmax(probs, axis=1)
+    probs = read_cases(run, f"{split}/probs")[:rows]
+    return run.truth(rows), np.argmax(probs, axis=1)
 
 
 # =============================================================================================
@@ -96,7 +93,7 @@ def _outputs(run: Run, fit: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
-    info, cases = _fit_info(run, fit), _cases_info(run, fit)
+    info, cases = run.fit_info(fit), _cases_info(run, fit)
     model = run.model(fit, k)
     res = model.result
     order, reliable = _order(res, k)
@@ -129,7 +126,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
     y_bars = y_box + BOX_H + 60
     y_samples = y_bars + BAR_H + 70
     height = y_samples + max(max_rows, 1) * (sample_px + GAP) - GAP + MARGIN
-    title = fig.title or (_algorithm_title(info["algorithm"], run.manifest["data"]["dataset"])
+    title = fig.title or (algorithm_title(info["algorithm"], run.manifest["data"]["dataset"])
                           + ": error cases")
     width = max(width, int(text_width(title, TITLE_PX, bold=True)) + 2 * MARGIN)
 
@@ -140,7 +137,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
         x = MARGIN + GUTTER + c * (max(head_w) + 110)
         for li, t in enumerate(g):
             texts.append((x, y_header + r * 4 * LINE + li * LINE, t,
-                          dict(fontsize=_pt(HEADER_PX))))
+                          dict(fontsize=pt(HEADER_PX))))
     lo, hi = _bar_limits(centers)
     f = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
     for pos, j in enumerate(order):
@@ -149,11 +146,11 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
         canvas[y_box:y_box + BOX_H, xc:xc + BOX_W] = colour
         lum = (0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]) / 255
         texts.append((xc + BOX_W / 2, y_box + BOX_H / 2 + 2, str(int(res["counts"][j])),
-                      dict(fontsize=_pt(62), weight="bold", ha="center", va="center",
+                      dict(fontsize=pt(62), weight="bold", ha="center", va="center",
                            color="black" if lum > 0.5 else "white")))
-        texts.append((xc + BOX_W + 18, y_box + 8, f"cluster {j}", dict(fontsize=_pt(44))))
+        texts.append((xc + BOX_W + 18, y_box + 8, f"cluster {j}", dict(fontsize=pt(44))))
         texts.append((xc + BOX_W + 18, y_box + 66, "reliable" if j == reliable
-                      else _top_classes(centers[j]), dict(fontsize=_pt(36), color=MUTED)))
+                      else _top_classes(centers[j]), dict(fontsize=pt(36), color=MUTED)))
         ax = f.add_axes(((xc + 95) / width, 1 - (y_bars + BAR_H - 60) / height,
                          (col_w - 105) / width, (BAR_H - 80) / height))
         _bars(ax, centers[j], lo, hi, vlabel if pos == 0 else None,
@@ -163,19 +160,19 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
             r, c = divmod(si, PER_ROW)
             ys = y_samples + r * (sample_px + GAP)
             xs = xc + c * (sample_px + GAP)
-            canvas[ys:ys + sample_px, xs:xs + sample_px] = _upscale(sample_image_rgb(img),
+            canvas[ys:ys + sample_px, xs:xs + sample_px] = upscale(sample_image_rgb(img),
                                                                     SAMPLE_SCALE)
-    texts.append((MARGIN, y_title, title, dict(fontsize=_pt(TITLE_PX), weight="bold")))
+    texts.append((MARGIN, y_title, title, dict(fontsize=pt(TITLE_PX), weight="bold")))
     for y, label, va in ((y_box + BOX_H / 2, "Cluster\ncount", "center"),
                          (y_bars + BAR_H / 2 - 30, "Cluster\nmean\nvector", "center"),
                          (y_samples, "Cluster\nsamples\n(MNIST)", "top")):
-        texts.append((MARGIN, y, label, dict(fontsize=_pt(48), va=va, linespacing=1.15)))
+        texts.append((MARGIN, y, label, dict(fontsize=pt(48), va=va, linespacing=1.15)))
     f.figimage(canvas, xo=0, yo=0, origin="upper", zorder=-1)  # under the bar axes
     for x, y, s, kw in texts:
         kw = {"va": "top", "ha": "left", **kw}
         kw["color"] = kw.get("color") or tuple(c / 255 for c in TEXT)
         f.text(x / width, 1 - y / height, s, family="DejaVu Sans", **kw)
-    _save(f, path, DPI)
+    save_png(f, path, DPI)
     caption = (f"{fit}: K = {k}, {info['rows']} cases, vectors {vlabel}, ZeroOut "
                f"{zero if zero is not None else 'none'}; "
                + ("the reliable cluster (all zeroed cases; the algorithm's cluster "
@@ -204,13 +201,13 @@ def _top_classes(mean: np.ndarray) -> str:
 def _bars(ax, mean: np.ndarray, lo: float, hi: float, ylabel: str | None, note: str | None
           ) -> None:
     ax.set_facecolor("#0b0b0b")
-    ax.bar(range(10), mean, width=0.78, color=[_hex(c) for c in PALETTE],
+    ax.bar(range(10), mean, width=0.78, color=[hex_colour(c) for c in PALETTE],
            edgecolor="#d9d4bd", linewidth=0.8)  # the light edge keeps dark palette bars visible
     ax.set_ylim(lo, hi)
     ax.set_xlim(-0.6, 9.6)
-    ax.set_xticks(range(10), [str(d) for d in range(10)], fontsize=_pt(38))
+    ax.set_xticks(range(10), [str(d) for d in range(10)], fontsize=pt(38))
     ax.yaxis.set_major_locator(ticker.MaxNLocator(4))
-    ax.tick_params(axis="y", labelsize=_pt(30), colors=TEXT_HEX)
+    ax.tick_params(axis="y", labelsize=pt(30), colors=TEXT_HEX)
     ax.tick_params(axis="x", colors=TEXT_HEX, length=0, pad=6)
     for s in ax.spines.values():
         s.set_color("#6d6a5c")
@@ -218,12 +215,12 @@ def _bars(ax, mean: np.ndarray, lo: float, hi: float, ylabel: str | None, note: 
     ax.set_axisbelow(True)
     if lo < 0:
         ax.axhline(0, color="#8a877a", linewidth=1)
-    ax.set_xlabel("class", fontsize=_pt(30), color=TEXT_HEX, labelpad=2)
+    ax.set_xlabel("class", fontsize=pt(30), color=TEXT_HEX, labelpad=2)
     if ylabel:
-        ax.set_ylabel(f"mean {ylabel}", fontsize=_pt(34), color=TEXT_HEX)
+        ax.set_ylabel(f"mean {ylabel}", fontsize=pt(34), color=TEXT_HEX)
     if note:
         ax.text(0.5, 0.6, note, transform=ax.transAxes, ha="center", va="center",
-                fontsize=_pt(36), color=MUTED)
+                fontsize=pt(36), color=MUTED)
 
 
 def draw_cases(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
@@ -231,7 +228,7 @@ def draw_cases(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     drawn = []
     for fit in fig.fits:
         base = fig.name if len(fig.fits) == 1 else f"{fig.name}_{fit}"
-        ks = _ks(run, fit)
+        ks = run.ks(fit)
         for k in ks:
             name = base if len(ks) == 1 else f"{base}{k}"
             drawn.append(cases_png(run, fig, fit, k, out / f"{name}.png"))
@@ -247,13 +244,13 @@ def draw_case_confusion(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     drawn = []
     for fit in fig.fits:
         truth, pred = _outputs(run, fit)
-        for k in _ks(run, fit):
-            labels = _labels(run, fit, k)
+        for k in run.ks(fit):
+            labels = run.fit_labels(fit, k)
             order, reliable = _order(run.model(fit, k).result, k)
             ncols = min(5, k)
             nrows = math.ceil(k / ncols)
-            with _style():
-                f = _chart(3.5 * ncols + 0.8, 3.6 * nrows + 0.9)
+            with dark_theme():
+                f = chart(3.5 * ncols + 0.8, 3.6 * nrows + 0.9)
                 axes = np.atleast_1d(f.subplots(nrows, ncols, squeeze=False)).ravel()
                 im = None
                 cms = [np.bincount(truth[labels == j] * 10 + pred[labels == j],
@@ -269,7 +266,7 @@ def draw_case_confusion(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                     # would make unreadable title text)
                     axes[pos].add_patch(patches.Rectangle(
                         (0, 1.01), 1, 0.025, transform=axes[pos].transAxes, clip_on=False,
-                        color=_hex(cluster_colour(pos))))
+                        color=hex_colour(cluster_colour(pos))))
                     if pos % ncols == 0:
                         axes[pos].set_ylabel("true class")
                     if pos >= (nrows - 1) * ncols or pos + ncols >= k:
@@ -282,8 +279,8 @@ def draw_case_confusion(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                 f.suptitle(fig.title or f"General network's confusions inside each cluster: "
                            f"{fit}, K = {k}", fontsize=13)
                 name = fig.name if len(fig.fits) == 1 else f"{fig.name}_{fit}"
-                path = out / (f"{name}.png" if len(_ks(run, fit)) == 1 else f"{name}{k}.png")
-                _save(f, path, CHART_DPI)
+                path = out / (f"{name}.png" if len(run.ks(fit)) == 1 else f"{name}{k}.png")
+                save_png(f, path, CHART_DPI)
             drawn.append(Drawn(path, f"{fit}, K = {k}: for the training cases of each cluster "
                                      "(titles in the figure's colours), how often the general "
                                      "network answered each class (columns) for each true "
@@ -322,11 +319,11 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     """Per fit: overall accuracies with 95% intervals, and accuracy per error cluster."""
     drawn = []
     for fit in fig.fits:
-        e, _ = run.experiment(fit)
+        e, _ = read_experiment(run, fit)
         specs = {s["cluster"]: s for s in e["specialists"]}
         groups = [g for g in e["groups"] if g != "general"]
-        with _style():
-            f = _chart(13 + 0.45 * max(0, len(groups) - 5), 5.4)
+        with dark_theme():
+            f = chart(13 + 0.45 * max(0, len(groups) - 5), 5.4)
             ax, ax2 = f.subplots(1, 2, width_ratios=[1, 1.5])
             rows = SYSTEMS + ((NEAREST,) if "routed_nearest_accuracy" in e else ())
             for i, (key, _, col) in enumerate(rows):
@@ -378,7 +375,7 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                        fontsize=13)
             name = fig.name if len(fig.fits) == 1 else f"{fig.name}_{fit}"
             path = out / f"{name}.png"
-            _save(f, path, CHART_DPI)
+            save_png(f, path, CHART_DPI)
         drawn.append(Drawn(path, _experiment_caption(e)))
     return drawn
 

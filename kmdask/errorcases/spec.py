@@ -1,8 +1,8 @@
-"""Job-spec sections of the error-case experiment: ``cases:`` (per fit), ``classifier:`` and
-``experiments:``.
+"""Job-spec sections of the error-case extension: ``cases:`` (per fit), ``classifier:`` and
+``experiments:``, and the checks its figure kinds make on their fits.
 
-Parsed with :mod:`kmdask.batch.spec`'s checker (passed in, so this module imports nothing of
-kmdask's): every error names the file, the key and the bad value in one line.
+Each parser gets the job spec's :class:`~kmdask.batch.checks.Checker`, so every error names the
+file, the key and the bad value in one line.
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kmdask.batch.checks import Checker, show
+
 VECTORS = ("probs", "error")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _CASES_KEYS = {"vector", "power", "zero_out"}
@@ -82,10 +79,8 @@ class ExperimentSpec:
     seed: int = 0
 
 
-
-def cases_spec(c: Any, raw: Any, key: str) -> CasesSpec | None:
-    if raw is None:
-        return None
+def cases_spec(c: Checker, raw: Any, key: str) -> CasesSpec:
+    """A fit's ``cases:`` (the fit clusters case vectors instead of images)."""
     c.mapping(raw, key, _CASES_KEYS)
     power = c.integer(raw.get("power", 1), f"{key}.power", 1, 3)
     zero = raw.get("zero_out")
@@ -95,13 +90,21 @@ def cases_spec(c: Any, raw: Any, key: str) -> CasesSpec | None:
                                                                  1e-9, 1.0))
 
 
-def classifier_spec(c: Any, raw: Any, key: str) -> ClassifierSpec:
+def classifier_section(c: Checker, raw: Any, key: str, job: Any) -> ClassifierSpec | None:
+    """The job's ``classifier:``: set whenever a fit clusters case vectors (defaults then)."""
+    if raw is None and not any("cases" in f.extras for f in job.fits):
+        return None
+    return classifier_spec(c, raw or {}, key)
+
+
+def classifier_spec(c: Checker, raw: Any, key: str) -> ClassifierSpec:
+    """How the general network is trained."""
     c.mapping(raw, key, _CLASSIFIER_KEYS)
     d = ClassifierSpec()
     hidden = raw.get("hidden", list(d.hidden))
     if not isinstance(hidden, list) or not hidden or len(hidden) > 4:
         raise c.fail(f"{key}.hidden", f"expected a list of 1 to 4 layer widths, got "
-                     f"{_show(hidden)}")
+                     f"{show(hidden)}")
     rows = raw.get("rows")
     return ClassifierSpec(
         hidden=tuple(c.integer(h, f"{key}.hidden[{i}]", 1, 8192) for i, h in enumerate(hidden)),
@@ -118,14 +121,28 @@ def classifier_spec(c: Any, raw: Any, key: str) -> ClassifierSpec:
     )
 
 
-def experiment_spec(c: Any, raw: Any, key: str, fits: dict[str, Any],
-                     split: str) -> ExperimentSpec:
+def experiments_section(c: Checker, raw: Any, key: str, job: Any) -> tuple[ExperimentSpec, ...]:
+    """The job's ``experiments:`` list (empty when absent)."""
+    raw = raw or []
+    if not isinstance(raw, list):
+        raise c.fail(key, f"expected a list, got {show(raw)}")
+    fits = {f.name: f for f in job.fits}
+    exps = [experiment_spec(c, e, f"{key}[{i}]", fits, job.split) for i, e in enumerate(raw)]
+    for i, e in enumerate(exps):
+        if any(o.fit == e.fit for o in exps[:i]):
+            raise c.fail(f"{key}[{i}].fit", f"a second experiment on fit {e.fit!r}")
+    return tuple(exps)
+
+
+def experiment_spec(c: Checker, raw: Any, key: str, fits: dict[str, Any],
+                    split: str) -> ExperimentSpec:
+    """One entry of ``experiments:``."""
     c.mapping(raw, key, _EXPERIMENT_KEYS)
     name = c.string(raw.get("fit"), f"{key}.fit")
     fit = fits.get(name)
     if fit is None:
         raise c.fail(f"{key}.fit", f"no fit named {name!r} in this job")
-    if fit.cases is None:
+    if "cases" not in fit.extras:
         raise c.fail(f"{key}.fit", f"fit {name!r} clusters images; an experiment needs a fit "
                      "with cases:")
     if fit.cases.vector != "probs" or fit.cases.zero_out is None:
@@ -158,3 +175,26 @@ def experiment_spec(c: Any, raw: Any, key: str, fits: dict[str, Any],
         fit=name, k=k, specialist=specialist,
         bootstrap=c.integer(raw.get("bootstrap", 2000), f"{key}.bootstrap", 100, 100_000),
         seed=c.integer(raw.get("seed", 0), f"{key}.seed", 0, 2**31 - 1))
+
+
+def needs_cases(c: Checker, key: str, kind: str, fit: Any, job: Any) -> None:
+    """Figure kinds ``cases`` and ``case_confusion`` draw fits that cluster case vectors."""
+    if "cases" not in fit.extras:
+        raise c.fail(key, f"fit {fit.name!r} clusters images; kind {kind} needs a fit with "
+                     "cases:")
+
+
+def needs_experiment(c: Checker, key: str, kind: str, fit: Any, job: Any) -> None:
+    """Figure kind ``experiment`` draws a fit that has an experiment."""
+    if not any(e.fit == fit.name for e in job.sections.get("experiments") or ()):
+        raise c.fail(key, f"no experiment on fit {fit.name!r} in this job")
+
+
+def run_files(manifest: dict) -> list[str]:
+    """What a complete run of an error-case job holds besides the fits (relative paths)."""
+    out = []
+    if "classifier" in manifest:
+        out += ["classifier/weights.npz", "classifier/classifier.json", "cases.zarr/zarr.json"]
+    for fit in manifest.get("experiments", {}):
+        out += [f"experiments/{fit}/experiment.json", f"experiments/{fit}/predictions.npz"]
+    return out

@@ -18,9 +18,9 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from kmdask import __version__
-from kmdask.batch.spec import CasesSpec, ClassifierSpec, JobSpec
+from kmdask.batch.fitkinds import FIT_KINDS
+from kmdask.batch.spec import JobSpec
 from kmdask.errorcases.classifier import Network, accuracy, read_model, train, write_model
+from kmdask.errorcases.spec import CasesSpec, ClassifierSpec
+
+log = logging.getLogger(__name__)
 
 N_CLASSES = 10
 TRAINER_VERSION = 2  # bump when kmdask.errorcases.classifier.train changes what it computes
@@ -78,18 +82,19 @@ def reliable_cluster(labels: np.ndarray, zeroed: np.ndarray) -> int | None:
 
 
 def case_order(algorithm: str, labels: np.ndarray, centres: np.ndarray,
-                zeroed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, dict]:
+               zeroed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Find the reliable cluster (the one holding the zeroed cases) of a cases fit.
 
-    The scalable engine's cluster numbers carry no meaning, so its reliable cluster is
-    renumbered 0; the mccaffrey mode's order is the algorithm's (the order its centres were
-    drawn) and is kept: figures draw its reliable cluster first, saying which index it has."""
+    Where the fit kind's cluster numbers carry no meaning (the scalable engine) the reliable
+    cluster is renumbered 0; an ordered kind's numbers (the mccaffrey mode: the order its
+    centres were drawn) are kept, and figures draw its reliable cluster first, saying which
+    index it has."""
     if zeroed is None:
         return labels, centres, {}
     k = centres.shape[0]
     rel = reliable_cluster(labels, zeroed[: labels.shape[0]])
     relabelled = False
-    if rel is not None and rel != 0 and algorithm == "scalable":
+    if rel is not None and rel != 0 and not FIT_KINDS[algorithm].ordered:
         perm = np.array([rel] + [j for j in range(k) if j != rel])
         inverse = np.argsort(perm)
         labels, centres, rel, relabelled = inverse[labels], centres[perm], 0, True
@@ -117,6 +122,8 @@ class CaseData:
     probs: dict[str, np.ndarray]
     zeroed: dict[str, np.ndarray]  # per fit: the training cases zeroed
     chunk_rows: int
+    split: str = "train"  # the split the fits cluster
+    seconds: float = 0.0  # spent preparing (training or loading, vectors)
 
     def vectors(self, fit: str, split: str = "train"):
         """A fit's case vectors as a dask array read from the zarr store, chunked like it."""
@@ -124,11 +131,6 @@ class CaseData:
 
         return da.from_zarr(str(self.path), component=f"vectors/{fit}/{split}",
                             chunks=(self.chunk_rows, N_CLASSES))
-
-
-def _say(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -143,7 +145,7 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def get_classifier(spec: ClassifierSpec, fp: str, runs_dir: Path, data: dict, quiet: bool
+def get_classifier(spec: ClassifierSpec, fp: str, runs_dir: Path, data: dict
                    ) -> tuple[Network, dict, Path]:
     """The cached network of fingerprint ``fp``, trained first if there is none."""
     models = runs_dir / "_models"
@@ -152,17 +154,16 @@ def get_classifier(spec: ClassifierSpec, fp: str, runs_dir: Path, data: dict, qu
         if (cache / "classifier.json").is_file() and (cache / "weights.npz").is_file():
             net, info = read_model(cache)
             if info.get("fingerprint") == fp:
-                _say(f"  classifier: reusing {cache} (test accuracy "
-                     f"{info['test_accuracy']:.2%})", quiet)
+                log.info(f"  classifier: reusing {cache} (test accuracy "
+                         f"{info['test_accuracy']:.2%})")
                 return net, {**info, "reused": True}, cache
         rows = spec.rows or data["images"]["train"].shape[0]
-        _say(f"  classifier: training {spec.hidden} on {rows} rows, {spec.epochs} epochs",
-             quiet)
+        log.info(f"  classifier: training {spec.hidden} on {rows} rows, {spec.epochs} epochs")
         x, y = data["images"]["train"][:rows], data["labels"]["train"][:rows]
 
         def show(p: dict) -> None:
-            _say(f"  classifier epoch {p['epoch']:3d}: loss {p['loss']:.4f} "
-                 f"({p['seconds']:.1f} s)", quiet)
+            log.info(f"  classifier epoch {p['epoch']:3d}: loss {p['loss']:.4f} "
+                     f"({p['seconds']:.1f} s)")
 
         net, hist = train(x, y, spec, progress=show)
         info = {"fingerprint": fp, "settings": spec.settings(), "kmdask": __version__,
@@ -175,8 +176,8 @@ def get_classifier(spec: ClassifierSpec, fp: str, runs_dir: Path, data: dict, qu
         write_model(tmp, net, info)
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
-        _say(f"  classifier: test accuracy {info['test_accuracy']:.2%} "
-             f"({hist['seconds']:.1f} s), cached in {cache}", quiet)
+        log.info(f"  classifier: test accuracy {info['test_accuracy']:.2%} "
+                 f"({hist['seconds']:.1f} s), cached in {cache}")
         return net, {**info, "reused": False}, cache
 
 
@@ -189,8 +190,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def prepare_cases(run: Path, job: JobSpec, store: Path, runs_dir: Path, *,
-                  quiet: bool = False) -> CaseData:
+def prepare_cases(run: Path, job: JobSpec, store: Path, runs_dir: Path) -> CaseData:
     """Train or reuse the general network, then write ``run/cases.zarr`` and
     ``run/classifier/``."""
     import zarr
@@ -204,7 +204,7 @@ def prepare_cases(run: Path, job: JobSpec, store: Path, runs_dir: Path, *,
     spec = job.classifier or ClassifierSpec()
     fp = classifier_fingerprint(spec, data_fingerprint(store, "train"),
                                 data_fingerprint(store, "test"))
-    net, info, cache = get_classifier(spec, fp, runs_dir, data, quiet)
+    net, info, cache = get_classifier(spec, fp, runs_dir, data)
     for name in ("weights.npz", "classifier.json"):
         _link_or_copy(cache / name, run / "classifier" / name)
     chunk_rows = int(open_images(store, job.split).chunks[0][0])
@@ -224,7 +224,7 @@ def prepare_cases(run: Path, job: JobSpec, store: Path, runs_dir: Path, *,
         put(f"{s}/probs", probs[s])
     zeroed: dict[str, np.ndarray] = {}
     for f in job.fits:
-        if f.cases is None:
+        if "cases" not in f.extras:
             continue
         for s in ("train", "test"):
             v, z = case_vectors(probs[s], data["labels"][s], f.cases)
@@ -234,8 +234,9 @@ def prepare_cases(run: Path, job: JobSpec, store: Path, runs_dir: Path, *,
             if s == job.split:
                 zeroed[f.name] = z
     root.attrs.update({"classifier": fp, "chunk_rows": chunk_rows})
-    _say(f"  cases: probabilities of {probs['train'].shape[0]} train and "
-         f"{probs['test'].shape[0]} test images; vectors for "
-         f"{', '.join(zeroed) or 'no fit'} in {path.name}", quiet)
+    log.info(f"  cases: probabilities of {probs['train'].shape[0]} train and "
+             f"{probs['test'].shape[0]} test images; vectors for "
+             f"{', '.join(zeroed) or 'no fit'} in {path.name}")
     return CaseData(path=path, network=net, info=info, images=data["images"],
-                    labels=data["labels"], probs=probs, zeroed=zeroed, chunk_rows=chunk_rows)
+                    labels=data["labels"], probs=probs, zeroed=zeroed, chunk_rows=chunk_rows,
+                    split=job.split)

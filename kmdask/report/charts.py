@@ -7,6 +7,7 @@ writes PNG(s) into ``out_dir``; ordinary matplotlib axes in the dark theme of
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -14,21 +15,18 @@ import numpy as np
 from matplotlib import patches, ticker, transforms
 
 from kmdask.batch.spec import FigureSpec
+from kmdask.report.kinds import FigureKind, text
 from kmdask.report.style import (
     ALG_COLOURS,
     CHART_DPI,
     TEXT_HEX,
     Drawn,
-    _chart,
-    _colours,
-    _fit_colour,
-    _fit_info,
-    _hex,
-    _ks,
-    _labels,
-    _save,
-    _style,
-    _truth,
+    chart,
+    fit_colours,
+    fit_colour,
+    hex_colour,
+    save_png,
+    dark_theme,
     cluster_colour,
     composition,
     fit_label,
@@ -36,28 +34,31 @@ from kmdask.report.style import (
 from kmdask.batch.rundir import Run
 
 
+EXTRA_COLOURS = ("#7a5c2e", "#2e5c7a", "#5c2e7a", "#2e7a5c")
+
+
 def _per_k(run: Run, fit: str, key: str) -> tuple[list[int], list[float]]:
-    res = _fit_info(run, fit)["results"]
-    ks = _ks(run, fit)
+    res = run.fit_info(fit)["results"]
+    ks = run.ks(fit)
     return ks, [float(res[str(k)][key]) for k in ks]
 
 
 def draw_elbow(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     """WCSS against K for every listed fit on one axes (per row when the fits' rows differ)."""
-    rows = {int(_fit_info(run, f)["rows"]) for f in fig.fits}
+    rows = {int(run.fit_info(f)["rows"]) for f in fig.fits}
     per_row = len(rows) > 1
     series = {f: _per_k(run, f, "inertia") for f in fig.fits}
     shared = sorted(set.intersection(*(set(ks) for ks, _ in series.values())))
     compare = len(fig.fits) > 1 and len(shared) > 1
-    colours = _colours(run, fig.fits)
-    with _style():
-        f = _chart(8.5, 7.2 if compare else 5.0)
+    colours = fit_colours(run, fig.fits)
+    with dark_theme():
+        f = chart(8.5, 7.2 if compare else 5.0)
         if compare:
             ax, ax2 = f.subplots(2, 1, sharex=True, height_ratios=[2.2, 1])
         else:
             ax, ax2 = f.subplots(), None
         for i, (name, (ks, w)) in enumerate(series.items()):
-            n = int(_fit_info(run, name)["rows"])
+            n = int(run.fit_info(name)["rows"])
             y = np.array(w) / n if per_row else np.array(w)
             ax.plot(ks, y, "o-", color=colours[i], lw=2, ms=6, label=fit_label(run, name))
         ax.set_ylabel("WCSS per row" if per_row else "WCSS (within-cluster sum of squares)")
@@ -79,7 +80,7 @@ def draw_elbow(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
             ax.set_xlabel("K (clusters)")
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         path = out / f"{fig.name}.png"
-        _save(f, path, CHART_DPI)
+        save_png(f, path, CHART_DPI)
     return [Drawn(path, "WCSS for each K; lower is tighter clusters. The bend (elbow) suggests "
                         "where more clusters stop paying off." +
                   (" Lower panel: each fit's WCSS relative to the best fit at that K."
@@ -88,9 +89,9 @@ def draw_elbow(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
 
 def draw_scores(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     """NMI and ARI of the clustering against the true digits, against K, per fit."""
-    colours = _colours(run, fig.fits)
-    with _style():
-        f = _chart(11, 4.6)
+    colours = fit_colours(run, fig.fits)
+    with dark_theme():
+        f = chart(11, 4.6)
         axes = f.subplots(1, 2, sharex=True)
         for ax, key, name in zip(axes, ("nmi", "ari"),
                                  ("NMI (normalised mutual information)",
@@ -110,7 +111,7 @@ def draw_scores(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
         if fig.title:
             f.suptitle(fig.title)
         path = out / f"{fig.name}.png"
-        _save(f, path, CHART_DPI)
+        save_png(f, path, CHART_DPI)
     return [Drawn(path, "Agreement of the clusters with the true digit classes (which the "
                         "clustering never sees): NMI and ARI, 0 = chance, 1 = identical.")]
 
@@ -119,24 +120,24 @@ def draw_composition(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     """Per fit: a cluster x true-digit heatmap for every K (row-normalised, counts on the axis)."""
     drawn = []
     for fit in fig.fits:
-        ks = _ks(run, fit)
-        rows = int(_fit_info(run, fit)["rows"])
-        truth = _truth(run, rows)
+        ks = run.ks(fit)
+        rows = int(run.fit_info(fit)["rows"])
+        truth = run.truth(rows)
         ncols = min(3, len(ks))
         grid = [ks[i:i + ncols] for i in range(0, len(ks), ncols)]
         heights = [max(g) + 2.2 for g in grid]
-        with _style():
-            f = _chart(5.4 * ncols, 0.34 * sum(heights) + 0.8)
+        with dark_theme():
+            f = chart(5.4 * ncols, 0.34 * sum(heights) + 0.8)
             gs = f.add_gridspec(len(grid), ncols, height_ratios=heights)
             im, used = None, []
             for r, row in enumerate(grid):
                 for c, k in enumerate(row):
                     ax = f.add_subplot(gs[r, c])
                     used.append(ax)
-                    comp = composition(_labels(run, fit, k), truth, k)
+                    comp = composition(run.fit_labels(fit, k), truth, k)
                     share = comp / np.maximum(comp.sum(axis=1, keepdims=True), 1)
                     im = _heatmap(ax, share, comp, k)
-                    res = _fit_info(run, fit)["results"][str(k)]
+                    res = run.fit_info(fit)["results"][str(k)]
                     ax.set_title(f"K = {k}   NMI {res['nmi']:.2f}   ARI {res['ari']:.2f}")
             if im is not None:
                 cb = f.colorbar(im, ax=used, shrink=0.5, aspect=40, pad=0.01)
@@ -146,7 +147,7 @@ def draw_composition(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                        fontsize=13)
             name = fig.name if len(fig.fits) == 1 else f"{fig.name}_{fit}"
             path = out / f"{name}.png"
-            _save(f, path, CHART_DPI)
+            save_png(f, path, CHART_DPI)
         drawn.append(Drawn(path, f"{fit}: each row is a cluster (its colour and size at the "
                                  "left), each column a true digit; cells give the share of the "
                                  "cluster's rows that are that digit. A pure cluster is one "
@@ -166,7 +167,7 @@ def _heatmap(ax, share: np.ndarray, counts: np.ndarray, k: int):
     strip = transforms.blended_transform_factory(ax.transAxes, ax.transData)
     for j in range(k):
         ax.add_patch(patches.Rectangle(
-            (-0.032, j - 0.5), 0.026, 1, color=_hex(cluster_colour(j)), clip_on=False,
+            (-0.032, j - 0.5), 0.026, 1, color=hex_colour(cluster_colour(j)), clip_on=False,
             transform=strip))
     ax.set_xlim(-0.5, 9.5)
     for j in range(k):
@@ -181,7 +182,7 @@ def _heatmap(ax, share: np.ndarray, counts: np.ndarray, k: int):
 def _convergence_panels(run: Run, fits: tuple[str, ...], limit: int = 12
                         ) -> list[tuple[int, str, int]]:
     """(fit index, fit, K) panels: every K, or an even subset when there are too many."""
-    per_fit = [(i, f, _ks(run, f)) for i, f in enumerate(fits)]
+    per_fit = [(i, f, run.ks(f)) for i, f in enumerate(fits)]
     budget = max(1, limit // max(len(fits), 1))
     out = []
     for i, f, ks in per_fit:
@@ -198,12 +199,12 @@ def draw_convergence(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     panels = _convergence_panels(run, fig.fits)
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    colours = _colours(run, fig.fits)
-    with _style():
-        f = _chart(3.9 * ncols, 3.1 * nrows + 0.5)
+    colours = fit_colours(run, fig.fits)
+    with dark_theme():
+        f = chart(3.9 * ncols, 3.1 * nrows + 0.5)
         axes = np.atleast_1d(f.subplots(nrows, ncols, squeeze=False)).ravel()
         for ax, (i, fit, k) in zip(axes, panels, strict=False):
-            res = _fit_info(run, fit)["results"][str(k)]
+            res = run.fit_info(fit)["results"][str(k)]
             hist = res.get("trial_history") or [res.get("inertia_history", [])]
             best = res.get("best_trial", 0) or 0
             for t, h in enumerate(hist):
@@ -230,7 +231,7 @@ def draw_convergence(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
         f.suptitle(fig.title or "Convergence: WCSS per Lloyd iteration (every trial faint, "
                    "the best bold)", fontsize=13)
         path = out / f"{fig.name}.png"
-        _save(f, path, CHART_DPI)
+        save_png(f, path, CHART_DPI)
     return [Drawn(path, "WCSS after each Lloyd iteration. Grey lines: every trial; bold: the "
                         "trial kept (lowest final WCSS). The y axis is cut just above the "
                         "second point so that the tails stay visible.")]
@@ -239,16 +240,16 @@ def draw_convergence(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
 def draw_timing(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     """Seconds per fit, and the run's total split into connect, fits and the rest."""
     names = list(fig.fits)
-    secs = [float(_fit_info(run, n).get("seconds") or 0.0) for n in names]
+    secs = [float(run.fit_info(n).get("seconds") or 0.0) for n in names]
     t = run.manifest.get("timings", {})
     total, connect = float(t.get("total") or 0.0), float(t.get("connect") or 0.0)
     all_fits = sum(float(i.get("seconds") or 0.0) for i in run.manifest["fits"].values())
-    with _style():
-        f = _chart(9.5, 0.55 * (len(names) + 2) + 1.6)
+    with dark_theme():
+        f = chart(9.5, 0.55 * (len(names) + 2) + 1.6)
         ax = f.subplots()
         y = np.arange(len(names))
-        algs = [_fit_info(run, n)["algorithm"] for n in names]
-        alg_colour = {a: ALG_COLOURS.get(a, _fit_colour(i + 2))
+        algs = [run.fit_info(n)["algorithm"] for n in names]
+        alg_colour = {a: ALG_COLOURS.get(a, fit_colour(i + 2))
                       for i, a in enumerate(dict.fromkeys(algs))}
         for a, c in alg_colour.items():
             sel = [i for i, x in enumerate(algs) if x == a]
@@ -257,17 +258,18 @@ def draw_timing(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
             ax.text(s, yi, f"  {s:.1f} s", va="center", fontsize=9)
         labels = []
         for n in names:
-            i = _fit_info(run, n)
-            ks = _ks(run, n)
+            i = run.fit_info(n)
+            ks = run.ks(n)
             kdesc = f"K={ks[0]}" if len(ks) == 1 else f"K={ks[0]}..{ks[-1]}"
             labels.append(f"{n}\n{kdesc}, {i['rows']} rows,\n{i['iterations']} it \u00d7 "
                           f"{i['trials']} trials")
         yt = len(names) + 0.4
         parts = [("run: connect", connect, "#8a877a"), ("run: all fits", all_fits, "#5a5848")]
-        for key, label, colour in (("classifier_and_cases", "run: classifier + case vectors",
-                                    "#7a5c2e"), ("experiments", "run: experiments", "#2e5c7a")):
-            if t.get(key):  # error-case jobs
-                parts.append((label, float(t[key]), colour))
+        # what job extensions timed (e.g. a classifier and its experiments)
+        extra = [k for k in t if k not in ("connect", "total") and t[k]]
+        for key, colour in zip(extra, itertools.cycle(EXTRA_COLOURS), strict=False):
+            parts.append((f"run: {key.replace('_and_', ' + ').replace('_', ' ')}",
+                          float(t[key]), colour))
         parts.append(("run: other (data, writing)",
                       max(total - sum(p[1] for p in parts), 0.0), "#2f2e29"))
         left = 0.0
@@ -285,10 +287,20 @@ def draw_timing(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
         ax.set_title(fig.title or f"Timing: run total {total:.1f} s "
                      f"(connect {connect:.1f} s, profile {run.manifest['profile'].get('name')})")
         path = out / f"{fig.name}.png"
-        _save(f, path, CHART_DPI)
+        save_png(f, path, CHART_DPI)
     return [Drawn(path, "Wall-clock seconds of each fit (a multi-K fit's K values share one "
                         "time: they are fitted together), and the whole run split into "
                         "cluster start-up, fitting, and the rest (data reading, writing the "
                         "run directory).")]
 
 
+
+
+KINDS = (
+    FigureKind("elbow", draw_elbow, text("Within-cluster sum of squares against K.")),
+    FigureKind("composition", draw_composition, text("Which true digits make up each cluster.")),
+    FigureKind("scores", draw_scores, text("Cluster quality against the true digit labels.")),
+    FigureKind("convergence", draw_convergence,
+               text("How each trial's WCSS fell, iteration by iteration.")),
+    FigureKind("timing", draw_timing, text("Where the run's time went.")),
+)

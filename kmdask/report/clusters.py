@@ -1,11 +1,10 @@
-"""The figure suite, one function per figure kind (:data:`DRAW`); matplotlib's Agg canvas only.
+"""The original's figure: per cluster its count, mean image and sample images (figure kind
+``clusters``); matplotlib's Agg canvas only.
 
-Each ``draw_<kind>(run, fig, out_dir) -> list[Drawn]`` reads one complete run directory
-(:class:`kmdask.batch.rundir.Run`) and writes PNG(s) into ``out_dir``. The clusters figure (here) is
-composed as one pixel-exact RGB canvas (every 28x28 image scaled by an integer factor, nearest
-neighbour, placed 1:1 in the PNG) with matplotlib drawing only the text on top; the charts
-(:mod:`kmdask.report.charts`) and the error-case figures (:mod:`kmdask.errorcases.figures`) are matplotlib axes
-in a dark theme matching it (:mod:`kmdask.report.style`).
+The figure is composed as one pixel-exact RGB canvas (every 28x28 image scaled by an integer
+factor, nearest neighbour, placed 1:1 in the PNG) with matplotlib drawing only the text on
+top. The charts (:mod:`kmdask.report.charts`) are matplotlib axes in a dark theme matching it
+(:mod:`kmdask.report.style`).
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from kmdask.report import charts
-from kmdask.errorcases import figures as errorfigs
 from kmdask.batch.spec import FigureSpec
+from kmdask.report.kinds import FigureKind
 from kmdask.errors import DataError
-from kmdask.report.style import (  # noqa: F401  (re-exported: the report and tests use them)
+from kmdask.report.style import (
     BOX_H,
     BOX_W,
     COL_GAP,
@@ -42,14 +40,10 @@ from kmdask.report.style import (  # noqa: F401  (re-exported: the report and te
     TITLE_PX,
     Drawn,
     MeanTile,
-    _algorithm_title,
-    _fit_info,
-    _ks,
-    _labels,
-    _pt,
-    _save,
-    _truth,
-    _upscale,
+    algorithm_title,
+    pt,
+    save_png,
+    upscale,
     cluster_colour,
     composition,
     mean_image_rgb,
@@ -75,13 +69,13 @@ class _Panel:
 
 
 def _panel(run: Run, fig: FigureSpec, fit: str, k: int) -> _Panel:
-    info = _fit_info(run, fit)
+    info = run.fit_info(fit)
     model = run.model(fit, k)
     centers = model.centers
     if centers.shape[0] != k:
         raise DataError(f"{model.path / 'centers.npy'}: {centers.shape[0]} centres for K={k}")
-    labels = _labels(run, fit, k)
-    comp = composition(labels, _truth(run, labels.shape[0]), k)
+    labels = run.fit_labels(fit, k)
+    comp = composition(labels, run.truth(labels.shape[0]), k)
     majority = [(int(np.argmax(c)), float(c.max() / max(c.sum(), 1))) for c in comp]
     cap = fig.per_cluster
     if fig.samples is not None:
@@ -144,7 +138,7 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
     y_samples = y_mean + mean_px + 60
     height = y_samples + max(max_rows, 1) * (sample_px + GAP) - GAP + MARGIN
     algs = {p.info["algorithm"] for p in panels}
-    title = fig.title or (_algorithm_title(algs.pop(), run.manifest["data"]["dataset"])
+    title = fig.title or (algorithm_title(algs.pop(), run.manifest["data"]["dataset"])
                           if len(algs) == 1 else "K-Means++ on MNIST")
     width = MARGIN + GUTTER + len(panels) * panel_w + (len(panels) - 1) * PANEL_GAP + MARGIN
     width = max(width, int(text_width(title, TITLE_PX, bold=True)) + 2 * MARGIN)
@@ -158,10 +152,10 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
             xs = x0 - PANEL_GAP // 2
             canvas[y_header:height - MARGIN, xs - 1:xs + 1] = SEPARATOR
         if multi:
-            texts.append((x0, y_header, p.fit, dict(fontsize=_pt(HEADER_PX), weight="bold",
+            texts.append((x0, y_header, p.fit, dict(fontsize=pt(HEADER_PX), weight="bold",
                                                     color=(1.0, 1.0, 1.0))))
         for dx, dy, line in lines:
-            texts.append((x0 + dx, y_header + sub_h + dy, line, dict(fontsize=_pt(HEADER_PX))))
+            texts.append((x0 + dx, y_header + sub_h + dy, line, dict(fontsize=pt(HEADER_PX))))
         for j in range(p.k):
             xc = x0 + j * (col_w + COL_GAP)
             colour = cluster_colour(j)
@@ -169,29 +163,29 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
             lum = (0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]) / 255
             texts.append((xc + BOX_W / 2, y_box + BOX_H / 2 + 2,
                           str(int(p.result["counts"][j])),
-                          dict(fontsize=_pt(62), weight="bold", ha="center", va="center",
+                          dict(fontsize=pt(62), weight="bold", ha="center", va="center",
                                color="black" if lum > 0.5 else "white")))
             digit, share = p.majority[j]
             texts.append((xc + BOX_W + 18, y_box + 8, f"cluster {j}",
-                          dict(fontsize=_pt(44))))
+                          dict(fontsize=pt(44))))
             texts.append((xc + BOX_W + 18, y_box + 66, f"mostly {digit} ({share:.0%})",
-                          dict(fontsize=_pt(36), color=(0.68, 0.66, 0.57))))
+                          dict(fontsize=pt(36), color=(0.68, 0.66, 0.57))))
             rgb = mean_image_rgb(p.centers[j], fig.threshold)
             xm = xc + (col_w - mean_px) // 2
-            canvas[y_mean:y_mean + mean_px, xm:xm + mean_px] = _upscale(rgb, MEAN_SCALE)
+            canvas[y_mean:y_mean + mean_px, xm:xm + mean_px] = upscale(rgb, MEAN_SCALE)
             means.append(MeanTile(p.fit, p.k, j, y_mean, xm, MEAN_SCALE, rgb))
             for si, img in enumerate(p.samples[j]):
                 r, c = divmod(si, PER_ROW)
                 ys = y_samples + r * (sample_px + GAP)
                 xs = xc + c * (sample_px + GAP)
-                canvas[ys:ys + sample_px, xs:xs + sample_px] = _upscale(
+                canvas[ys:ys + sample_px, xs:xs + sample_px] = upscale(
                     sample_image_rgb(img), SAMPLE_SCALE)
 
-    texts.append((MARGIN, y_title, title, dict(fontsize=_pt(TITLE_PX), weight="bold")))
+    texts.append((MARGIN, y_title, title, dict(fontsize=pt(TITLE_PX), weight="bold")))
     for y, label, va in ((y_box + BOX_H / 2, "Cluster\ncount", "center"),
                          (y_mean + mean_px / 2, "Cluster\nmean", "center"),
                          (y_samples, "Cluster\nsamples", "top")):
-        texts.append((MARGIN, y, label, dict(fontsize=_pt(48), va=va, linespacing=1.15)))
+        texts.append((MARGIN, y, label, dict(fontsize=pt(48), va=va, linespacing=1.15)))
 
     f = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
     f.figimage(canvas, xo=0, yo=0, origin="upper")
@@ -199,7 +193,7 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
         kw = {"va": "top", "ha": "left", **kw}
         kw["color"] = kw.get("color") or tuple(c / 255 for c in TEXT)
         f.text(x / width, 1 - y / height, s, family="DejaVu Sans", **kw)
-    _save(f, path, DPI)
+    save_png(f, path, DPI)
 
     settings = ", ".join(f"{p.info['iterations']}/{p.info['trials']}" for p in panels)
     caption = (f"K = {k}, {panels[0].info['rows']} rows, iterations/trials {settings}; "
@@ -209,16 +203,26 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
 
 def draw_clusters(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     """The original's figure: one PNG, or one per K (``<name><K>.png``) for multi-K fits."""
-    ks = sorted({k for f in fig.fits for k in _ks(run, f)})
+    ks = sorted({k for f in fig.fits for k in run.ks(f)})
     if len(ks) == 1:
         return [clusters_png(run, fig, list(fig.fits), ks[0], out / f"{fig.name}.png")]
-    return [clusters_png(run, fig, [f for f in fig.fits if k in _ks(run, f)], k,
+    return [clusters_png(run, fig, [f for f in fig.fits if k in run.ks(f)], k,
                          out / f"{fig.name}{k}.png") for k in ks]
 
 
+def describe_clusters(fig: FigureSpec) -> str:
+    """The page's paragraph for a clusters figure, saying what its samples are."""
+    extra = []
+    if fig.samples is not None:
+        extra.append(f"samples: the first {fig.samples} data rows placed into their clusters in "
+                     f"row order, at most {fig.per_cluster} per cluster")
+    else:
+        extra.append(f"samples: each cluster's first {fig.per_cluster} members")
+    if fig.threshold is not None:
+        extra.append(f"mean images show only pixels above {fig.threshold:g}")
+    return ("One column per cluster, in the order its centre was drawn: the cluster's size in a "
+            "box of its colour, its mean image (full grey levels, orange tint), and sample images "
+            "of its members, five per row. " + "; ".join(extra).capitalize() + ".")
 
-DRAW = {"clusters": draw_clusters, "elbow": charts.draw_elbow,
-        "composition": charts.draw_composition, "scores": charts.draw_scores,
-        "convergence": charts.draw_convergence, "timing": charts.draw_timing,
-        "cases": errorfigs.draw_cases, "case_confusion": errorfigs.draw_case_confusion,
-        "experiment": errorfigs.draw_experiment}
+
+KIND = FigureKind("clusters", draw_clusters, describe_clusters)

@@ -1,5 +1,5 @@
-"""The look shared by every figure: the original's palette and text colour, the dark chart
-theme, and the helpers that read a run directory for a figure (matplotlib Agg only, no pyplot).
+"""The look shared by every figure: the original's palette and text colour, the canvas layout
+constants, the dark chart theme and small drawing helpers (matplotlib Agg only, no pyplot).
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ FIT_COLOURS = ["#ffb400", "#3fc1ff", "#ff5c8a", "#9be564", "#c792ea", "#ff8c42",
                "#f4f1bb", "#e06cff", "#b0b0b0"]
 
 
-def _hex(rgb: tuple[int, int, int]) -> str:
+def hex_colour(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-TEXT_HEX = _hex(TEXT)
+TEXT_HEX = hex_colour(TEXT)
 DARK = {
     "figure.facecolor": "#000000", "savefig.facecolor": "#000000",
     "axes.facecolor": "#0b0b0b", "axes.edgecolor": "#6d6a5c", "axes.labelcolor": TEXT_HEX,
@@ -114,53 +114,30 @@ def sample_image_rgb(image: np.ndarray) -> np.ndarray:
     return tinted(v)
 
 
-def _upscale(rgb: np.ndarray, s: int) -> np.ndarray:
+def upscale(rgb: np.ndarray, s: int) -> np.ndarray:
+    """Each pixel drawn as an ``s`` x ``s`` square."""
     return rgb.repeat(s, axis=0).repeat(s, axis=1)
 
 
-def _pt(px: float) -> float:
+def pt(px: float) -> float:
     """A font size given in canvas pixels, in points at DPI."""
     return px * 72.0 / DPI
 
 
-def _save(fig: Figure, path: Path, dpi: int) -> None:
+def save_png(fig: Figure, path: Path, dpi: int) -> None:
+    """Render ``fig`` with the Agg canvas and write it to ``path``."""
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi, facecolor=fig.get_facecolor())
 
 
-def _algorithm_title(alg: str, dataset: str) -> str:
-    name = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}.get(dataset, dataset)
-    if alg == "mccaffrey":
-        return f"McCaffrey K-Means++ on {name}"
-    return f"kmdask K-Means++ (k-means||) on {name}"
+ALGORITHM_TITLES = {"mccaffrey": "McCaffrey K-Means++", "scalable": "kmdask K-Means++ (k-means||)"}
+DATASET_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 
 
-def _fit_info(run: Run, fit: str) -> dict:
-    info = run.manifest["fits"].get(fit)
-    if info is None:
-        raise DataError(f"{run.path}: run has no fit named {fit!r}")
-    return info
-
-
-def _ks(run: Run, fit: str) -> list[int]:
-    return sorted(int(k) for k in _fit_info(run, fit)["results"])
-
-
-def _labels(run: Run, fit: str, k: int) -> np.ndarray:
-    rows = int(_fit_info(run, fit)["rows"])
-    labels = run.model(fit, k).labels
-    if labels.shape != (rows,):
-        raise DataError(f"{run.path}: fits/{fit}/k{k}/labels.npy holds {labels.shape[0]} labels "
-                        f"for a {rows}-row fit (damaged run)")
-    return labels
-
-
-def _truth(run: Run, rows: int) -> np.ndarray:
-    t = run.true_labels
-    if t.shape[0] < rows:
-        raise DataError(f"{run.path}: data/true_labels.npy holds {t.shape[0]} labels, the fits "
-                        f"need {rows} (damaged run)")
-    return t[:rows]
+def algorithm_title(alg: str, dataset: str) -> str:
+    """A figure title naming the algorithm and the data set."""
+    return (f"{ALGORITHM_TITLES.get(alg, f'K-Means++ ({alg})')} on "
+            f"{DATASET_TITLES.get(dataset, dataset)}")
 
 
 def composition(labels: np.ndarray, truth: np.ndarray, k: int, classes: int = 10
@@ -171,11 +148,10 @@ def composition(labels: np.ndarray, truth: np.ndarray, k: int, classes: int = 10
 
 
 def fit_label(run: Run, fit: str) -> str:
-    i = _fit_info(run, fit)
+    """A fit as a legend names it: algorithm, iterations x trials, rows."""
+    i = run.fit_info(fit)
     return (f"{fit} ({i['algorithm']}, {i['iterations']} it \u00d7 {i['trials']} trials, "
             f"{i['rows']} rows)")
-
-
 
 
 def text_width(text: str, px: float, bold: bool = False) -> float:
@@ -183,7 +159,7 @@ def text_width(text: str, px: float, bold: bool = False) -> float:
     from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.font_manager import FontProperties
 
-    fp = FontProperties(family="DejaVu Sans", size=_pt(px), weight="bold" if bold else "normal")
+    fp = FontProperties(family="DejaVu Sans", size=pt(px), weight="bold" if bold else "normal")
     return RendererAgg(8, 8, DPI).get_text_width_height_descent(text, fp, ismath=False)[0]
 
 
@@ -191,24 +167,27 @@ def text_width(text: str, px: float, bold: bool = False) -> float:
 # charts: ordinary matplotlib axes in a dark theme matching the canvas figures
 
 
-def _chart(width_in: float, height_in: float) -> Figure:
+def chart(width_in: float, height_in: float) -> Figure:
+    """A chart figure of that size in inches (constrained layout)."""
     return Figure(figsize=(width_in, height_in), dpi=CHART_DPI, layout="constrained")
 
 
-def _style():
+def dark_theme():
+    """The chart theme, as a context manager for drawing inside."""
     return matplotlib.rc_context(DARK)
 
 
-def _fit_colour(i: int) -> str:
+def fit_colour(i: int) -> str:
+    """The i-th line colour."""
     return FIT_COLOURS[i % len(FIT_COLOURS)]
 
 
 ALG_COLOURS = {"mccaffrey": FIT_COLOURS[0], "scalable": FIT_COLOURS[1]}
 
 
-def _colours(run: Run, fits) -> list[str]:
+def fit_colours(run: Run, fits) -> list[str]:
     """A line colour per fit: by algorithm when each fit has its own, else by position."""
-    algs = [_fit_info(run, f)["algorithm"] for f in fits]
+    algs = [run.fit_info(f)["algorithm"] for f in fits]
     if len(set(algs)) == len(algs):
-        return [ALG_COLOURS.get(a, _fit_colour(i + 2)) for i, a in enumerate(algs)]
-    return [_fit_colour(i) for i in range(len(fits))]
+        return [ALG_COLOURS.get(a, fit_colour(i + 2)) for i, a in enumerate(algs)]
+    return [fit_colour(i) for i in range(len(fits))]

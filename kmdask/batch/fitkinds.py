@@ -1,0 +1,129 @@
+"""Fit kinds: the algorithms a job's fits name (``algorithm:``), in a registry.
+
+The runner reaches every algorithm through :data:`FIT_KINDS` alone: a kind checks its part of a
+fit's spec, fits rows into one :class:`ModelRecord` per K, and says whether it keeps
+per-iteration checkpoints that an interrupted run resumes from. Adding an algorithm is adding
+an entry here; nothing else in :mod:`kmdask.batch` changes.
+
+The algorithms themselves are imported only when a fit runs, so that reading job specs never
+imports dask.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from kmdask.batch.checks import Checker
+
+log = logging.getLogger(__name__)
+
+#: the scalable engine's settings: fits of other kinds may not set them
+ENGINE_OPTIONS = ("init", "tol", "oversampling_factor", "init_rounds", "persist")
+
+
+@dataclass
+class ModelRecord:
+    """One fitted model (the best trial of one K) as the runner writes it."""
+
+    k: int
+    labels: np.ndarray  # (rows,) cluster of every row
+    centres: np.ndarray  # (k, d) float64
+    result: dict = field(default_factory=dict)  # JSON-ready: inertia, n_iter, histories, ...
+
+
+@dataclass
+class FitContext:
+    """What a fit gets from the runner besides its rows and spec."""
+
+    checkpoint: Any = None  # a Checkpoint (load/save of model states) for kinds that resume
+    progress: Callable[[dict], None] | None = None  # one call per Lloyd iteration
+
+
+class FitKind(Protocol):
+    """An algorithm a job can name."""
+
+    name: str
+    resumes: bool  # keeps per-iteration checkpoints; an interrupted run resumes from them
+    ordered: bool  # its cluster numbers mean something, so nothing may renumber them
+
+    def check(self, c: Checker, raw: dict, key: str) -> None:
+        """Refuse what this kind cannot do with the keys the fit sets (``raw``)."""
+
+    def fit(self, X: Any, spec: Any, ctx: FitContext) -> list[ModelRecord]:
+        """Fit every K of ``spec`` on the rows ``X`` (a dask array)."""
+
+
+class Scalable:
+    """kmdask's engine: k-means|| (or k-means++) seeding and fused Lloyd passes, every K and
+    trial of the fit in the same passes over the data."""
+
+    name = "scalable"
+    resumes = True
+    ordered = False
+
+    def check(self, c: Checker, raw: dict, key: str) -> None:
+        pass  # every key of a fit applies
+
+    def fit(self, X: Any, spec: Any, ctx: FitContext) -> list[ModelRecord]:
+        from kmdask.engine.estimator import fit_models
+
+        res = fit_models(X, spec.ks, n_init=spec.trials, init=spec.init,
+                         max_iter=spec.iterations, tol=spec.tol, random_state=spec.seed,
+                         oversampling_factor=spec.oversampling_factor,
+                         init_rounds=spec.init_rounds, persist=spec.persist,
+                         progress=ctx.progress, checkpoint=ctx.checkpoint)
+        out = []
+        for k in spec.ks:
+            trial, best = res.best(k)
+            trials = [r for (kk, _), r in zip(res.models, res.results, strict=True) if kk == k]
+            out.append(ModelRecord(k, np.concatenate(best.labels), np.asarray(best.centres), {
+                "inertia": best.inertia, "n_iter": best.n_iter, "best_trial": trial,
+                "inertia_history": best.inertia_history, "shift_history": best.shift_history,
+                "trial_inertia": [r.inertia for r in trials],
+                "trial_history": [r.inertia_history for r in trials],
+                "seconds": res.timings["total"]}))
+        return out
+
+
+class McCaffrey:
+    """The original demo's algorithm, bit for bit (see :mod:`kmdask.mccaffrey`), one K at a
+    time."""
+
+    name = "mccaffrey"
+    resumes = False
+    ordered = True  # the order the centres were drawn, which the original's figures follow
+
+    def check(self, c: Checker, raw: dict, key: str) -> None:
+        for k in ENGINE_OPTIONS:
+            if k in raw:
+                raise c.fail(f"{key}.{k}", "does not apply to algorithm mccaffrey (the "
+                             "original's seeding and stopping rules; only k, rows, "
+                             "iterations, trials and seed)")
+
+    def fit(self, X: Any, spec: Any, ctx: FitContext) -> list[ModelRecord]:
+        from kmdask.engine.executor import _current_client
+        from kmdask.mccaffrey.fit import fit_mccaffrey
+
+        out = []
+        for k in spec.ks:
+            t0 = time.perf_counter()
+            r = fit_mccaffrey(X, k, spec.iterations, spec.trials, spec.seed,
+                              client=_current_client())
+            out.append(ModelRecord(k, np.asarray(r.labels), np.asarray(r.centers), {
+                "inertia": r.wcss, "n_iter": int(r.trial_n_iter[r.best_trial]),
+                "best_trial": r.best_trial, "trial_inertia": list(r.trial_wcss),
+                "trial_n_iter": list(r.trial_n_iter),
+                "trial_history": [list(h) for h in r.trial_history],
+                "inertia_history": list(r.trial_history[r.best_trial]),
+                "seconds": time.perf_counter() - t0}))
+        return out
+
+
+#: every fit kind, by the name a job's ``algorithm:`` gives (the first is the default)
+FIT_KINDS: dict[str, FitKind] = {k.name: k for k in (Scalable(), McCaffrey())}
