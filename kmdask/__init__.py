@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from kmdask.errors import ConfigError, DataError, KmdaskError
+from kmdask.errors import ConfigError, DataError, KmdaskError, NotFittedError
 
 try:
     __version__ = version("kmdask")
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["ConfigError", "DataError", "KMeans", "KmdaskError", "__version__", "fit_sweep"]
+__all__ = ["ConfigError", "DataError", "KMeans", "KmdaskError", "McCaffreyKMeans",
+           "NotFittedError", "__version__", "fit_sweep", "open_images", "open_labels"]
+
+_LAZY = {"KMeans": "kmdask.engine.estimator", "fit_sweep": "kmdask.engine.estimator",
+         "fit_models": "kmdask.engine.estimator",
+         "McCaffreyKMeans": "kmdask.mccaffrey.estimator",
+         "open_images": "kmdask.data.store", "open_labels": "kmdask.data.store"}
 
 
 def __getattr__(name: str):
     # Lazy: importing kmdask (e.g. for the CLI's --help) should not import dask.
-    if name in ("KMeans", "fit_sweep", "fit_models"):
-        from kmdask.engine import estimator
+    if name in _LAZY:
+        import importlib
 
-        return getattr(estimator, name)
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kmdask' has no attribute {name!r}")

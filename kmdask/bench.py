@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": {"cpus": __import__("os").cpu_count()}, "rows": int(x8.shape[0])}
     with worker_environment("4GiB"), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=":0", memory_limit="4GiB") as cluster, \
+                         dashboard_address="127.0.0.1:0", memory_limit="4GiB") as cluster, \
             Client(cluster) as client:
         X = da.from_array(x8, chunks=Xz.chunks)
         steps = [
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print("== out_of_core", flush=True)
         with worker_environment("400MB"), \
                 LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                             host="127.0.0.1", dashboard_address=":0",
+                             host="127.0.0.1", dashboard_address="127.0.0.1:0",
                              memory_limit="400MB") as cluster, \
                 Client(cluster) as client:
             results["out_of_core"] = bench_out_of_core(args.big_store, client, 10)

@@ -1,7 +1,9 @@
-"""The one exception type kmdask raises for bad input, bad config or failed runs.
+"""The exceptions kmdask raises for bad input, bad configuration or failed runs.
 
-The CLI turns a :class:`KmdaskError` into a single line on stderr and a non-zero exit;
-anything else escaping is a bug.
+The command line turns a :class:`KmdaskError` into a single line on stderr and a non-zero exit;
+anything else escaping is a bug. Bad parameters and bad data are also ``ValueError`` s, and
+using an estimator before ``fit`` is both a ``ValueError`` and an ``AttributeError``, as
+scikit-learn's ``NotFittedError`` is.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ class KmdaskError(Exception):
     exit_code = 2
 
 
-class DataError(KmdaskError):
-    """Bad or missing input data (IDX files, checksums, zarr stores)."""
+class DataError(KmdaskError, ValueError):
+    """Bad or missing input data (IDX files, checksums, zarr stores, arrays)."""
 
 
-class ConfigError(KmdaskError):
+class ConfigError(KmdaskError, ValueError):
     """Bad job spec, cluster profile or parameter value."""
+
+
+class NotFittedError(KmdaskError, ValueError, AttributeError):
+    """An estimator used before ``fit``."""
 
 
 class ClusterStalled(KmdaskError):

@@ -22,6 +22,15 @@ def mnist_dir() -> Path | None:
 
 
 @pytest.fixture(autouse=True)
+def kmdask_log():
+    """kmdask's progress lines on stderr, as the command line sets them up (tests read them
+    with capsys)."""
+    from kmdask import log
+
+    log.setup(0)
+
+
+@pytest.fixture(autouse=True)
 def offline_env(tmp_path_factory, monkeypatch):
     """No test may reach the network or the user's cache: empty mirror list, no PyPI.
 
@@ -71,7 +80,7 @@ def client():
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=":0",
+        dashboard_address="127.0.0.1:0",
         host="127.0.0.1",
         memory_limit="4GiB",
     )

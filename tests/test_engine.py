@@ -12,7 +12,7 @@ from sklearn.cluster import KMeans as SKKMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import v_measure_score
 
-from kmdask import ConfigError, KMeans, fit_sweep
+from kmdask import ConfigError, DataError, KMeans, McCaffreyKMeans, fit_sweep
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_determinism_across_workers_and_threads(mnist_train):
     results = []
     for n_workers, threads in [(1, 1), (2, 1), (1, 2)]:
         with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
-                          dashboard_address=":0", host="127.0.0.1") as cluster, \
+                          dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster, \
                 Client(cluster, set_as_default=False) as c, c.as_current():
             km = KMeans(7, n_init=2, random_state=11, max_iter=30).fit(X)
             results.append((km.cluster_centers_, km.labels_.compute(), km.inertia_))
@@ -183,15 +183,15 @@ def test_mnist_60k_inertia_within_1pct_of_sklearn(mnist_train, client):
 def test_estimator_mccaffrey_mode_reproduces_published_counts(mnist_train, client, n, it,
                                                               trials, counts):
     X = da.from_array(mnist_train, chunks=(10_000, 784))
-    km = KMeans(n_clusters=3, algorithm="mccaffrey", max_iter=it, n_init=trials,
-                random_state=0).fit(X[:n])
+    km = McCaffreyKMeans(n_clusters=3, max_iter=it, n_init=trials, random_state=0).fit(X[:n])
     assert np.bincount(km.labels_.compute(), minlength=3).tolist() == counts
     assert km.inertia_ == min(km.trial_inertia_)
 
 
 def test_mccaffrey_mode_needs_pixels():
-    with pytest.raises(ConfigError, match="needs uint8 pixel rows, got float64"):
-        KMeans(3, algorithm="mccaffrey").fit(np.zeros((10, 4)))
+    with pytest.raises(DataError, match="needs uint8 pixel rows or float64 rows, got dtype "
+                                        "float32"):
+        McCaffreyKMeans(3).fit(np.zeros((10, 4), dtype=np.float32))
     with pytest.raises(ConfigError, match="unknown algorithm 'elkan'"):
         KMeans(3, algorithm="elkan").fit(np.zeros((10, 4)))
 

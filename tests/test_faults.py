@@ -88,7 +88,7 @@ def _job_cluster(config: dict | None = None):
 
     with dask.config.set(config or {}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=":0") as cluster, \
+                         dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster, set_as_default=False) as c:
         yield c, {"name": "t", "kind": "address", "address": cluster.scheduler_address,
                   "source": "test", "timeout": 30}
@@ -122,6 +122,33 @@ def test_workers_killed_mid_lloyd_give_identical_result(mnist_store, victims, pe
         assert np.array_equal(a.centres, b.centres)
         assert all(np.array_equal(x, y) for x, y in zip(a.labels, b.labels, strict=True))
         assert a.inertia == b.inertia and a.n_iter == b.n_iter
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("victims", ["one", "all"])
+def test_mccaffrey_mode_survives_lost_workers(mnist_store, victims):
+    """The original's algorithm runs on the engine's executor: SIGKILL one worker, or every
+    one, between two Lloyd passes; the per-chunk labels kept on the workers are recomputed
+    from their lineage and the fit ends bit-identical."""
+    from kmdask.mccaffrey.fit import fit_mccaffrey
+
+    X = open_images(mnist_store)[:20_000]
+    with _job_cluster() as (c, _), c.as_current():
+        ref = fit_mccaffrey(X, 5, 15, 6, 0)
+        killed = []
+
+        def kill(p):
+            if p["iteration"] == 3 and not killed:
+                pids = sorted(_worker_pids(c).values())
+                for pid in pids[:1] if victims == "one" else pids:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+        got = fit_mccaffrey(X, 5, 15, 6, 0, progress=kill)
+        assert len(killed) == (1 if victims == "one" else 2)
+    assert np.array_equal(got.labels, ref.labels)
+    assert got.centers.tobytes() == ref.centers.tobytes()
+    assert got.trial_wcss == ref.trial_wcss and got.trial_n_iter == ref.trial_n_iter
 
 
 @pytest.mark.timeout(120)

@@ -281,7 +281,7 @@ def test_same_result_for_any_input_chunking_and_cluster(mnist, client) -> None:
         fit_mccaffrey(da.from_array(X, chunks=(3333, 392)), 3, 20, 20, client=client),
     ]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cl, Client(cl) as one:
+                      dashboard_address="127.0.0.1:0") as cl, Client(cl) as one:
         runs.append(fit_mccaffrey(da.from_array(X, chunks=(7000, 784)), 3, 20, 20, client=one))
     for r in runs:
         assert np.array_equal(r.labels, base.labels) and np.array_equal(r.centers, base.centers)

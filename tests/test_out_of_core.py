@@ -31,7 +31,7 @@ def test_streamed_fit_on_millions_of_rows_under_memory_limits(mnist_source, tmp_
     # enforced at 95%, stands, and the test checks that no worker was killed for it.
     with dask.config.set({"distributed.worker.memory.pause": 0.9}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=":0", memory_limit="400MB") as cluster, \
+                         dashboard_address="127.0.0.1:0", memory_limit="400MB") as cluster, \
             Client(cluster) as client:
         workers_before = set(client.scheduler_info()["workers"])
         km = KMeans(10, random_state=0, max_iter=4, init_rounds=2).fit(X)

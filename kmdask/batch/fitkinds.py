@@ -107,14 +107,14 @@ class McCaffrey:
                              "iterations, trials and seed)")
 
     def fit(self, X: Any, spec: Any, ctx: FitContext) -> list[ModelRecord]:
-        from kmdask.engine.executor import _current_client
         from kmdask.mccaffrey.fit import fit_mccaffrey
 
         out = []
         for k in spec.ks:
             t0 = time.perf_counter()
+            # its passes are many and short (every K in turn): shown with -v only
             r = fit_mccaffrey(X, k, spec.iterations, spec.trials, spec.seed,
-                              client=_current_client())
+                              progress=ctx.progress if log.isEnabledFor(logging.DEBUG) else None)
             out.append(ModelRecord(k, np.asarray(r.labels), np.asarray(r.centers), {
                 "inertia": r.wcss, "n_iter": int(r.trial_n_iter[r.best_trial]),
                 "best_trial": r.best_trial, "trial_inertia": list(r.trial_wcss),

@@ -198,11 +198,12 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray,
         log.info("  %s: no checkpoint yet (stopped during seeding): seeding again", fit.name)
 
     def show(p: dict) -> None:
-        log.info("  %s it %3d: %3d model(s), inertia %.6g, shift %.3g, %.0f ms (%.0f%% of "
-                 "distances)", fit.name, p["iteration"], p["models"], p["inertia"], p["shift"],
-                 p["seconds"] * 1e3, 100 * p["computed"],
+        extra = f", shift {p['shift']:.3g}" if "shift" in p else ""
+        extra += f" ({p['computed']:.0%} of distances)" if "computed" in p else ""
+        log.info("  %s it %3d: %3d model(s), inertia %.6g%s, %.0f ms", fit.name, p["iteration"],
+                 p["models"], p["inertia"], extra, p["seconds"] * 1e3,
                  **fields(fit=fit.name, **{k: p[k] for k in ("iteration", "models", "inertia",
-                                                             "shift", "seconds")}))
+                                                              "seconds")}))
 
     records = kind.fit(X, fit, FitContext(checkpoint=ck, progress=show))
     results: dict[str, dict] = {}

@@ -3,29 +3,32 @@
 ``KMeans(n_clusters=K, n_init=T)`` fits its T trials together (one pass over the data per
 iteration for all of them); :func:`fit_sweep` does the same across several K. Trial ``t`` of any
 K uses the seed derived from ``(random_state, t)``, so a sweep gives exactly the models that
-fitting each K on its own gives.
+fitting each K on its own gives. :func:`fit_models` is the common core.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Protocol
+from typing import Any, Protocol
 
 import dask.array as da
 import numpy as np
 
 from kmdask.engine import kernels
-from kmdask.engine.executor import ChunkedRows
+from kmdask.engine.executor import DEFAULT_CHUNK_ROWS, ChunkedRows
 from kmdask.engine.lloyd import ModelResult, ModelState, lloyd, pack_states, unpack_states
+from kmdask.engine.params import ParamsMixin
 from kmdask.engine.seeding import kmeans_parallel, kmeans_plusplus
-from kmdask.errors import ConfigError
+from kmdask.errors import ConfigError, NotFittedError
+
+log = logging.getLogger(__name__)
 
 _INITS = ("k-means||", "k-means++")
-DEFAULT_CHUNK_ROWS = 10_000
 
 
 def trial_seeds(random_state: int | None, n_init: int) -> list[int]:
@@ -36,12 +39,12 @@ def trial_seeds(random_state: int | None, n_init: int) -> list[int]:
     return [int(c.generate_state(1, dtype=np.uint64)[0] >> 1) for c in ss.spawn(n_init)]
 
 
-def as_dask(X, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
-    """Validate ``X`` as a 2-D array of rows and return it as a row-chunked dask array."""
+def check_rows(X: Any) -> Any:
+    """``X`` checked as a 2-D array of numeric rows: a dask array, or a numpy array (lists
+    and the like become one). uint8, float32 and float64 are kept; other numbers become
+    float64."""
     if not isinstance(X, da.Array):
         X = np.asarray(X)
-        if X.ndim == 2:
-            X = da.from_array(X, chunks=(min(chunk_rows, max(X.shape[0], 1)), X.shape[1]))
     if X.ndim != 2:
         raise ConfigError(f"X must be 2-D (rows x features), got ndim={X.ndim}")
     if X.shape[0] == 0 or X.shape[1] == 0:
@@ -81,14 +84,20 @@ class FitResult:
         return t, r
 
 
-def _progress_printer(verbose: int) -> Callable[[dict], None] | None:
+def _progress_logger(verbose: int) -> Callable[[dict], None] | None:
+    """``verbose``: one log line per Lloyd iteration, shown on stderr even where the program
+    set no logging up (asking for it is asking to see it)."""
     if not verbose:
         return None
+    if not logging.getLogger("kmdask").handlers and not logging.getLogger().handlers:
+        from kmdask import log as kmlog
+
+        kmlog.setup(0)
 
     def show(p: dict) -> None:
-        print(f"  iteration {p['iteration']:4d}: {p['models']:3d} model(s) running, "
-              f"best inertia {p['inertia']:.6g}, max shift {p['shift']:.3g}, "
-              f"{p['seconds'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+        log.info("  iteration %4d: %3d model(s) running, best inertia %.6g, max shift %.3g, "
+                 "%.0f ms", p["iteration"], p["models"], p["inertia"], p["shift"],
+                 p["seconds"] * 1e3)
 
     return show
 
@@ -101,10 +110,16 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
                checkpoint: Checkpoint | None = None) -> FitResult:
     """Fit every (k in ks) x (trial in n_init) model with shared passes over ``X``.
 
-    With a ``checkpoint``, the seeded centres and every Lloyd iteration's model states are
-    saved, and a fit that finds a saved state resumes from it (ending bit-identical).
+    Parameters are those of :class:`KMeans` (``ks`` a list of ``n_clusters``); ``progress``
+    receives a dict per Lloyd iteration. With a ``checkpoint``, the seeded centres and every
+    Lloyd iteration's model states are saved, and a fit that finds a saved state resumes from
+    it (ending bit-identical).
+
+    Returns
+    -------
+    FitResult
     """
-    X = as_dask(X)
+    X = check_rows(X)
     n, d = X.shape
     ks = [int(k) for k in ks]
     _check_params(ks, n, n_init, max_iter, tol, init, d, oversampling_factor, init_rounds)
@@ -138,12 +153,12 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
         if save is not None:
             save(states)
     t_init = time.perf_counter()
-    progress = progress or _progress_printer(verbose)
+    progress = progress or _progress_logger(verbose)
     results = lloyd(data, states, max_iter=max_iter, tol=tol_abs, progress=progress,
                     on_iteration=save)
     t_end = time.perf_counter()
     out = FitResult(
-        models=models, results=results, chunks=X.chunks[0], n_passes=data.passes,
+        models=models, results=results, chunks=tuple(data.row_chunks), n_passes=data.passes,
         persisted=data.persisted,
         timings={"prepare": t_stats - t0, "init": t_init - t_stats, "lloyd": t_end - t_init,
                  "total": t_end - t0},
@@ -180,6 +195,7 @@ def _check_params(ks, n, n_init, max_iter, tol, init, d, oversampling, rounds) -
             raise ConfigError("init centres contain NaN or infinity")
 
 
+
 def _labels_array(labels: list[np.ndarray], chunks: tuple[int, ...]) -> da.Array:
     return da.concatenate([da.from_array(lab, chunks=(c,)) for lab, c in
                            zip(labels, chunks, strict=True)])
@@ -197,36 +213,93 @@ def _transform_block(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.sqrt(kernels.sq_dists(xs, centres))
 
 
-class KMeans:
-    """K-Means++ on dask arrays (scikit-learn API).
+def _blockwise(fn: Callable, X: Any, centres: np.ndarray, width: int | None) -> Any:
+    """``fn`` over row blocks of ``X``: lazily for a dask array, at once for numpy."""
+    if isinstance(X, da.Array):
+        X = X.rechunk({1: -1})
+        if width is None:
+            return X.map_blocks(fn, centres, dtype=np.int32, drop_axis=1)
+        return X.map_blocks(fn, centres, dtype=np.float64, chunks=(X.chunks[0], (width,)))
+    return np.concatenate([fn(X[s : s + DEFAULT_CHUNK_ROWS], centres)
+                           for s in range(0, X.shape[0], DEFAULT_CHUNK_ROWS)])
+
+
+class KMeans(ParamsMixin):
+    """K-Means++ on dask arrays, with the API of scikit-learn's ``KMeans``.
+
+    The ``n_init`` trials are fitted together: every Lloyd pass over the data serves all of
+    them. A fit is a pure function of (data, chunking, parameters, ``random_state``):
+    bit-identical whatever the number of workers or threads. It runs on the distributed client
+    in use (``distributed.Client``), else on dask's local scheduler.
 
     Parameters
     ----------
-    n_clusters : int
-    init : "k-means||" (scalable, Bahmani et al.), "k-means++" (exact D² sampling, one pass
-        per centre) or an array of shape (n_clusters, n_features).
-    n_init : int — trials, fitted together; the lowest inertia is kept.
-    max_iter, tol : as scikit-learn (tol is relative to the mean feature variance).
-    random_state : int or None.
-    oversampling_factor, init_rounds : k-means|| oversampling l = factor * K and rounds.
-    persist : True, False or "auto" — hold the data in worker memory, or stream it from its
-        source (e.g. zarr) every pass; "auto" persists when it fits half the workers' memory.
-    verbose : print one line per Lloyd iteration to stderr.
-    algorithm : "lloyd" (kmdask's engine, the default) or "mccaffrey" (the original demo's
-        algorithm, bit for bit: .NET Random(random_state) shared by the trials, roulette-wheel
-        k-means++, its Lloyd loop and stopping rules; needs uint8 pixel rows; ``init``, ``tol``
-        and the k-means|| options do not apply).
+    n_clusters : int, default 8
+        K.
+    init : {"k-means||", "k-means++"} or array of shape (n_clusters, n_features)
+        "k-means||": scalable k-means++ (Bahmani et al. 2012), ``init_rounds`` passes;
+        "k-means++": exact D² sampling, one pass per centre; an array: these centres (then
+        ``n_init`` is 1, with a warning if it was set higher).
+    n_init : int, default 1
+        Trials; the one of lowest inertia is kept.
+    max_iter : int, default 300
+        Lloyd iterations at most.
+    tol : float, default 1e-4
+        A trial stops when its squared centre shift is at most ``tol`` times the mean feature
+        variance (scikit-learn's rule).
+    random_state : int or None
+        Seed of every random draw (None: fresh entropy).
+    oversampling_factor : float, default 2.0
+        k-means|| samples about ``oversampling_factor * n_clusters`` rows per round.
+    init_rounds : int, default 5
+        k-means|| rounds.
+    persist : {True, False, "auto"}, default "auto"
+        Hold the data in worker memory, or stream it from its source (e.g. zarr) every pass;
+        "auto" persists when it fits half the workers' memory.
+    verbose : int, default 0
+        Log one line per Lloyd iteration.
+    algorithm : {"lloyd"}, default "lloyd"
+        Accepted for scikit-learn compatibility; passes use Elkan's bounds by themselves when
+        they pay. The original demo's algorithm is :class:`kmdask.McCaffreyKMeans`.
 
-    uint8 input is read as pixels / 255 (per block, never materialised as float);
-    ``cluster_centers_`` are then in that [0, 1] scale.
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_clusters, n_features)
+        Centres, in the scaled units (uint8 pixels / 255; float rows as they are).
+    labels_ : dask array of shape (n_samples,)
+        Cluster of every row, for the final centres.
+    inertia_ : float
+        Sum of squared distances of the rows to their centres.
+    n_iter_ : int
+        Lloyd iterations the kept trial ran.
+    n_features_in_ : int
+        Features seen by ``fit``.
+    inertia_history_ : list of float
+        The kept trial's inertia at its initial centres, after each iteration, and at the end
+        (``n_iter_ + 1`` values).
+    shift_history_ : list of float
+        Its squared centre shift per iteration.
+    best_trial_ : int
+        Index of the kept trial.
+    trial_inertia_ : list of float
+        Final inertia of every trial.
+    n_passes_ : int
+        Passes over the data the fit made.
+    timings_ : dict
+        Seconds spent preparing the data, seeding, in Lloyd, and in all.
+    persisted_ : bool
+        Whether the data was held in worker memory.
+
+    Notes
+    -----
+    uint8 input is read as pixels / 255 (per block, never materialised as float).
     """
 
-    def __init__(self, n_clusters: int = 8, *, init="k-means||", n_init: int = 1,
+    def __init__(self, n_clusters: int = 8, *, init: Any = "k-means||", n_init: int = 1,
                  max_iter: int = 300, tol: float = 1e-4, random_state: int | None = None,
                  oversampling_factor: float = 2.0, init_rounds: int = 5,
                  persist: bool | str = "auto", verbose: int = 0, algorithm: str = "lloyd"):
         self.n_clusters = n_clusters
-        self.algorithm = algorithm
         self.init = init
         self.n_init = n_init
         self.max_iter = max_iter
@@ -236,52 +309,30 @@ class KMeans:
         self.init_rounds = init_rounds
         self.persist = persist
         self.verbose = verbose
+        self.algorithm = algorithm
 
-    def fit(self, X, y=None) -> KMeans:
+    def fit(self, X: Any, y: Any = None) -> KMeans:
+        """Fit the model to the rows of ``X`` (dask or numpy array); ``y`` is ignored."""
         if not isinstance(self.n_clusters, Integral):
             raise ConfigError(f"n_clusters must be an integer, got {self.n_clusters!r}")
-        Xd = as_dask(X)
-        if self.algorithm == "mccaffrey":
-            return self._fit_mccaffrey(Xd)
         if self.algorithm != "lloyd":
-            raise ConfigError(f"unknown algorithm {self.algorithm!r}; expected 'lloyd' or "
-                              "'mccaffrey'")
-        n_init = self.n_init if isinstance(self.init, str) else 1
-        res = fit_models(Xd, [self.n_clusters], n_init=n_init, init=self.init,
+            raise ConfigError(f"unknown algorithm {self.algorithm!r}; expected 'lloyd' (the "
+                              "original demo's algorithm is kmdask.McCaffreyKMeans)")
+        X = check_rows(X)
+        n_init = self.n_init
+        if not isinstance(self.init, str) and n_init != 1:
+            warnings.warn(f"explicit initial centres given: fitting one trial, not "
+                          f"n_init={n_init}", RuntimeWarning, stacklevel=2)
+            n_init = 1
+        res = fit_models(X, [self.n_clusters], n_init=n_init, init=self.init,
                          max_iter=self.max_iter, tol=self.tol, random_state=self.random_state,
                          oversampling_factor=self.oversampling_factor,
                          init_rounds=self.init_rounds, persist=self.persist,
                          verbose=self.verbose)
-        self._set_fitted(res, self.n_clusters, Xd)
+        self._set_fitted(res, self.n_clusters, X)
         return self
 
-    def _fit_mccaffrey(self, X: da.Array) -> KMeans:
-        from kmdask.engine.executor import _current_client
-        from kmdask.mccaffrey.fit import fit_mccaffrey
-
-        if X.dtype != np.uint8:
-            raise ConfigError(f"algorithm='mccaffrey' needs uint8 pixel rows, got {X.dtype}")
-        _check_params([self.n_clusters], X.shape[0], self.n_init, self.max_iter, 0.0,
-                      "k-means++", X.shape[1], 1.0, 1)
-        t0 = time.perf_counter()
-        seed = 0 if self.random_state is None else int(self.random_state)
-        r = fit_mccaffrey(X, self.n_clusters, self.max_iter, self.n_init, seed,
-                          client=_current_client())
-        self.cluster_centers_ = r.centers
-        self.labels_ = da.from_array(np.asarray(r.labels, dtype=np.int32), chunks=X.chunks[0])
-        self.inertia_ = r.wcss
-        self.n_iter_ = int(r.trial_n_iter[r.best_trial])
-        self.inertia_history_ = list(r.trial_history[r.best_trial])
-        self.shift_history_ = []
-        self.n_features_in_ = X.shape[1]
-        self.best_trial_ = r.best_trial
-        self.trial_inertia_ = list(r.trial_wcss)
-        self.n_passes_ = None
-        self.timings_ = {"total": time.perf_counter() - t0}
-        self.persisted_ = None
-        return self
-
-    def _set_fitted(self, res: FitResult, k: int, X: da.Array) -> None:
+    def _set_fitted(self, res: FitResult, k: int, X: Any) -> None:
         trial, best = res.best(k)
         out_dtype = np.float64 if X.dtype == np.uint8 else X.dtype
         self.cluster_centers_ = best.centres.astype(out_dtype)
@@ -298,39 +349,34 @@ class KMeans:
         self.timings_ = dict(res.timings)
         self.persisted_ = res.persisted
 
-    def _check_fitted(self, X):
+    def _checked(self, X: Any) -> Any:
         if not hasattr(self, "cluster_centers_"):
-            raise ConfigError("this KMeans is not fitted yet: call fit(X) first")
-        Xd = as_dask(X)
-        if Xd.shape[1] != self.n_features_in_:
-            raise ConfigError(f"X has {Xd.shape[1]} features, the model was fitted with "
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(X) "
+                                 "first")
+        X = check_rows(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ConfigError(f"X has {X.shape[1]} features, the model was fitted with "
                               f"{self.n_features_in_}")
-        return Xd.rechunk({1: -1})
+        return X
 
-    def predict(self, X):
-        """Index of the nearest centre of each row (dask array; numpy for numpy input)."""
-        Xd = self._check_fitted(X)
-        out = Xd.map_blocks(_predict_block, self.cluster_centers_, dtype=np.int32, drop_axis=1)
-        return out if isinstance(X, da.Array) else out.compute()
+    def predict(self, X: Any) -> Any:
+        """Index of the nearest centre of each row (a dask array for dask input, else numpy)."""
+        return _blockwise(_predict_block, self._checked(X), self.cluster_centers_, None)
 
-    def fit_predict(self, X, y=None):
+    def fit_predict(self, X: Any, y: Any = None) -> Any:
+        """``fit(X)``, then its ``labels_`` (computed for numpy input)."""
         self.fit(X)
         return self.labels_ if isinstance(X, da.Array) else self.labels_.compute()
 
-    def transform(self, X):
+    def transform(self, X: Any) -> Any:
         """Euclidean distance of each row to each centre, shape (n, n_clusters)."""
-        Xd = self._check_fitted(X)
-        k = self.cluster_centers_.shape[0]
-        out = Xd.map_blocks(_transform_block, self.cluster_centers_, dtype=np.float64,
-                            chunks=(Xd.chunks[0], (k,)))
-        return out if isinstance(X, da.Array) else out.compute()
+        return _blockwise(_transform_block, self._checked(X), self.cluster_centers_,
+                          self.cluster_centers_.shape[0])
 
-    def score(self, X, y=None) -> float:
-        """Opposite of the inertia of X for the fitted centres."""
-        d = self.transform(X)
-        d = d if isinstance(d, np.ndarray) else d
-        return -float((d.min(axis=1) ** 2).sum().compute() if isinstance(d, da.Array)
-                      else (d.min(axis=1) ** 2).sum())
+    def score(self, X: Any, y: Any = None) -> float:
+        """Opposite of the inertia of ``X`` for the fitted centres (higher is better)."""
+        d2 = self.transform(X).min(axis=1) ** 2
+        return -float(d2.sum().compute() if isinstance(d2, da.Array) else d2.sum())
 
 
 @dataclass
@@ -341,8 +387,8 @@ class SweepResult:
     fit: FitResult
 
 
-def fit_sweep(X, n_clusters: Sequence[int] = tuple(range(2, 11)), *, n_init: int = 1,
-              init="k-means||", max_iter: int = 300, tol: float = 1e-4,
+def fit_sweep(X: Any, n_clusters: Sequence[int] = tuple(range(2, 11)), *, n_init: int = 1,
+              init: str = "k-means||", max_iter: int = 300, tol: float = 1e-4,
               random_state: int | None = None, oversampling_factor: float = 2.0,
               init_rounds: int = 5, persist: bool | str = "auto", verbose: int = 0,
               progress: Callable[[dict], None] | None = None) -> SweepResult:
@@ -350,12 +396,13 @@ def fit_sweep(X, n_clusters: Sequence[int] = tuple(range(2, 11)), *, n_init: int
 
     Models drop out of the pass as they converge. Returns the best trial of each K as a
     fitted :class:`KMeans`, equal to ``KMeans(K, n_init=n_init, random_state=...)`` on its own.
+    Parameters are those of :class:`KMeans`.
     """
-    if isinstance(init, np.ndarray):
+    if not isinstance(init, str):
         raise ConfigError("fit_sweep needs init='k-means||' or 'k-means++', not fixed centres")
-    Xd = as_dask(X)
+    X = check_rows(X)
     ks = sorted({int(k) for k in n_clusters})
-    res = fit_models(Xd, ks, n_init=n_init, init=init, max_iter=max_iter, tol=tol,
+    res = fit_models(X, ks, n_init=n_init, init=init, max_iter=max_iter, tol=tol,
                      random_state=random_state, oversampling_factor=oversampling_factor,
                      init_rounds=init_rounds, persist=persist, verbose=verbose,
                      progress=progress)
@@ -364,6 +411,6 @@ def fit_sweep(X, n_clusters: Sequence[int] = tuple(range(2, 11)), *, n_init: int
         km = KMeans(k, init=init, n_init=n_init, max_iter=max_iter, tol=tol,
                     random_state=random_state, oversampling_factor=oversampling_factor,
                     init_rounds=init_rounds, persist=persist)
-        km._set_fitted(res, k, Xd)
+        km._set_fitted(res, k, X)
         models[k] = km
     return SweepResult(models=models, fit=res)

@@ -1,13 +1,27 @@
-"""Row-chunked data on dask workers: persisted in worker memory, or streamed every pass.
+"""The executor: a 2-D array split into row chunks on dask workers, and passes over them.
 
-A *pass* maps one pure function over every chunk (as a dask task next to the chunk's data)
-and gathers the small per-chunk results on the client, in chunk order, so that combining
-them is deterministic whatever the number of workers or threads.
+One executor serves every algorithm (the engine, and the original demo's mode). It knows
+nothing of K-Means: a chunk is whatever ``prepare(rows, offset, index)`` makes of its raw
+rows, and a pass runs a pure function next to every chunk. Three kinds of pass:
+
+* :meth:`ChunkedRows.map` — ``fn(chunk, *shared, *per_chunk[i])`` on every chunk, results
+  gathered on the client in chunk order, so that combining them is deterministic whatever
+  the number of workers or threads;
+* the same with ``keep=True`` — ``fn`` returns ``(result, state)``: the results come back, each
+  chunk's state stays on the worker that made it, as a handle a later pass can take in its
+  ``per_chunk`` (no state crosses the network, and a lost one is recomputed from its lineage);
+* :meth:`ChunkedRows.fold` — ``carry = fn(chunk, carry, ...)`` through the chunks in row order
+  (for sums that must be accumulated in one order to be bit-exact).
+
+Chunks are persisted in worker memory when they fit (``persist``), else streamed: read, used and
+dropped in every pass. On a distributed client the chunks are split into contiguous runs, one
+per worker thread, and a pass is one task per run: few, large tasks keep dask's per-pass
+overhead low and an even spread keeps every core busy. Without a client, passes run on dask's
+local scheduler. Waits never hang (:mod:`kmdask.engine.waits`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,30 +29,32 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
 from kmdask.engine import kernels
-from kmdask.errors import ClusterStalled
+from kmdask.engine.waits import clear_hints, current_client, hint, wait_for
 
+DEFAULT_CHUNK_ROWS = 10_000
 _BUDGET_FRACTION = 0.5  # share of the workers' memory that persisted data may take
-# A worker that dask paused for memory runs no task until its memory falls, which memory held by
-# libraries (not data it could spill) never does: a pass would wait forever. Give up after this
-# long with every worker paused (dask config key ``kmdask.paused-timeout``, seconds).
-_PAUSED_TIMEOUT = 120.0
+# Arguments larger than this are sent to the workers once (scattered) instead of inside each
+# task's graph: dask warns about large graphs, and would send such a copy with every task.
+_EMBED_MAX = 4 << 20
 
 
-def _prepared(x: np.ndarray, divisor: float, offset: int, index: int) -> kernels.Chunk:
-    return kernels.prepare_chunk(x, divisor, offset, index)
+@dataclass(frozen=True)
+class EnginePrep:
+    """The engine's chunk preparation (picklable): :func:`kmdask.engine.kernels.prepare_chunk`
+    with the data's divisor (255 for uint8 pixels)."""
 
+    divisor: float
 
-def _call_streamed(fn: Callable, x: np.ndarray, divisor: float, offset: int, index: int,
-                   *args: Any) -> Any:
-    # Streaming: read, prepare and use the chunk in one task, so it never lingers in memory.
-    return fn(kernels.prepare_chunk(x, divisor, offset, index), *args)
+    def __call__(self, x: np.ndarray, offset: int, index: int) -> kernels.Chunk:
+        return kernels.prepare_chunk(x, self.divisor, offset, index)
 
 
 def memory_budget() -> int:
     """Bytes of worker memory that persisted data may use on the current scheduler."""
-    client = _current_client()
+    client = current_client()
     if client is not None:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         limits = [w.get("memory_limit") or 0 for w in workers]
@@ -50,30 +66,40 @@ def memory_budget() -> int:
 
 
 class ChunkedRows:
-    """A 2-D array of rows split into row chunks, ready for per-chunk kernel passes.
+    """A 2-D array of rows split into row chunks, ready for per-chunk passes.
 
     Parameters
     ----------
-    X : dask array (n, d) of uint8/float32/float64, chunked along rows only.
-    persist : True (hold prepared chunks in worker memory), False (stream from the source
-        every pass) or "auto" (persist when data + norms fit half the workers' memory).
-
-    On a distributed client the chunks are split into contiguous runs, one per worker thread,
-    and a pass is one task per run: few, large tasks keep dask's per-pass overhead low and an
-    even spread keeps every core busy. Persisted runs stay in their worker's memory; streamed
-    runs read their chunks (evaluating each chunk's small source graph inside the task, so no
-    chunk crosses the network) and drop them after use.
+    X : dask array or numpy array, (n, d)
+        A dask array chunked along rows (its chunks are kept), or an in-memory array, cut into
+        ``chunk_rows``-row chunks that are sent to the workers once (never embedded in graphs).
+    persist : True, False or "auto"
+        Hold prepared chunks in worker memory, stream them from the source every pass, or
+        persist when data + norms fit half the workers' memory. In-memory arrays always persist.
+    prepare : callable, optional
+        ``prepare(rows, offset, index) -> chunk`` (picklable); default :class:`EnginePrep`.
+    chunk_rows : int
+        Rows per chunk of an in-memory ``X``.
     """
 
-    def __init__(self, X: da.Array, persist: bool | str = "auto"):
-        if X.numblocks[1] != 1:
-            X = X.rechunk({1: -1})
-        self.shape = X.shape
-        self.dtype = X.dtype
+    def __init__(self, X: Any, persist: bool | str = "auto", prepare: Callable | None = None,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS):
+        memory = not isinstance(X, da.Array)
+        if memory:
+            X = np.ascontiguousarray(X)
+            starts = range(0, X.shape[0], chunk_rows)
+            blocks: list = [X[s : s + chunk_rows] for s in starts]
+            self.row_chunks = tuple(b.shape[0] for b in blocks)
+            persist = True
+        else:
+            if X.numblocks[1] != 1:
+                X = X.rechunk({1: -1})
+            blocks = list(X.to_delayed().ravel())
+            self.row_chunks = X.chunks[0]
+        self.shape, self.dtype = X.shape, X.dtype
         self.divisor = kernels.scale_for(X.dtype)
-        self.row_chunks = X.chunks[0]
+        self.prepare = prepare or EnginePrep(self.divisor)
         self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(int)
-        self._blocks = list(X.to_delayed().ravel())
         need = X.nbytes + 16 * X.shape[0]  # rows, their norms
         budget = memory_budget() if persist in ("auto", True) else 0
         if persist == "auto":
@@ -82,41 +108,47 @@ class ChunkedRows:
         # what persisted data leaves of the budget, for derived per-row values (e.g. bounds)
         self.spare_bytes = max(budget - need, 0) if self.persisted else 0
         self.passes = 0
-        self._client = _current_client()
+        self._client = current_client()
         self._groups: dict[tuple[str, int], list[int]] = {}
-        self._items: list = []  # per chunk: a future (persisted) or (graph, key) (streamed)
+        self._items: list = []  # per chunk: a future (persisted), a block graph (streamed)
         if self._client is not None:
-            owner = self._owners()
-            if self.persisted:
-                targets = [w for w, _ in owner]
-
-                def place(i: int, worker: str | None) -> Any:
-                    # The hint goes on the chunk's own task only, not on the source tasks it
-                    # reads (see below why no restriction may outlive the placement).
-                    # a resubmission needs a new key: the old one keeps its old restriction
-                    with dask.annotate(**_hint(worker)):
-                        part = dask.delayed(_prepared, pure=bool(worker))(
-                            self._blocks[i], self.divisor, int(self.offsets[i]), i)
-                    return self._client.compute(part)
-
-                self._items = [place(i, w) for i, w in enumerate(targets)]
-                _wait_for(self._client, self._items, targets, lambda i: place(i, None))
-                # The placement was only a hint for spreading the chunks. Left in place, a
-                # chunk lost with its worker and recomputed while no worker is up would wait
-                # for that worker's address forever (dask schedules a "no-worker" task only
-                # on a worker that its restrictions name, loose or not).
-                self._client.sync(self._client.scheduler.set_restrictions,
-                                  worker={f.key: None for f in self._items})
-            else:
-                self._items = [_block_graph(b) for b in self._blocks]
+            self._place(blocks, memory)
         elif self.persisted:
-            parts = [dask.delayed(_prepared, pure=True)(b, self.divisor, int(o), i)
-                     for i, (b, o) in enumerate(zip(self._blocks, self.offsets, strict=True))]
-            self._items = list(dask.persist(*parts))
+            self._items = [self.prepare(np.asarray(b if memory else b.compute()), int(o), i)
+                           for i, (b, o) in enumerate(zip(blocks, self.offsets, strict=True))]
+        else:
+            self._items = blocks
 
     @property
     def n_chunks(self) -> int:
         return len(self.row_chunks)
+
+    def _place(self, blocks: list, memory: bool) -> None:
+        """Put the chunks where the passes will run them (see the class docstring)."""
+        client = self._client
+        owner = self._owners()
+        if not self.persisted:
+            self._items = [_block_graph(b) for b in blocks]
+            return
+        targets = [w for w, _ in owner]
+        if memory:  # sent once, to the worker that will use it
+            blocks = [client.scatter(b, workers=[w] if w else None, hash=False)
+                      for b, w in zip(blocks, targets, strict=True)]
+
+        def place(i: int, worker: str | None) -> Any:
+            if memory:
+                return client.submit(self.prepare, blocks[i], int(self.offsets[i]), i,
+                                     pure=False, **hint(worker))
+            # The hint goes on the chunk's own task only, not on the source tasks it reads,
+            # and a resubmission needs a new key: the old one keeps its old restriction.
+            with dask.annotate(**hint(worker)):
+                part = dask.delayed(self.prepare, pure=bool(worker))(
+                    blocks[i], int(self.offsets[i]), i)
+            return client.compute(part)
+
+        self._items = [place(i, w) for i, w in enumerate(targets)]
+        wait_for(client, self._items, targets, lambda i: place(i, None))
+        clear_hints(client, self._items)  # the hint only spread the chunks (see waits)
 
     def _owners(self) -> list[tuple[str, int]]:
         """The (worker, thread slot) owning each chunk: contiguous runs, evenly spread."""
@@ -129,53 +161,105 @@ class ChunkedRows:
             self._groups.setdefault(slot, []).append(i)
         return owner
 
-    def _run_groups(self, fn: Callable, shared: tuple, extras: dict[int, tuple]) -> dict:
-        """One task per run, restricted to the chunks in ``extras``; {chunk: result}."""
-        client = self._client
-        targets, order, args = [], [], []
-        for (worker, _), idx in self._groups.items():
-            idx = [i for i in idx if i in extras]
-            if not idx:
-                continue
-            meta = [(int(self.offsets[i]), i) for i in idx]
-            targets.append(worker)
-            order.append(idx)
-            args.append((fn, [self._items[i] for i in idx], meta, self.divisor, self.persisted,
-                         shared, [extras[i] for i in idx]))
+    # -- passes ---------------------------------------------------------------------------
 
-        def submit(j: int, worker: str | None) -> Any:
-            return client.submit(_run_group, *args[j], pure=False, **_hint(worker))
+    def map(self, fn: Callable, *shared: Any, per_chunk: list[tuple] | None = None,
+            keep: bool = False) -> list | tuple[list, list]:
+        """Run ``fn(chunk, *shared, *per_chunk[i])`` on every chunk; results in chunk order.
 
-        futs = [submit(j, w) for j, w in enumerate(targets)]
-        got = _wait_for(client, futs, targets, lambda j: submit(j, None), gather=True)
-        out = {}
-        for idx, res in zip(order, got, strict=True):
-            out.update(zip(idx, res, strict=True))
-        return out
-
-    def map(self, fn: Callable, *shared: Any, per_chunk: list[tuple] | None = None) -> list:
-        """Run ``fn(chunk, *shared, *per_chunk[i])`` on every chunk; results in chunk order."""
+        With ``keep``, ``fn`` returns ``(result, state)``: returns ``(results, handles)``, a
+        handle per chunk standing for its state, to be passed in a later ``per_chunk``.
+        """
         self.passes += 1
         extras = {i: (per_chunk[i] if per_chunk is not None else ())
                   for i in range(self.n_chunks)}
-        if self._client is not None:
-            got = self._run_groups(fn, shared, extras)
-            return [got[i] for i in range(self.n_chunks)]
-        return self._compute_local(fn, shared, extras)
+        got, handles = self._run(fn, shared, extras, keep)
+        results = [got[i] for i in range(self.n_chunks)]
+        return (results, [handles[i] for i in range(self.n_chunks)]) if keep else results
 
-    def _compute_local(self, fn: Callable, shared: tuple, extras: dict[int, tuple]) -> list:
-        # No distributed client: one dask task per chunk on the default scheduler.
-        shared_d = [dask.delayed(s, traverse=False) if isinstance(s, np.ndarray) else s
-                    for s in shared]
-        tasks = []
-        for i, extra in extras.items():
-            if self.persisted:
-                t = dask.delayed(fn, pure=True)(self._items[i], *shared_d, *extra)
-            else:
-                t = dask.delayed(_call_streamed, pure=True)(
-                    fn, self._blocks[i], self.divisor, int(self.offsets[i]), i, *shared_d, *extra)
-            tasks.append(t)
-        return list(dask.compute(*tasks, optimize_graph=False))
+    def fold(self, fn: Callable, carry: Any, *shared: Any,
+             per_chunk: list[tuple] | None = None) -> Any:
+        """``carry = fn(chunk, carry, *shared, *per_chunk[i])`` for every chunk in row order;
+        returns the last carry. One task per run of chunks, each handed the previous carry."""
+        extras = [per_chunk[i] if per_chunk is not None else () for i in range(self.n_chunks)]
+        if self._client is None:
+            for i in range(self.n_chunks):
+                carry = fn(self._chunk(i), carry, *shared, *extras[i])
+            return carry
+        client = self._client
+        shared = self._lift(shared, broadcast=True)
+        fut: Any = carry
+        for idx in self._groups.values():  # runs in chunk order
+            # no placement hint: the run goes where its chunks are, and may be recomputed
+            fut = client.submit(_fold_run, fn, [self._items[i] for i in idx], self._meta(idx),
+                                self.prepare, self.persisted, shared,
+                                [self._lift(extras[i]) for i in idx], fut, pure=False)
+        return wait_for(client, [fut], [""], lambda i: fut, gather=True)[0]
+
+    def _chunk(self, i: int) -> Any:
+        """Chunk ``i`` in this process (no client)."""
+        if self.persisted:
+            return self._items[i]
+        return self.prepare(np.asarray(self._items[i].compute()), int(self.offsets[i]), i)
+
+    def _meta(self, idx: list[int]) -> list[tuple[int, int]]:
+        return [(int(self.offsets[i]), i) for i in idx]
+
+    def _lift(self, args: tuple, broadcast: bool = False) -> tuple:
+        """``args`` with every large array sent to the cluster once (see _EMBED_MAX); shared
+        ones to every worker."""
+        return tuple(self._client.scatter(a, broadcast=broadcast, hash=False)
+                     if isinstance(a, np.ndarray) and a.nbytes > _EMBED_MAX else a
+                     for a in args)
+
+    def _run(self, fn: Callable, shared: tuple, extras: dict[int, tuple], keep: bool
+             ) -> tuple[dict, dict]:
+        """``fn`` on the chunks in ``extras``: ({chunk: result}, {chunk: state handle})."""
+        if self._client is None:
+            return self._run_local(fn, shared, extras, keep)
+        client = self._client
+        shared = self._lift(shared, broadcast=True)
+        order, args, targets = [], [], []
+        for (worker, _), idx in self._groups.items():
+            idx = [i for i in idx if i in extras]
+            if idx:
+                order.append(idx)
+                targets.append("" if keep else worker)
+                args.append((fn, [self._items[i] for i in idx], self._meta(idx), self.prepare,
+                             self.persisted, shared, [self._lift(extras[i]) for i in idx]))
+        runs: list = [None] * len(order)
+
+        def submit(j: int, worker: str | None) -> Any:
+            runs[j] = client.submit(_run_group, *args[j], pure=False, **hint(worker))
+            return client.submit(_results, runs[j], pure=False) if keep else runs[j]
+
+        # A run whose states are kept gets no placement hint: its state may be recomputed
+        # long after the pass, on whatever workers there are by then (see waits).
+        futs = [submit(j, w or None) for j, w in enumerate(targets)]
+        got = wait_for(client, futs, targets, lambda j: submit(j, None), gather=True)
+        results, handles = {}, {}
+        for j, (idx, res) in enumerate(zip(order, got, strict=True)):
+            results.update(zip(idx, res, strict=True))
+            if keep:
+                handles.update((i, client.submit(_state, runs[j], p, pure=False))
+                               for p, i in enumerate(idx))
+        return results, handles
+
+    def _run_local(self, fn: Callable, shared: tuple, extras: dict[int, tuple], keep: bool
+                   ) -> tuple[dict, dict]:
+        # No distributed client: one dask task per chunk on the default scheduler. Values go
+        # in untraversed: a persisted chunk must stay the same object (it keeps a cache).
+        def arg(v: Any) -> Any:
+            return v if isinstance(v, Delayed) else dask.delayed(v, traverse=False)
+
+        tasks = [dask.delayed(_call, pure=True)(fn, arg(self._items[i]), self.prepare,
+                                                 self.persisted, int(self.offsets[i]), i,
+                                                 *map(arg, shared), *map(arg, extra))
+                 for i, extra in extras.items()]
+        got = dict(zip(extras, dask.compute(*tasks, optimize_graph=False), strict=True))
+        if not keep:
+            return got, {}
+        return {i: g[0] for i, g in got.items()}, {i: g[1] for i, g in got.items()}
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """The raw rows at the given global indices (in the order given)."""
@@ -184,20 +268,17 @@ class ChunkedRows:
             return np.empty((0, self.shape[1]), dtype=self.dtype)
         which = np.searchsorted(self.offsets, index, side="right") - 1
         wanted = [i for i in range(self.n_chunks) if (which == i).any()]
-        got = self._map_some(_take_rows, wanted,
-                             [(index[which == i] - self.offsets[i],) for i in wanted])
+        got = self.map_some(_take_rows, wanted,
+                            [(index[which == i] - self.offsets[i],) for i in wanted])
         out = np.empty((index.size, self.shape[1]), dtype=self.dtype)
         for i, rows in zip(wanted, got, strict=True):
             out[np.nonzero(which == i)[0]] = rows
         return out
 
-    def _map_some(self, fn: Callable, which: list[int], extras: list[tuple]) -> list:
+    def map_some(self, fn: Callable, which: list[int], extras: list[tuple]) -> list:
         """Run ``fn(chunk, *extras[j])`` on chunks ``which[j]`` only (not counted as a pass)."""
-        ex = dict(zip(which, extras, strict=True))
-        if self._client is not None:
-            got = self._run_groups(fn, (), ex)
-            return [got[i] for i in which]
-        return self._compute_local(fn, (), ex)
+        got, _ = self._run(fn, (), dict(zip(which, extras, strict=True)), False)
+        return [got[i] for i in which]
 
     def release(self) -> None:
         """Drop persisted chunks from worker memory."""
@@ -226,91 +307,40 @@ def _block_graph(block) -> _BlockGraph:
     return _BlockGraph(dict(g), block.key)
 
 
-def _hint(worker: str | None) -> dict:
-    """Task options that place a task on ``worker`` when it can (none: anywhere)."""
-    return {"workers": [worker], "allow_other_workers": True} if worker else {}
+def _get(item: Any, prepare: Callable, persisted: bool, offset: int, index: int) -> Any:
+    """A chunk in a task: persisted as it is, streamed read and prepared here (so at most one
+    raw chunk per thread is in memory)."""
+    if persisted:
+        return item
+    raw = item.compute() if isinstance(item, _BlockGraph) else item  # local: already read
+    return prepare(np.asarray(raw), offset, index)
 
 
-async def _gather_async(client, futs: list) -> list:
-    return await client.gather(futs, asynchronous=True)
+def _call(fn, item, prepare, persisted, offset, index, *args):
+    return fn(_get(item, prepare, persisted, offset, index), *args)
 
 
-def _wait_for(client, futs: list, targets: list[str], resubmit: Callable[[int], Any],
-              gather: bool = False) -> list | None:
-    """Wait for ``futs`` (each submitted to worker ``targets[i]`` as a loose hint) and, with
-    ``gather``, return their results.
-
-    Two ways a pass could otherwise wait forever:
-
-    * Every worker is paused by dask for memory that is not data it could spill: raise
-      ClusterStalled after ``kmdask.paused-timeout`` seconds.
-    * A task whose hinted worker is gone and that is not running anywhere: dask sends a
-      "no-worker" task only to a worker its restrictions name, loose or not, so a task that
-      found no worker up (all of them lost at once) waits for the old address forever, while
-      the replacement workers have new ones. It is cancelled and ``resubmit(i)`` (no hint)
-      replaces ``futs[i]`` in place. Tasks are pure, so a rerun gives the same result.
-      The same holds for a finished result lost with its worker before it was gathered: dask
-      recomputes it under the old hint, so gathering is given up and checked the same way.
-    """
-    from distributed import wait
-
-    limit = float(dask.config.get("kmdask.paused-timeout", _PAUSED_TIMEOUT))
-    every = min(5.0, max(limit / 4, 0.1))
-    targets = list(targets)
-    paused_since = None
-    while True:
-        try:
-            wait(futs, timeout=every)
-            if not gather:
-                return None
-            return client.sync(_gather_async, client, futs, callback_timeout=every)
-        except TimeoutError:
-            if gather and all(f.done() for f in futs):
-                return client.gather(futs)  # a slow transfer, nothing lost: let it finish
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-        lost = [i for i, (f, w) in enumerate(zip(futs, targets, strict=True))
-                if w and w not in workers and not f.done()]
-        if lost:
-            running = {k for keys in client.processing().values() for k in keys}
-            for i in lost:
-                if futs[i].key not in running:
-                    client.cancel(futs[i])
-                    futs[i] = resubmit(i)
-                    targets[i] = ""
-        status = [w.get("status") for w in workers.values()]
-        if not status or any(s != "paused" for s in status):
-            paused_since = None  # working, or waiting for workers to join (a batch queue)
-            continue
-        now = time.monotonic()
-        paused_since = paused_since if paused_since is not None else now
-        if now - paused_since >= limit:
-            client.cancel(futs)
-            raise ClusterStalled(
-                f"all {len(status)} worker(s) paused by dask for memory for {limit:.0f} s "
-                "(not data they could spill): give each worker more memory (memory_limit in "
-                "cluster.yaml)")
-
-
-def _current_client():
-    try:
-        from distributed import get_client
-
-        return get_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _run_group(fn: Callable, items: list, meta: list[tuple[int, int]], divisor: float,
+def _run_group(fn: Callable, items: list, meta: list[tuple[int, int]], prepare: Callable,
                persisted: bool, shared: tuple, extras: list[tuple]) -> list:
-    """One worker thread's run of chunks: persisted ones as they are, streamed ones read here
-    one at a time (so at most one raw chunk per thread is in memory)."""
-    out = []
-    for item, (offset, index), extra in zip(items, meta, extras, strict=True):
-        chunk = (item if persisted
-                 else kernels.prepare_chunk(item.compute(), divisor, offset, index))
-        out.append(fn(chunk, *shared, *extra))
-    return out
+    """One worker thread's run of chunks."""
+    return [fn(_get(item, prepare, persisted, o, i), *shared, *extra)
+            for item, (o, i), extra in zip(items, meta, extras, strict=True)]
 
 
-def _take_rows(chunk: kernels.Chunk, local_idx: np.ndarray) -> np.ndarray:
+def _fold_run(fn: Callable, items: list, meta: list[tuple[int, int]], prepare: Callable,
+              persisted: bool, shared: tuple, extras: list[tuple], carry: Any) -> Any:
+    for item, (o, i), extra in zip(items, meta, extras, strict=True):
+        carry = fn(_get(item, prepare, persisted, o, i), carry, *shared, *extra)
+    return carry
+
+
+def _results(run: list) -> list:
+    return [r for r, _ in run]
+
+
+def _state(run: list, pos: int) -> Any:
+    return run[pos][1]
+
+
+def _take_rows(chunk: Any, local_idx: np.ndarray) -> np.ndarray:
     return chunk.x[local_idx]

@@ -124,19 +124,19 @@ def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampli
         new, starts, stops, live = _new_block(data, cands, seen)
         seen = [c.shape[0] for c in cands]
         cap = int(4 * ells.max() + 64)
-        got = data.map(_round_chunk, new, starts, stops, live, seeds, ells, rnd, cap,
-                       per_chunk=[(st,) for st in states])
-        parts = [g[0] for g in got]
+        # each chunk's nearest-candidate state stays on its worker (``keep``)
+        parts, handles = data.map(_round_chunk, new, starts, stops, live, seeds, ells, rnd, cap,
+                                  per_chunk=[(st,) for st in states], keep=True)
         phis = np.array([sum(p[m][0] for p in parts) for m in range(len(models))])
         redo = [i for i, p in enumerate(parts)
                 if any(p[m][4] is not None and p[m][4] > phis[m] for m in range(len(models)))]
         if redo:  # a chunk returned too few rows: select again with the global phi known
-            again = data._map_some(_round_chunk, redo,
-                                   [(new, starts, stops, live, seeds, ells, rnd, None,
-                                     states[i], phis) for i in redo])
+            again = data.map_some(_round_chunk, redo,
+                                  [(new, starts, stops, live, seeds, ells, rnd, None,
+                                    states[i], phis) for i in redo])
             for i, g in zip(redo, again, strict=True):
                 parts[i] = g[0]
-        states = [g[1] for g in got]
+        states = handles
         for m in range(len(models)):
             if phis[m] <= 0.0:
                 continue
@@ -198,6 +198,6 @@ def kmeans_plusplus(data: ChunkedRows, models: list[tuple[int, int]]) -> list[np
             target = rngs[m].random() * cum[-1]
             ci = int(min(np.searchsorted(cum, target, side="right"), data.n_chunks - 1))
             before = cum[ci - 1] if ci > 0 else 0.0
-            (_, row), = data._map_some(_pick_chunk, [ci], [(c, starts, stops, li, target - before)])
+            (_, row), = data.map_some(_pick_chunk, [ci], [(c, starts, stops, li, target - before)])
             cents[m] = np.vstack([cents[m], _scaled(data, row[None, :])])
     return cents

@@ -8,33 +8,35 @@ lower WCSS.
 How it runs on dask without changing a single decision:
 
 * Every trial consumes exactly K draws, so all draws are made up front and **all trials share
-  every pass** over the data (one GEMM against every trial's means per row block).
-* Chunks of rows live on the workers; every per-chunk result that decides something is exact
-  (see :mod:`kmdask.mccaffrey.kernels`): argmins use the original's sequential distances where
-  the GEMM screen is not conclusive, and cluster sums are exact in float64.
-* Order-dependent float sums (ΣD², the roulette's running total, the WCSS) are computed as the
-  original does, in row order: a chain of small tasks hands a per-trial carry from chunk to
-  chunk, so the values never leave the workers and the result does not depend on chunking or
-  on the number of workers.
+  every pass** over the data.
+* The rows are chunks of the engine's executor (:class:`kmdask.engine.executor.ChunkedRows`),
+  which also gives the mode the engine's fault tolerance. Each chunk's state (its rows'
+  nearest centres while seeding; their labels during Lloyd) stays on the worker next to it
+  (``keep``); a pass sends only means and gets back counts, sums and "did a label change".
+* Every per-chunk result that decides something is exact (see :mod:`kmdask.mccaffrey.kernels`).
+  Order-dependent float sums (ΣD², the roulette's running total, the WCSS, and the cluster sums
+  of float rows) are accumulated as the original does, in row order, by the executor's ordered
+  fold, so the result does not depend on chunking or on the number of workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from kmdask.engine.executor import DEFAULT_CHUNK_ROWS, ChunkedRows
+from kmdask.engine.waits import current_client
 from kmdask.errors import ConfigError, DataError, KmdaskError
-from kmdask.mccaffrey import kernels as mk
-from kmdask.mccaffrey import kernels_float as mf
+from kmdask.mccaffrey import kernels
 from kmdask.mccaffrey.dotnet_random import DotNetRandom
 
 __all__ = ["McCaffreyResult", "fit_mccaffrey", "mccaffrey_draws"]
-
-DEFAULT_CHUNK_ROWS = 10_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,40 +94,95 @@ def mccaffrey_draws(seed: int, n_rows: int, n_clusters: int, n_init: int):
     return first, p
 
 
-class _Exec:
-    """Runs kernels in-process (``client is None``) or as dask tasks; same calls either way."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-
-    def submit(self, fn, *args):
-        if self.client is None:
-            return fn(*args)
-        return self.client.submit(fn, *args, pure=False)
-
-    def share(self, value):
-        """A read-only argument used by many tasks: sent to the cluster once."""
-        if self.client is None:
-            return value
-        return self.client.scatter(value, hash=False)
-
-    def gather(self, items):
-        return items if self.client is None else self.client.gather(items)
-
-    def wait(self, items) -> None:
-        if self.client is not None:
-            from distributed import wait
-
-            wait(items)
+# ---------------------------------------------------------------------------------------------
+# What runs next to each chunk: pure functions of the chunk and its previous state
 
 
-def _load(X, ex: _Exec, chunk_rows: int | None):
+@dataclass(frozen=True)
+class _Labels:
+    """A chunk's Lloyd state: every trial's accepted labels, and the last pass's candidates."""
+
+    labels: np.ndarray  # (T, n) int16
+    cand: np.ndarray | None = None  # (A, n) int16: the last pass's labels of trials ``trials``
+    trials: np.ndarray | None = None  # (A,) int64
+
+    def commit(self, accept: np.ndarray) -> np.ndarray:
+        """The labels with the candidates of the trials in ``accept`` taken (a new array)."""
+        labels = self.labels.copy()
+        if len(accept):
+            pos = {int(t): a for a, t in enumerate(self.trials)}
+            for t in accept:
+                labels[t] = self.cand[pos[int(t)]]
+        return labels
+
+
+def _seed(chunk, centres, j, state):
+    return None, kernels.init_update(chunk, centres, state, j)
+
+
+def _d2(chunk, carry, state):
+    return kernels.d2_sum(state, carry)
+
+
+def _roulette(chunk, carry, total, p, state):
+    return kernels.roulette_step(state, chunk.offset, total, p, carry)
+
+
+def _start(chunk, k, state):
+    """The initial labels (nearest drawn centre) with their counts, and sums for pixels."""
+    labels = state[1]
+    if chunk.pixels:
+        return kernels.cluster_sums(chunk, labels, k), _Labels(labels)
+    return (None, kernels.label_counts(labels, k)), _Labels(labels)
+
+
+def _lloyd(chunk, means, trials, accept, state):
+    """Take the accepted candidates, then the nearest means of the running trials."""
+    labels = state.commit(accept)
+    cand, rechecked = kernels.nearest(chunk, means)
+    changed = (cand != labels[trials]).any(axis=1)
+    if chunk.pixels:  # exact sums: added up in any order
+        sums, counts = kernels.cluster_sums(chunk, cand, means.shape[1])
+    else:  # sums follow in row order (_cand_sums)
+        sums, counts = None, kernels.label_counts(cand, means.shape[1])
+    return (changed, sums, counts, rechecked), _Labels(labels, cand, trials)
+
+
+def _init_sums(chunk, carry, state):
+    return kernels.accumulate(chunk, state.labels, carry)
+
+
+def _cand_sums(chunk, carry, state):
+    return kernels.accumulate(chunk, state.cand, carry)
+
+
+def _finish(chunk, means, accept, state):
+    """The final labels and every row's squared distance to its mean, per trial."""
+    labels = state.commit(accept)
+    return None, (labels, kernels.assigned_sq_dist(chunk, means, labels))
+
+
+def _wcss(chunk, carry, state):
+    return kernels.row_sum(state[1], carry)
+
+
+def _trial_labels(chunk, t, state):
+    return state[0][t]
+
+
+def _sq_stats(chunk):
+    return chunk.byte_counts if chunk.pixels else chunk.sq_sum
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit
+
+
+def _load(X: Any, chunk_rows: int | None) -> ChunkedRows:
     """Validate the rows and place them, as prepared chunks, where the kernels run."""
-    try:
-        import dask.array as da
-    except ImportError:  # pragma: no cover - dask is a dependency
-        da = None
-    is_dask = da is not None and isinstance(X, da.Array)
+    import dask.array as da
+
+    is_dask = isinstance(X, da.Array)
     if not is_dask:
         X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] < 1:
@@ -133,46 +190,18 @@ def _load(X, ex: _Exec, chunk_rows: int | None):
     if X.dtype not in (np.uint8, np.float64):
         raise DataError(f"mccaffrey mode needs uint8 pixel rows or float64 rows, got dtype "
                         f"{X.dtype}")
-    kern = mk if X.dtype == np.uint8 else mf
     if is_dask:
         if any(math.isnan(c) for c in X.chunks[0]):
             X = X.compute_chunk_sizes()
-        X = X.rechunk({1: -1})  # whole rows per chunk
-        sizes = [int(c) for c in X.chunks[0]]
-        blocks = list(X.to_delayed()[:, 0])
-        if ex.client is None:
-            import dask
-
-            raw = list(dask.compute(*blocks))
-        else:
-            raw = ex.client.compute(blocks)
     else:
         if chunk_rows is None:  # on a cluster, at least two chunks per worker
-            n_workers = 1 if ex.client is None else len(ex.client.scheduler_info()["workers"])
+            client = current_client()
+            n_workers = 1 if client is None else len(client.scheduler_info()["workers"])
             chunk_rows = min(DEFAULT_CHUNK_ROWS, -(-X.shape[0] // (2 * max(n_workers, 1))))
         if chunk_rows < 1:
             raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        sizes = [min(chunk_rows, X.shape[0] - s) for s in range(0, X.shape[0], chunk_rows)]
-        raw = [X[s : s + chunk_rows] for s in range(0, X.shape[0], chunk_rows)]
-        if ex.client is not None:
-            raw = ex.client.scatter(raw, hash=False)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    parts = [ex.submit(kern.prepare_chunk, r, int(o))
-             for r, o in zip(raw, offsets, strict=True)]
-    return (kern, parts, offsets, np.asarray(sizes, dtype=np.int64), int(X.shape[0]),
-            int(X.shape[1]))
-
-
-def _rows(ex: _Exec, kern, parts, offsets, rows: np.ndarray, d: int) -> np.ndarray:
-    """Fetch global rows (float64 pixels) from the chunks that hold them."""
-    owner = np.searchsorted(offsets, rows, side="right") - 1
-    out = np.empty((rows.shape[0], d))
-    futs = {c: ex.submit(kern.take_rows, parts[c], rows[owner == c] - offsets[c])
-            for c in np.unique(owner).tolist()}
-    got = dict(zip(futs, ex.gather(list(futs.values())), strict=True))
-    for c, vals in got.items():
-        out[owner == c] = vals
-    return out
+    return ChunkedRows(X, persist=True, prepare=kernels.prepare_chunk,
+                       chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS)
 
 
 def _objective(sums: np.ndarray, counts: np.ndarray, q_total: float) -> float:
@@ -180,16 +209,18 @@ def _objective(sums: np.ndarray, counts: np.ndarray, q_total: float) -> float:
     return float(q_total - np.sum(np.einsum("kd,kd->k", sums, sums) / counts))
 
 
-def _row_order_sums(ex: _Exec, parts, labels, shape: tuple[int, ...]) -> np.ndarray:
-    """float64 rows: per-cluster sums accumulated row by row, a carry chained over chunks."""
-    carry = np.zeros(shape)
-    for pt, lab in zip(parts, labels, strict=True):
-        carry = ex.submit(mf.accumulate, pt, lab, carry)
-    return np.asarray(ex.gather(carry))
+def _check(n_clusters: int, max_iter: int, n_init: int, seed: int) -> None:
+    for name, v, lo in (("n_clusters", n_clusters, 1), ("max_iter", max_iter, 1),
+                        ("n_init", n_init, 1)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
+            raise ConfigError(f"mccaffrey mode: {name} must be an integer >= {lo}, got {v!r}")
+    if not -(2**31) <= int(seed) < 2**31:
+        raise ConfigError(f"mccaffrey mode: seed must be a 32-bit signed int, got {seed!r}")
 
 
-def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0, *,
-                  client=None, chunk_rows: int | None = None) -> McCaffreyResult:
+def fit_mccaffrey(X: Any, n_clusters: int, max_iter: int, n_init: int, seed: int = 0, *,
+                  client: Any = None, chunk_rows: int | None = None,
+                  progress: Callable[[dict], None] | None = None) -> McCaffreyResult:
     """Cluster rows exactly as the original McCaffrey K-Means++ demo does.
 
     Parameters
@@ -207,11 +238,14 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
     seed : int
         Seed of the .NET ``System.Random`` (the original uses 0).
     client : distributed.Client, optional
-        Run the per-chunk kernels on this cluster; in-process when None. The result is
-        bit-identical either way and for any chunking.
+        Run on this cluster; by default on the current client, or in this process without one.
+        The result is bit-identical either way and for any chunking.
     chunk_rows : int, optional
         Rows per chunk when ``X`` is a numpy array; by default 10,000, or fewer on a cluster
         so that every worker gets at least two chunks. Results do not depend on it.
+    progress : callable, optional
+        Called after every Lloyd pass with a dict: ``iteration`` (the pass), ``models`` (trials
+        that ran in it), ``inertia`` (the lowest objective of a trial so far), ``seconds``.
 
     Returns
     -------
@@ -226,133 +260,133 @@ def fit_mccaffrey(X, n_clusters: int, max_iter: int, n_init: int, seed: int = 0,
     KmdaskError
         A trial's initial assignment leaves a cluster empty (an error in the original too).
     """
-    for name, v, lo in (("n_clusters", n_clusters, 1), ("max_iter", max_iter, 1),
-                        ("n_init", n_init, 1)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
-            raise ConfigError(f"mccaffrey mode: {name} must be an integer >= {lo}, got {v!r}")
-    if not -(2**31) <= int(seed) < 2**31:
-        raise ConfigError(f"mccaffrey mode: seed must be a 32-bit signed int, got {seed!r}")
-    K, T = int(n_clusters), int(n_init)
-    ex = _Exec(client)
+    _check(n_clusters, max_iter, n_init, seed)
+    with contextlib.nullcontext() if client is None else client.as_current():
+        return _fit(X, int(n_clusters), int(max_iter), int(n_init), int(seed), chunk_rows,
+                    progress)
+
+
+def _fit(X: Any, K: int, max_iter: int, T: int, seed: int, chunk_rows: int | None,
+         progress: Callable[[dict], None] | None) -> McCaffreyResult:
     clock = [time.perf_counter()]
-    kern, parts, offsets, sizes, N, d = _load(X, ex, chunk_rows)
-    exact_sums = kern is mk  # uint8 pixels: sums exact in any order, so chunks sum in parallel
+    data = _load(X, chunk_rows)
+    N, d = data.shape
     if K > N:
         raise ConfigError(f"mccaffrey mode: n_clusters={K} exceeds the {N} rows")
-    first, p = mccaffrey_draws(int(seed), N, K, T)
-
-    # --- seeding: one pass per centre, every trial at once -----------------------------------
-    ex.wait(parts)  # so that "load" times the data placement
     clock.append(time.perf_counter())
-    init_rows = np.empty((T, K), dtype=np.int64)
-    init_rows[:, 0] = first
-    centres = _rows(ex, kern, parts, offsets, first, d)
-    states = [None] * len(parts)
-    for j in range(1, K):
-        c_f = ex.share(centres)
-        states = [ex.submit(kern.init_update, pt, c_f, st, j - 1)
-                  for pt, st in zip(parts, states, strict=True)]
-        total = np.zeros(T)
-        for st in states:  # ΣD² in row order: a carry handed from chunk to chunk
-            total = ex.submit(mk.d2_sum, st, total)
-        carry = (np.zeros(T), np.full(T, -1, dtype=np.int64))
-        for st, off in zip(states, offsets, strict=True):
-            carry = ex.submit(mk.roulette_step, st, int(off), total, p[:, j - 1].copy(), carry)
-        found = np.asarray(ex.gather(carry)[1]).copy()
-        found[found < 0] = N - 1  # the running total never exceeded p: the last row
-        init_rows[:, j] = found
-        centres = _rows(ex, kern, parts, offsets, found, d)
-    c_f = ex.share(centres)
-    states = [ex.submit(kern.init_update, pt, c_f, st, K - 1)
-              for pt, st in zip(parts, states, strict=True)]
-    if exact_sums:
-        got = ex.gather([ex.submit(mk.init_finish, pt, st, K)
-                         for pt, st in zip(parts, states, strict=True)])
-        labels = [g[0].copy() for g in got]  # per chunk, (T, n_c)
-        sums = sum(g[1] for g in got)
-        counts = sum(g[2] for g in got)
-        get_counts = operator.attrgetter("byte_counts")
-        byte_counts = sum(ex.gather([ex.submit(get_counts, pt) for pt in parts]))
+    init_rows, labels, sums, counts = _seed_all(data, K, T, seed)
+    q_stats = data.map(_sq_stats)
+    if data.dtype == np.uint8:  # exact: the byte histogram
         q_total = math.fsum(float(c) * v * v
-                            for c, v in zip(byte_counts, mk.PIXEL, strict=True))
+                            for c, v in zip(sum(q_stats), kernels.PIXEL, strict=True))
     else:
-        labels = [np.asarray(a).copy() for a in
-                  ex.gather([ex.submit(operator.itemgetter(1), st) for st in states])]
-        counts = np.stack([np.bincount(np.concatenate([lab[t] for lab in labels]),
-                                       minlength=K) for t in range(T)])
-        sums = _row_order_sums(ex, parts, labels, (T, K, d))
-        q_total = math.fsum(ex.gather([ex.submit(operator.attrgetter("sq_sum"), pt)
-                                       for pt in parts]))
+        q_total = math.fsum(q_stats)
     for t in range(T):
         empty = np.flatnonzero(counts[t] == 0)
         if empty.size:
             raise KmdaskError(f"mccaffrey trial {t}: cluster {int(empty[0])} is empty after "
                               f"initialisation (initial rows {init_rows[t].tolist()})")
-
-    # --- Lloyd: all running trials in one pass per iteration ---------------------------------
     clock.append(time.perf_counter())
-    n_passes = 0
-    means = sums / counts[:, :, None]
-    history = [[_objective(sums[t], counts[t], q_total)] for t in range(T)]
-    n_iter = np.zeros(T, dtype=np.int64)
-    active = list(range(T))
-    n_rechecked = 0
-    while active:
-        m_f = ex.share(np.ascontiguousarray(means[active]))
-        if exact_sums:
-            res = ex.gather([ex.submit(mk.lloyd_pass, pt, m_f) for pt in parts])
-            new_sums = sum(r[1] for r in res)
-            new_counts = sum(r[2] for r in res)
-            n_rechecked += sum(int(r[3]) for r in res)
-        else:  # labels in parallel, then the row-order sums chained over the chunks
-            futs = [ex.submit(mf.lloyd_pass, pt, m_f) for pt in parts]
-            carry = np.zeros((len(active), K, d))
-            for pt, fu in zip(parts, futs, strict=True):
-                carry = ex.submit(mf.accumulate_pass, pt, fu, carry)
-            res = ex.gather(futs)
-            new_sums = np.asarray(ex.gather(carry))
-            new_counts = sum(r[1] for r in res)
-        n_passes += 1
-        still = []
-        for a, t in enumerate(active):
-            changed = any(np.any(r[0][a] != lab[t]) for r, lab in zip(res, labels, strict=True))
-            if not changed or np.any(new_counts[a] == 0):
-                continue  # stop; keep the old labels and the means computed from them
-            for r, lab in zip(res, labels, strict=True):
-                lab[t] = r[0][a]
-            n_iter[t] += 1
-            history[t].append(_objective(new_sums[a], new_counts[a], q_total))
-            if n_iter[t] >= max_iter:
-                continue  # the original's quirk: the kept means are those of the old labels
-            means[t] = new_sums[a] / new_counts[a][:, None]
-            still.append(t)
-        active = still
-
-    # --- WCSS against the kept means, in row order; best trial -------------------------------
+    means, labels, accept, history, n_iter, rechecked, passes = _lloyd_all(
+        data, labels, sums, counts, q_total, max_iter, progress)
     clock.append(time.perf_counter())
-    m_f = ex.share(means)
-    vals = [ex.submit(kern.assigned_sq_dist, pt, m_f, lab)
-            for pt, lab in zip(parts, labels, strict=True)]
-    total = np.zeros(T)
-    for v in vals:
-        total = ex.submit(mk.row_sum, v, total)
-    wcss = np.asarray(ex.gather(total))
-    clock.append(time.perf_counter())
+    _, final = data.map(_finish, means, accept, per_chunk=[(h,) for h in labels], keep=True)
+    wcss = data.fold(_wcss, np.zeros(T), per_chunk=[(h,) for h in final])
     best = 0
     for t in range(1, T):
         if wcss[t] < wcss[best]:  # strictly lower: the earliest trial wins ties
             best = t
+    best_labels = data.map(_trial_labels, best, per_chunk=[(h,) for h in final])
+    clock.append(time.perf_counter())
+    data.release()
     return McCaffreyResult(
         centers=means[best].copy(),
-        labels=np.concatenate([lab[best] for lab in labels]).astype(np.int64),
+        labels=np.concatenate(best_labels).astype(np.int64),
         wcss=float(wcss[best]),
         best_trial=best,
         trial_wcss=tuple(float(w) for w in wcss),
         trial_n_iter=tuple(int(i) for i in n_iter),
         trial_history=tuple(tuple(h) for h in history),
         init_rows=init_rows,
-        n_rechecked=n_rechecked,
+        n_rechecked=rechecked,
         timings={**{k: round(b - a, 4) for k, a, b in zip(
             ("load", "seeding", "lloyd", "wcss"), clock[:-1], clock[1:], strict=True)},
-            "lloyd_passes": n_passes},
+            "lloyd_passes": passes},
     )
+
+
+def _seed_all(data: ChunkedRows, K: int, T: int, seed: int):
+    """Roulette-wheel k-means++ for every trial, one pass per centre; then the initial labels.
+
+    Returns (initial rows (T, K), per-chunk label states, sums (T, K, d), counts (T, K))."""
+    N, d = data.shape
+    first, p = mccaffrey_draws(seed, N, K, T)
+    init_rows = np.empty((T, K), dtype=np.int64)
+    init_rows[:, 0] = first
+    centres = kernels.values(data.rows(first))
+    states: list = [None] * data.n_chunks
+    for j in range(1, K):
+        _, states = data.map(_seed, centres, j - 1, per_chunk=[(s,) for s in states], keep=True)
+        per = [(s,) for s in states]
+        total = data.fold(_d2, np.zeros(T), per_chunk=per)  # ΣD² in row order
+        carry = data.fold(_roulette, (np.zeros(T), np.full(T, -1, dtype=np.int64)), total,
+                          p[:, j - 1].copy(), per_chunk=per)
+        found = np.asarray(carry[1]).copy()
+        found[found < 0] = N - 1  # the running total never exceeded p: the last row
+        init_rows[:, j] = found
+        centres = kernels.values(data.rows(found))
+    _, states = data.map(_seed, centres, K - 1, per_chunk=[(s,) for s in states], keep=True)
+    got, labels = data.map(_start, K, per_chunk=[(s,) for s in states], keep=True)
+    counts = sum(g[1] for g in got)
+    if data.dtype == np.uint8:
+        sums = sum(g[0] for g in got)
+    else:
+        sums = data.fold(_init_sums, np.zeros((T, K, d)), per_chunk=[(h,) for h in labels])
+    return init_rows, labels, sums, counts
+
+
+def _lloyd_all(data: ChunkedRows, labels: list, sums: np.ndarray, counts: np.ndarray,
+               q_total: float, max_iter: int, progress: Callable[[dict], None] | None):
+    """The Lloyd loop, every running trial in one pass per iteration.
+
+    Returns (means, label states, trials accepted by the last pass, histories, accepted
+    iterations per trial, decisions rechecked, passes)."""
+    T, K, d = sums.shape
+    means = sums / counts[:, :, None]
+    history = [[_objective(sums[t], counts[t], q_total)] for t in range(T)]
+    n_iter = np.zeros(T, dtype=np.int64)
+    active = list(range(T))
+    accept = np.zeros(0, dtype=np.int64)
+    rechecked = passes = 0
+    while active:
+        t0 = time.perf_counter()
+        trials = np.asarray(active, dtype=np.int64)
+        got, labels = data.map(_lloyd, np.ascontiguousarray(means[active]), trials, accept,
+                               per_chunk=[(h,) for h in labels], keep=True)
+        changed = np.logical_or.reduce([g[0] for g in got])
+        new_counts = sum(g[2] for g in got)
+        rechecked += sum(int(g[3]) for g in got)
+        if data.dtype == np.uint8:
+            new_sums = sum(g[1] for g in got)
+        else:  # labels in parallel, then the row-order sums folded over the chunks
+            new_sums = data.fold(_cand_sums, np.zeros((len(active), K, d)),
+                                 per_chunk=[(h,) for h in labels])
+        passes += 1
+        still, taken = [], []
+        for a, t in enumerate(active):
+            if not changed[a] or np.any(new_counts[a] == 0):
+                continue  # stop; keep the old labels and the means computed from them
+            taken.append(t)
+            n_iter[t] += 1
+            history[t].append(_objective(new_sums[a], new_counts[a], q_total))
+            if n_iter[t] >= max_iter:
+                continue  # the original's quirk: the kept means are those of the old labels
+            means[t] = new_sums[a] / new_counts[a][:, None]
+            still.append(t)
+        if progress is not None:
+            progress({"iteration": passes, "models": len(active),
+                      "inertia": min(h[-1] for h in history),
+                      "seconds": time.perf_counter() - t0})
+        accept = np.asarray(taken, dtype=np.int64)
+        active = still
+    return means, labels, accept, history, n_iter, rechecked, passes

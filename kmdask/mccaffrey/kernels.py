@@ -1,20 +1,28 @@
 """Per-chunk kernels of the seed-compatible "mccaffrey" mode: numpy + numba, no dask, no I/O.
 
-Every decision the original demo makes is reproduced bit for bit:
+One source for both kinds of rows the mode takes; they differ only in how a value is read
+(:func:`value`):
 
-* a pixel is ``float32(byte / 255)`` widened to float64 (:data:`PIXEL`);
+* uint8 pixels: a pixel is ``float32(byte / 255)`` widened to float64 (:data:`PIXEL`), the
+  original's images bit for bit;
+* float64 rows (e.g. the error-case vectors): used as they are.
+
+Every decision the original makes is reproduced bit for bit:
+
 * a distance is the original's: the sum of squared differences accumulated *in feature order*
   in float64, then ``sqrt``; a "squared distance" is that distance squared again;
 * nearest centre = smallest such distance, ties to the lowest centre index.
 
-The Lloyd pass screens with a float32 GEMM (``|x|^2 - 2 x.c + |c|^2``) and re-decides, with
-the exact sequential distances, every row whose best and second-best GEMM distances are closer
-than a rigorous bound on the GEMM's rounding error plus the sequential sum's. Cluster sums are
+For pixels the Lloyd pass screens with a float32 GEMM (``|x|^2 - 2 x.c + |c|^2``) and re-decides,
+with the exact sequential distances, every row whose best and second-best GEMM distances are
+closer than a rigorous bound on the GEMM's rounding error plus the sequential sum's; float rows
+(short, of any sign) are decided with the exact distances throughout. Cluster sums of pixels are
 exact in float64 (every pixel is a multiple of 2^-31 and a sum of < 2^22 of them fits in 53
-bits), so means never depend on chunking or accumulation order (for clusters under 4.19M rows).
+bits), so they may be added in any order; sums of float rows are not, and are accumulated row by
+row in row order (:func:`accumulate`, a carry handed from chunk to chunk), as the original does.
 
-"Squared distance" as ``sqrt(s)**2`` (rather than ``s``) for D² and the WCSS follows the spec's
-wording "(Euclidean distance)²"; the published table is reproduced either way (checked).
+"Squared distance" as ``sqrt(s)**2`` (rather than ``s``) for D² and the WCSS follows the
+original's wording "(Euclidean distance)²"; the published table is reproduced either way.
 """
 
 from __future__ import annotations
@@ -22,13 +30,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
+
+from kmdask.errors import DataError
 
 #: float32(b / 255) for every byte b, widened to float64 (division done in float32).
 PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float64)
 PIXEL32 = PIXEL.astype(np.float32)  # the same values (exact): the GEMM screen runs in float32
+NO_LUT = np.empty(0)  # float rows need no look-up table
 BLOCK_ROWS = 1024  # rows per GEMM block: the block and its dot products stay cache-sized
 _U = 2.0**-53  # unit roundoff of float64
+
+
+def value(x, lut, i, f):  # pragma: no cover - replaced in compiled code by the overload below
+    """The value of row ``i``, feature ``f``: ``lut[x[i, f]]`` for bytes, ``x[i, f]`` else."""
+    return lut[x[i, f]] if x.dtype == np.uint8 else x[i, f]
+
+
+@overload(value, inline="always")
+def _value(x, lut, i, f):  # pragma: no cover - compiled
+    if isinstance(x.dtype, types.Integer):
+        return lambda x, lut, i, f: lut[x[i, f]]
+    return lambda x, lut, i, f: x[i, f]
 
 
 def gemm_tolerance(n_features: int, dot_dtype=np.float32) -> float:
@@ -51,28 +75,47 @@ def gemm_tolerance(n_features: int, dot_dtype=np.float32) -> float:
 
 @dataclass(frozen=True)
 class McChunk:
-    """A chunk of uint8 rows, kept in memory as bytes (pixels are looked up in :data:`PIXEL`)."""
+    """A chunk of rows as the mode keeps it: uint8 pixels (looked up in :data:`PIXEL`) or
+    float64 values."""
 
-    u8: np.ndarray  # (n, d) uint8, C-contiguous
-    xnorm: np.ndarray  # (n,) float64: |x|^2 of the float64 pixels (for the GEMM screen only)
+    x: np.ndarray  # (n, d) uint8 or float64, C-contiguous
     offset: int  # global index of the chunk's first row
-    byte_counts: np.ndarray  # (256,) int64: how many pixels of the chunk hold each byte value
+    index: int  # chunk number
+    xnorm: np.ndarray | None  # (n,) float64 |x|^2 of the pixel values (GEMM screen only)
+    byte_counts: np.ndarray | None  # (256,) int64: pixels of the chunk holding each byte value
+    sq_sum: float  # sum of squares of float64 values (closed-form objective history only)
+
+    @property
+    def pixels(self) -> bool:
+        return self.x.dtype == np.uint8
+
+    @property
+    def lut(self) -> np.ndarray:
+        return PIXEL if self.pixels else NO_LUT
 
 
-def prepare_chunk(u8: np.ndarray, offset: int) -> McChunk:
-    """Wrap a chunk of uint8 rows; cache row norms and its byte histogram."""
-    u8 = np.ascontiguousarray(u8, dtype=np.uint8)
-    xnorm = np.empty(u8.shape[0], dtype=np.float64)
-    for s in range(0, u8.shape[0], BLOCK_ROWS):
-        xb = PIXEL[u8[s : s + BLOCK_ROWS]]
-        xnorm[s : s + BLOCK_ROWS] = np.einsum("ij,ij->i", xb, xb)
-    counts = np.bincount(u8.ravel(), minlength=256).astype(np.int64)
-    return McChunk(u8=u8, xnorm=xnorm, offset=int(offset), byte_counts=counts)
+def prepare_chunk(x: np.ndarray, offset: int, index: int = 0) -> McChunk:
+    """Wrap a chunk of rows: for pixels cache row norms and the byte histogram; float rows must
+    be finite (a NaN names its row)."""
+    if x.dtype == np.uint8:
+        x = np.ascontiguousarray(x)
+        xnorm = np.empty(x.shape[0], dtype=np.float64)
+        for s in range(0, x.shape[0], BLOCK_ROWS):
+            xb = PIXEL[x[s : s + BLOCK_ROWS]]
+            xnorm[s : s + BLOCK_ROWS] = np.einsum("ij,ij->i", xb, xb)
+        counts = np.bincount(x.ravel(), minlength=256).astype(np.int64)
+        return McChunk(x, int(offset), int(index), xnorm, counts, 0.0)
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise DataError(f"mccaffrey mode: row {int(offset) + int(np.argmax(bad))} holds NaN or "
+                        "infinity")
+    return McChunk(x, int(offset), int(index), None, None, float(np.einsum("ij,ij->", x, x)))
 
 
-def take_rows(chunk: McChunk, local_rows: np.ndarray) -> np.ndarray:
-    """Rows of a chunk as float64 pixels (to become centres)."""
-    return PIXEL[chunk.u8[np.asarray(local_rows, dtype=np.int64)]]
+def values(rows: np.ndarray) -> np.ndarray:
+    """Raw rows as the float64 values the mode computes with (pixels looked up)."""
+    return PIXEL[rows] if rows.dtype == np.uint8 else np.asarray(rows, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,16 +123,16 @@ def take_rows(chunk: McChunk, local_rows: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _init_update(u8, pixel, ct, dmin, amin, j):  # pragma: no cover - compiled
+def _init_update(x, lut, ct, dmin, amin, j):  # pragma: no cover - compiled
     # ct is (d, T): centre j of every trial, so the innermost loop runs over trials and each
     # trial keeps its own accumulator (feature order is preserved per trial).
-    n, d = u8.shape
+    n, d = x.shape
     t_count = ct.shape[1]
     acc = np.empty(t_count)
     for i in range(n):
         acc[:] = 0.0
         for f in range(d):
-            xv = pixel[u8[i, f]]
+            xv = value(x, lut, i, f)
             for t in range(t_count):
                 diff = xv - ct[f, t]
                 acc[t] += diff * diff
@@ -115,14 +158,14 @@ def init_update(chunk: McChunk, centres: np.ndarray, state, j: int):
     tuple
         New ``(dmin, amin)``: distance to and index of each row's nearest centre so far.
     """
-    t_count, n = centres.shape[0], chunk.u8.shape[0]
+    t_count, n = centres.shape[0], chunk.x.shape[0]
     if state is None:
         dmin = np.full((t_count, n), np.inf)
         amin = np.zeros((t_count, n), dtype=np.int16)
     else:  # never mutate a task input: dask may share it
         dmin, amin = state[0].copy(), state[1].copy()
     ct = np.ascontiguousarray(np.asarray(centres, dtype=np.float64).T)
-    _init_update(chunk.u8, PIXEL, ct, dmin, amin, j)
+    _init_update(chunk.x, chunk.lut, ct, dmin, amin, j)
     return dmin, amin
 
 
@@ -173,17 +216,17 @@ def roulette_step(state, chunk_offset: int, total: np.ndarray, p: np.ndarray, ca
 
 
 # ---------------------------------------------------------------------------------------------
-# Lloyd pass: GEMM screen + exact recheck, then exact per-cluster sums
+# Lloyd pass: nearest means, then per-cluster sums
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _exact_argmin(u8, pixel, i, centres, base, k_count, acc):  # pragma: no cover - compiled
+def _exact_argmin(x, lut, i, centres, base, k_count, acc):  # pragma: no cover - compiled
     # Sequential (feature-order) squared differences against K centres; the k loop is innermost
     # so the K independent accumulators run in parallel.
-    d = u8.shape[1]
+    d = x.shape[1]
     acc[:k_count] = 0.0
     for f in range(d):
-        xv = pixel[u8[i, f]]
+        xv = value(x, lut, i, f)
         for k in range(k_count):
             diff = xv - centres[base + k, f]
             acc[k] += diff * diff
@@ -198,8 +241,10 @@ def _exact_argmin(u8, pixel, i, centres, base, k_count, acc):  # pragma: no cove
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _assign_block(u8, pixel, row0, xnorm, dots, cnorm, centres, k_count, tol, labels,
+def _assign_block(x, lut, row0, xnorm, dots, cnorm, centres, k_count, tol, labels,
                   acc):  # pragma: no cover - compiled
+    # The GEMM screen (pixels): accept the GEMM's argmin when every other centre is farther by
+    # more than both rounding bounds; otherwise decide exactly.
     nrow = dots.shape[0]
     n_trials = dots.shape[1] // k_count
     rechecked = 0
@@ -225,19 +270,26 @@ def _assign_block(u8, pixel, row0, xnorm, dots, cnorm, centres, k_count, tol, la
                         clear = False
                         break
             if not clear:
-                best = _exact_argmin(u8, pixel, i, centres, base, k_count, acc)
+                best = _exact_argmin(x, lut, i, centres, base, k_count, acc)
                 rechecked += 1
             labels[a, i] = best
     return rechecked
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _assign_exact(x, lut, flat, k_count, labels, acc):  # pragma: no cover - compiled
+    for i in range(x.shape[0]):
+        for a in range(labels.shape[0]):
+            labels[a, i] = _exact_argmin(x, lut, i, flat, a * k_count, k_count, acc)
+
+
 @njit(cache=True, nogil=True)
-def _accumulate(u8, pixel, labels, sums, counts):  # pragma: no cover - compiled
-    n, d = u8.shape
+def _accumulate(x, lut, labels, sums, counts):  # pragma: no cover - compiled
+    n, d = x.shape
     row = np.empty(d)
     for i in range(n):
-        for f in range(d):  # look the pixels up once per row, not once per trial
-            row[f] = pixel[u8[i, f]]
+        for f in range(d):  # read the row once, not once per trial
+            row[f] = value(x, lut, i, f)
         for a in range(labels.shape[0]):
             k = labels[a, i]
             counts[a, k] += 1
@@ -245,8 +297,48 @@ def _accumulate(u8, pixel, labels, sums, counts):  # pragma: no cover - compiled
                 sums[a, k, f] += row[f]
 
 
+def nearest(chunk: McChunk, means: np.ndarray) -> tuple[np.ndarray, int]:
+    """Nearest mean of every row for every trial: ``(labels (A, n) int16, rechecked)``.
+
+    ``means`` is ``(A, K, d)`` float64. Pixels: GEMM screen + exact recheck (``rechecked``
+    counts the (row, trial) decisions redone); float rows: every decision exact.
+    """
+    a_count, k_count, d = means.shape
+    flat = np.ascontiguousarray(means.reshape(a_count * k_count, d), dtype=np.float64)
+    n = chunk.x.shape[0]
+    labels = np.empty((a_count, n), dtype=np.int16)
+    acc = np.empty(k_count)
+    if not chunk.pixels:
+        _assign_exact(chunk.x, NO_LUT, flat, k_count, labels, acc)
+        return labels, 0
+    flat_t = np.ascontiguousarray(flat.T, dtype=np.float32)  # screen only: half the GEMM cost
+    cnorm = np.einsum("ij,ij->i", flat, flat)
+    tol = gemm_tolerance(d, np.float32)
+    rechecked = 0
+    for s in range(0, n, BLOCK_ROWS):
+        dots = PIXEL32[chunk.x[s : s + BLOCK_ROWS]] @ flat_t
+        rechecked += _assign_block(chunk.x, PIXEL, s, chunk.xnorm, dots, cnorm, flat, k_count,
+                                   tol, labels, acc)
+    return labels, rechecked
+
+
+def cluster_sums(chunk: McChunk, labels: np.ndarray, n_clusters: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums and counts of the chunk's rows under ``labels (A, n)``:
+    ``(sums (A, K, d) float64, counts (A, K) int64)`` (exact for pixels)."""
+    sums = np.zeros((labels.shape[0], n_clusters, chunk.x.shape[1]))
+    counts = np.zeros((labels.shape[0], n_clusters), dtype=np.int64)
+    _accumulate(chunk.x, chunk.lut, np.ascontiguousarray(labels), sums, counts)
+    return sums, counts
+
+
+def label_counts(labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Cluster sizes per trial under ``labels (A, n)``: ``(A, K)`` int64."""
+    return np.stack([np.bincount(lab, minlength=n_clusters) for lab in labels]).astype(np.int64)
+
+
 def lloyd_pass(chunk: McChunk, means: np.ndarray):
-    """Reassign the chunk's rows to the nearest mean of every trial, then sum the new clusters.
+    """Reassign a chunk of pixels to the nearest mean of every trial, then sum the clusters.
 
     Parameters
     ----------
@@ -260,35 +352,17 @@ def lloyd_pass(chunk: McChunk, means: np.ndarray):
     counts : (A, K) int64 — cluster sizes of the new labels.
     rechecked : int — (row, trial) decisions that needed the exact recheck.
     """
-    a_count, k_count, d = means.shape
-    flat = np.ascontiguousarray(means.reshape(a_count * k_count, d), dtype=np.float64)
-    flat_t = np.ascontiguousarray(flat.T, dtype=np.float32)  # screen only: half the GEMM cost
-    cnorm = np.einsum("ij,ij->i", flat, flat)
-    n = chunk.u8.shape[0]
-    labels = np.empty((a_count, n), dtype=np.int16)
-    acc = np.empty(k_count)
-    tol = gemm_tolerance(d, np.float32)
-    rechecked = 0
-    for s in range(0, n, BLOCK_ROWS):
-        dots = PIXEL32[chunk.u8[s : s + BLOCK_ROWS]] @ flat_t
-        rechecked += _assign_block(chunk.u8, PIXEL, s, chunk.xnorm, dots, cnorm, flat, k_count,
-                                   tol, labels, acc)
-    sums = np.zeros((a_count, k_count, d))
-    counts = np.zeros((a_count, k_count), dtype=np.int64)
-    _accumulate(chunk.u8, PIXEL, labels, sums, counts)
+    labels, rechecked = nearest(chunk, means)
+    sums, counts = cluster_sums(chunk, labels, means.shape[1])
     return labels, sums, counts, rechecked
 
 
-def init_finish(chunk: McChunk, state, n_clusters: int):
-    """The initial labels (nearest drawn centre) with their exact sums and counts.
-
-    Returns ``(labels (T, n) int16, sums (T, K, d), counts (T, K))``.
-    """
-    labels = state[1]
-    sums = np.zeros((labels.shape[0], n_clusters, chunk.u8.shape[1]))
-    counts = np.zeros((labels.shape[0], n_clusters), dtype=np.int64)
-    _accumulate(chunk.u8, PIXEL, labels, sums, counts)
-    return labels, sums, counts
+def accumulate(chunk: McChunk, labels: np.ndarray, carry: np.ndarray) -> np.ndarray:
+    """Continue the row-order per-cluster sums ``carry (A, K, d)`` over this chunk's rows."""
+    sums = carry.copy()  # never mutate a task input
+    _accumulate(chunk.x, chunk.lut, np.ascontiguousarray(labels), sums,
+                np.zeros(sums.shape[:2], dtype=np.int64))
+    return sums
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +370,8 @@ def init_finish(chunk: McChunk, state, n_clusters: int):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _assigned_sq(u8, pixel, flat, k_count, labels, out):  # pragma: no cover - compiled
-    n, d = u8.shape
+def _assigned_sq(x, lut, flat, k_count, labels, out):  # pragma: no cover - compiled
+    n, d = x.shape
     t_count = labels.shape[0]
     rows = np.empty(t_count, dtype=np.int64)
     acc = np.empty(t_count)
@@ -306,7 +380,7 @@ def _assigned_sq(u8, pixel, flat, k_count, labels, out):  # pragma: no cover - c
             rows[t] = t * k_count + labels[t, i]
         acc[:] = 0.0
         for f in range(d):
-            xv = pixel[u8[i, f]]
+            xv = value(x, lut, i, f)
             for t in range(t_count):
                 diff = xv - flat[rows[t], f]
                 acc[t] += diff * diff
@@ -323,7 +397,7 @@ def assigned_sq_dist(chunk: McChunk, means: np.ndarray, labels: np.ndarray) -> n
     t_count, k_count, d = means.shape
     flat = np.ascontiguousarray(means.reshape(t_count * k_count, d), dtype=np.float64)
     out = np.empty(labels.shape, dtype=np.float64)
-    _assigned_sq(chunk.u8, PIXEL, flat, k_count, np.ascontiguousarray(labels), out)
+    _assigned_sq(chunk.x, chunk.lut, flat, k_count, np.ascontiguousarray(labels), out)
     return out
 
 
