@@ -1,46 +1,55 @@
 # kmdask — every target is a thin wrapper over the `kmdask` CLI, run from a local virtualenv.
-# `make sweep` and `make test` bootstrap .venv from nothing (python3 >= 3.11 and pip needed).
+# `make sweep`, `make test` and `make bench` bootstrap .venv from nothing (python3 >= 3.11 and
+# pip needed), each installing only what it needs: the runtime, + the test tools, + the peers.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KMDASK := $(VENV)/bin/kmdask
-STAMP  := $(VENV)/.kmdask-installed
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 PROFILE ?= local
 PYTEST_ARGS ?=
 
 .PHONY: help venv stage sweep test lint bench clean
 
 help:
-	@echo "make sweep   bootstrap .venv, stage MNIST, run the sweep on a LocalCluster, write the report"
-	@echo "make test    bootstrap .venv and run the test suite (pytest)"
+	@echo "make sweep   bootstrap .venv (runtime only), stage MNIST, run the sweep on a LocalCluster, write the report"
+	@echo "make test    bootstrap .venv with the test tools and run the test suite (pytest)"
 	@echo "make stage   stage MNIST into data/mnist.zarr"
 	@echo "make lint    ruff"
-	@echo "make bench   benchmarks vs scikit-learn and dask-ml (bench/results.json, bench/results.md)"
+	@echo "make bench   benchmarks against the peers (bench/results.json, bench/results.md)"
 	@echo "make clean   remove .venv, data/, runs/, report/ and caches"
 
-venv: $(STAMP)
-
-$(STAMP): pyproject.toml
+# One stamp per set of extras; each reinstalls when pyproject.toml changes.
+$(VENV)/.stamp-runtime: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,hpc,dev]'
+	$(PIP) -e .
 	@touch $@
 
-stage: $(STAMP)
+$(VENV)/.stamp-test: $(VENV)/.stamp-runtime
+	$(PIP) -e '.[test,hpc,dev]'
+	@touch $@
+
+$(VENV)/.stamp-bench: $(VENV)/.stamp-runtime
+	$(PIP) -e '.[bench]'
+	@touch $@
+
+venv: $(VENV)/.stamp-runtime
+
+stage: $(VENV)/.stamp-runtime
 	$(KMDASK) stage --dataset mnist
 
-sweep: $(STAMP)
+sweep: $(VENV)/.stamp-runtime
 	$(KMDASK) stage --dataset mnist
 	$(KMDASK) sweep --profile $(PROFILE)
 
-test: $(STAMP)
+test: $(VENV)/.stamp-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(VENV)/.stamp-bench
 	$(KMDASK) stage --dataset mnist -q
 	$(KMDASK) stage --dataset mnist --augment 16 -q
 	$(PY) -m kmdask.bench --store data/mnist.zarr --big-store data/mnist-aug16.zarr

@@ -1,10 +1,14 @@
-"""Shared fixtures: real MNIST location, a real multi-process LocalCluster."""
+"""Shared fixtures: real MNIST (files, arrays, a staged store), a real multi-process
+LocalCluster, and the command line run as a user runs it."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +66,16 @@ def mnist_source() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mnist_train(mnist_source) -> np.ndarray:
+    """The 60,000 real MNIST training images as (60000, 784) uint8, read once per session."""
+    from kmdask.data.idx import read_idx
+
+    name = "train-images-idx3-ubyte"
+    path = mnist_source / f"{name}.gz"
+    return read_idx(path if path.exists() else mnist_source / name).reshape(60000, 784)
+
+
+@pytest.fixture(scope="session")
 def mnist_store(mnist_source, tmp_path_factory) -> Path:
     """Real MNIST staged once per test session into a zarr store on disk."""
     from kmdask.data.staging import stage_dataset
@@ -88,3 +102,10 @@ def client():
     yield c
     c.close()
     cluster.close()
+
+
+def run_kmdask(*args: str, cwd: Path, timeout: float = 600,
+               **kwargs) -> subprocess.CompletedProcess:
+    """``python -m kmdask ARGS`` in ``cwd``, as a user runs it (text output captured)."""
+    return subprocess.run([sys.executable, "-m", "kmdask", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)

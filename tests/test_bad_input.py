@@ -1,17 +1,18 @@
-"""Bad input, table-driven, through the real CLI: each case gives a one-line error (the last
-line on stderr, no traceback), a non-zero exit, and writes nothing."""
+"""Bad input, table-driven, through the command line: each case gives a one-line error (the
+last line on stderr, no traceback), a non-zero exit, and writes nothing. Every case runs
+in-process (``kmdask.cli.main``, no traceback can escape unseen: a stray exception fails the
+test); a few also through the real console script."""
 
 from __future__ import annotations
 
 import gzip
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_kmdask
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
          "t10k-labels-idx1-ubyte")
@@ -105,19 +106,40 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, tmp_path, mnist_source, mnist_store):
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
-        {"profiles": {"local": {"kind": "local", "n_workers": 1}}}))
-    args = CASES[case](tmp_path, mnist_source, mnist_store)
-    before = {p for p in tmp_path.rglob("*")}
-    r = subprocess.run([sys.executable, "-m", "kmdask", *args], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0, f"{case}: exit 0\n{r.stderr}"
-    lines = r.stderr.strip().splitlines()
+THROUGH_THE_SCRIPT = ("wrong IDX magic", "YAML does not parse", "report on an incomplete run")
+
+
+def _check(case: str, code: int, stderr: str, tmp_path: Path, before: set) -> None:
+    assert code != 0, f"{case}: exit 0\n{stderr}"
+    lines = stderr.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("kmdask: error: ")]
     # progress lines may come first; the error itself is exactly one line, the last
-    assert errors == lines[-1:], f"{case}: stderr:\n{r.stderr}"
-    assert "Traceback" not in r.stderr
+    assert errors == lines[-1:], f"{case}: stderr:\n{stderr}"
+    assert "Traceback" not in stderr
     written = {p for p in tmp_path.rglob("*")} - before
     assert not written, f"{case}: wrote {sorted(map(str, written))}"
+
+
+def _setup(case: str, tmp_path: Path, mnist_source: Path, mnist_store: Path) -> list[str]:
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
+        {"profiles": {"local": {"kind": "local", "n_workers": 1}}}))
+    return CASES[case](tmp_path, mnist_source, mnist_store)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, tmp_path, mnist_source, mnist_store, monkeypatch, capsys):
+    from kmdask.cli import main
+
+    args = _setup(case, tmp_path, mnist_source, mnist_store)
+    before = {p for p in tmp_path.rglob("*")}
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    _check(case, code, capsys.readouterr().err, tmp_path, before)
+
+
+@pytest.mark.parametrize("case", THROUGH_THE_SCRIPT)
+def test_bad_input_through_the_console_script(case, tmp_path, mnist_source, mnist_store):
+    args = _setup(case, tmp_path, mnist_source, mnist_store)
+    before = {p for p in tmp_path.rglob("*")}
+    r = run_kmdask(*args, cwd=tmp_path, timeout=120)
+    _check(case, r.returncode, r.stderr, tmp_path, before)

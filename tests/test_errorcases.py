@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from kmdask.batch.spec import load_job, parse_job
-from kmdask.errorcases.spec import CasesSpec
 from kmdask.errorcases.experiment import bootstrap_ci, class_set, evaluate, mcnemar, route
+from kmdask.errorcases.spec import CasesSpec
 from kmdask.errorcases.vectors import (
     case_order,
     case_vectors,
@@ -433,9 +433,9 @@ def test_same_classifier_is_reused_and_models_are_not_runs(cases_run, mnist_stor
 
 
 def test_classifier_is_deterministic(mnist_store):
-    from kmdask.errorcases.spec import ClassifierSpec
     from kmdask.data.store import open_images, open_labels
     from kmdask.errorcases.classifier import train
+    from kmdask.errorcases.spec import ClassifierSpec
 
     x = np.asarray(open_images(mnist_store)[:1500].compute())
     y = np.asarray(open_labels(mnist_store)[:1500].compute())

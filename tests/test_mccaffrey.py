@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import time
 
 import numpy as np
@@ -80,21 +79,9 @@ def reference_fit(X: np.ndarray, K: int, max_iter: int, T: int, seed: int = 0):
     return np.bincount(labels, minlength=K), labels, means, [tr[0] for tr in trials], best
 
 
-def _load_mnist(source) -> np.ndarray:
-    path = source / "train-images-idx3-ubyte.gz"
-    if path.exists():
-        with gzip.open(path) as f:
-            raw = f.read()
-    else:
-        raw = (source / path.stem).read_bytes()
-    n, r, c = (int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
-    assert int.from_bytes(raw[:4], "big") == 2051
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, r * c)
-
-
 @pytest.fixture(scope="module")
-def mnist(mnist_source) -> np.ndarray:
-    return _load_mnist(mnist_source)
+def mnist(mnist_train) -> np.ndarray:
+    return mnist_train
 
 
 # --------------------------------------------------------------------------------------------

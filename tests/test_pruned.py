@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import pickle
 
 import dask.array as da
@@ -18,10 +17,8 @@ SWEEP = [k for k in range(2, 11) for _ in range(3)]  # K=2..10 x 3 trials: 27 mo
 
 
 @pytest.fixture(scope="module")
-def mnist8(mnist_source):
-    with gzip.open(mnist_source / "train-images-idx3-ubyte.gz") as f:
-        raw = f.read()
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(60000, 784)[:6000]
+def mnist8(mnist_train):
+    return mnist_train[:6000]
 
 
 def _chunk(x):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import run_kmdask
 
 from kmdask.batch.spec import load_job, parse_job
 from kmdask.errors import ConfigError
@@ -51,8 +52,7 @@ def _write_job(workdir: Path, store: Path, name: str = "tiny.yaml", **changes) -
 
 
 def _kmdask(workdir: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kmdask", *args], cwd=workdir,
-                          capture_output=True, text=True, timeout=600, **kw)
+    return run_kmdask(*args, cwd=workdir, **kw)
 
 
 def test_run_rerun_and_changed_spec(workdir, mnist_store):
@@ -169,16 +169,19 @@ BAD_JOBS = [
 
 
 @pytest.mark.parametrize(("text", "match"), BAD_JOBS)
-def test_bad_job_specs_are_one_line_errors(tmp_path, text, match):
+def test_bad_job_specs_are_one_line_errors(tmp_path, text, match, monkeypatch, capsys):
+    from kmdask.cli import main
+
     p = tmp_path / "bad.yaml"
     p.write_text(text)
     with pytest.raises(ConfigError) as ei:
         load_job(p)
     assert match in str(ei.value) and str(p) in str(ei.value)
-    r = subprocess.run([sys.executable, "-m", "kmdask", "run", str(p)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and match in r.stderr
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(p)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and match in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -1,6 +1,6 @@
 """The one module that starts or connects to a dask cluster.
 
-Profiles come from ``cluster.yaml`` (see :func:`kmdask.batch.spec.load_profile`):
+Profiles come from ``cluster.yaml`` (see :func:`kmdask.batch.profiles.load_profile`):
 
 * ``local``: a LocalCluster of worker processes bound to 127.0.0.1 (dashboard on a free port);
 * ``address``: an existing scheduler (``tcp://`` or ``tls://``, or a scheduler file);
@@ -390,7 +390,7 @@ def connect(profile: dict, *, address: str | None = None) -> Iterator[Any]:
     Parameters
     ----------
     profile : dict
-        A profile from :func:`kmdask.batch.spec.load_profile`.
+        A profile from :func:`kmdask.batch.profiles.load_profile`.
     address : str, optional
         ``--address``: connect to this scheduler instead, whatever the profile's kind.
     quiet : bool
