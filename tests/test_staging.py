@@ -329,6 +329,45 @@ def test_warp_images_geometry():
     assert np.abs(half[:, :, 1:] - mid).max() <= 0.5
 
 
+def _warp_reference(images, dx, dy, theta):
+    """The vectorised numpy warp that made the first augmented stores (float32 throughout):
+    the compiled warp must give the very same bytes, so existing stores stay valid."""
+    n, s = images.shape[0], 28
+    p = s + 2
+    centre = (s - 1) / 2.0
+    gy, gx = np.mgrid[0:s, 0:s]
+    u, v = (gx.ravel() - centre).astype(np.float32), (gy.ravel() - centre).astype(np.float32)
+    pad = np.zeros((n, p, p), np.float32)
+    pad[:, 1:-1, 1:-1] = images.reshape(n, s, s)
+    flat = pad.ravel()
+    cos = np.cos(theta).astype(np.float32)[:, None]
+    sin = np.sin(theta).astype(np.float32)[:, None]
+    qx, qy = u - dx.astype(np.float32)[:, None], v - dy.astype(np.float32)[:, None]
+    px, py = cos * qx + sin * qy + centre, cos * qy - sin * qx + centre
+    x0, y0 = np.floor(px), np.floor(py)
+    fx, fy = px - x0, py - y0
+    xi = np.clip(x0, -1, s).astype(np.int32) + 1
+    yi = np.clip(y0, -1, s).astype(np.int32) + 1
+    i00 = (np.arange(n, dtype=np.int32) * p * p)[:, None] + yi * p + xi
+    step_x = np.minimum(xi + 1, p - 1) - xi
+    step_y = (np.minimum(yi + 1, p - 1) - yi) * p
+    a, b = flat[i00], flat[i00 + step_x]
+    c, d = flat[i00 + step_y], flat[i00 + step_y + step_x]
+    top = a + fx * (b - a)
+    return np.clip(np.rint(top + fy * (c + fx * (d - c) - top)), 0, 255).astype(np.uint8)
+
+
+def test_compiled_warp_equals_the_numpy_reference_on_real_mnist(mnist_train):
+    from kmdask.data.staging import augment_draws
+
+    for copy, block in ((1, 0), (7, 3), (39, 5)):
+        dx, dy, th = augment_draws(0, copy, block)
+        images = mnist_train[block * 10_000:(block + 1) * 10_000][:4000]
+        got = warp_images(images, dx[:4000], dy[:4000], th[:4000])
+        np.testing.assert_array_equal(got, _warp_reference(images, dx[:4000], dy[:4000],
+                                                           th[:4000]))
+
+
 def test_augment_shape_labels_determinism(synth, tmp_path):
     arrays, src = synth
     imgs = arrays["train-images-idx3-ubyte"].reshape(250, 784)

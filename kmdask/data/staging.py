@@ -17,6 +17,7 @@ the group attributes and a crc32 per chunk in each array's attributes.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import secrets
@@ -24,11 +25,14 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from kmdask.data.idx import IMAGE_SIDE, parse_idx
 from kmdask.data.registry import DatasetSpec, N_FEATURES, SPLITS, get_spec
@@ -43,7 +47,6 @@ AUG_BLOCK = 10_000  # source rows per keyed random stream
 AUG_MAX_SHIFT = 2.0  # pixels
 AUG_MAX_ROTATE = 10.0  # degrees
 AUG_METHOD = "shift-rotate-bilinear/1"  # bump when the warp changes: stores are then restaged
-_WARP_BATCH = 256  # rows per vectorised warp step: keeps temporaries in cache (~4x faster)
 _PROGRESS_EVERY = 2.0  # seconds between progress lines
 
 
@@ -75,41 +78,55 @@ def augment_draws(seed: int, copy: int, block: int) -> tuple[np.ndarray, ...]:
     return u[0] * AUG_MAX_SHIFT, u[1] * AUG_MAX_SHIFT, np.deg2rad(u[2] * AUG_MAX_ROTATE)
 
 
-_CENTRE = (IMAGE_SIDE - 1) / 2.0
-_GY, _GX = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE]
-_U = (_GX.ravel() - _CENTRE).astype(np.float32)
-_V = (_GY.ravel() - _CENTRE).astype(np.float32)
+_PAD = IMAGE_SIDE + 2  # one pixel of zero padding on each side: out-of-range taps read 0
+
+
+@njit(cache=True, nogil=True)
+def _warp(images, cos, sin, dx, dy, out):  # pragma: no cover - compiled
+    # Every step in float32, in the order of the vectorised numpy form this replaced (the
+    # augmented stores are bit-identical to it; tests/test_staging.py checks on real MNIST).
+    half = (IMAGE_SIDE - 1) / 2.0
+    c = np.float32(half)
+    lo = np.float32(-1.0)
+    hi = np.float32(IMAGE_SIDE)
+    s, p = IMAGE_SIDE, _PAD
+    pad = np.zeros(p * p, np.float32)
+    for r in range(images.shape[0]):
+        for yy in range(s):
+            for xx in range(s):
+                pad[(yy + 1) * p + xx + 1] = np.float32(images[r, yy * s + xx])
+        cr, sr, dxr, dyr = cos[r], sin[r], dx[r], dy[r]
+        for gy in range(s):
+            qy = np.float32(gy - half) - dyr
+            for gx in range(s):
+                qx = np.float32(gx - half) - dxr
+                # inverse map: output pixel -> source coordinates
+                px = (cr * qx + sr * qy) + c
+                py = (cr * qy - sr * qx) + c
+                x0 = np.floor(px)
+                y0 = np.floor(py)
+                fx = px - x0
+                fy = py - y0
+                xi = np.int32(min(max(x0, lo), hi)) + 1  # padded column of the left tap
+                yi = np.int32(min(max(y0, lo), hi)) + 1
+                sx = min(xi + 1, p - 1) - xi  # 0 when clamped: both taps in the zero border
+                sy = (min(yi + 1, p - 1) - yi) * p
+                i00 = yi * p + xi
+                a, b = pad[i00], pad[i00 + sx]
+                cc, d = pad[i00 + sy], pad[i00 + sy + sx]
+                top = a + fx * (b - a)
+                o = np.rint(top + fy * (cc + fx * (d - cc) - top))
+                out[r, gy * s + gx] = np.uint8(min(max(o, np.float32(0.0)), np.float32(255.0)))
 
 
 def warp_images(images: np.ndarray, dx: np.ndarray, dy: np.ndarray,
                 theta: np.ndarray) -> np.ndarray:
     """Rotate each (n, 784) uint8 image by ``theta`` about its centre, then shift it by
-    (``dx``, ``dy``) pixels; bilinear interpolation, zeros outside. Vectorised over rows.
-    """
-    n, s = images.shape[0], IMAGE_SIDE
-    p = s + 2  # one pixel of zero padding on each side makes out-of-range taps read 0
-    pad = np.zeros((n, p, p), np.float32)
-    pad[:, 1:-1, 1:-1] = images.reshape(n, s, s)
-    flat = pad.ravel()
-    cos = np.cos(theta).astype(np.float32)[:, None]
-    sin = np.sin(theta).astype(np.float32)[:, None]
-    qx = _U - dx.astype(np.float32)[:, None]
-    qy = _V - dy.astype(np.float32)[:, None]
-    # inverse map: output pixel -> source coordinates
-    px = cos * qx + sin * qy + _CENTRE
-    py = cos * qy - sin * qx + _CENTRE
-    x0, y0 = np.floor(px), np.floor(py)
-    fx, fy = px - x0, py - y0
-    xi = np.clip(x0, -1, s).astype(np.int32) + 1  # padded column of the left tap
-    yi = np.clip(y0, -1, s).astype(np.int32) + 1
-    i00 = (np.arange(n, dtype=np.int32) * p * p)[:, None] + yi * p + xi
-    step_x = np.minimum(xi + 1, p - 1) - xi  # 0 when clamped: both taps in the zero border
-    step_y = (np.minimum(yi + 1, p - 1) - yi) * p
-    a, b = flat[i00], flat[i00 + step_x]
-    c, d = flat[i00 + step_y], flat[i00 + step_y + step_x]
-    top = a + fx * (b - a)
-    out = top + fy * (c + fx * (d - c) - top)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    (``dx``, ``dy``) pixels; bilinear interpolation in float32, zeros outside."""
+    out = np.empty((images.shape[0], N_FEATURES), np.uint8)
+    _warp(np.ascontiguousarray(images), np.cos(theta).astype(np.float32),
+          np.sin(theta).astype(np.float32), dx.astype(np.float32), dy.astype(np.float32), out)
+    return out
 
 
 def train_rows(images: np.ndarray, labels: np.ndarray, start: int, stop: int,
@@ -126,13 +143,10 @@ def train_rows(images: np.ndarray, labels: np.ndarray, start: int, stop: int,
         else:
             block = src // AUG_BLOCK
             end = min(stop, copy * n + min(n, (block + 1) * AUG_BLOCK))
-            draws = augment_draws(seed, copy, block)
-            for i in range(r, end, _WARP_BATCH):
-                j = min(i + _WARP_BATCH, end)
-                s0 = i - copy * n
-                off = s0 - block * AUG_BLOCK
-                dx, dy, th = (v[off:off + j - i] for v in draws)
-                out[i - start:j - start] = warp_images(images[s0:s0 + j - i], dx, dy, th)
+            s0 = r - copy * n
+            off = s0 - block * AUG_BLOCK
+            dx, dy, th = (v[off:off + end - r] for v in augment_draws(seed, copy, block))
+            out[r - start:end - start] = warp_images(images[s0:s0 + end - r], dx, dy, th)
         r = end
     return out, labels[np.arange(start, stop) % n]
 
@@ -236,7 +250,37 @@ def _compressors(name: str) -> Any:
                        typesize=1)]
 
 
-def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes], attrs: dict[str, Any]) -> None:
+def _blocks(split: str, images: np.ndarray, labels: np.ndarray, n: int, chunk_rows: int,
+            seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The split's row chunks in order, each (rows, labels). Augmented chunks are made by a
+    pool of threads a few chunks ahead (the warp releases the GIL), so staging keeps every core
+    busy while the order, and so the store, stays the same."""
+    starts = range(0, n, chunk_rows)
+    if split != "train":
+        for start in starts:
+            yield images[start:start + chunk_rows], labels[start:start + chunk_rows]
+        return
+    workers = os.cpu_count() or 1
+    todo = iter(starts)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+
+        def more() -> None:
+            start = next(todo, None)
+            if start is not None:
+                pending.append(pool.submit(train_rows, images, labels, start,
+                                           min(start + chunk_rows, n), seed))
+
+        for _ in range(2 * workers):  # at most this many chunks in memory
+            more()
+        while pending:
+            block = pending.popleft().result()
+            more()
+            yield block
+
+
+def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes],
+                 attrs: dict[str, Any]) -> None:
     import zarr
 
     chunk_rows, copies = attrs["chunk_rows"], attrs["augment"]["copies"]
@@ -260,12 +304,9 @@ def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes], attrs: d
         crc_img: list[int] = []
         crc_lab: list[int] = []
         t0 = last = time.perf_counter()
-        for start in range(0, n, chunk_rows):
-            stop = min(start + chunk_rows, n)
-            if split == "train":
-                block, block_labels = train_rows(images, labels, start, stop, seed)
-            else:
-                block, block_labels = images[start:stop], labels[start:stop]
+        for i, (block, block_labels) in enumerate(_blocks(split, images, labels, n, chunk_rows,
+                                                          seed)):
+            start, stop = i * chunk_rows, i * chunk_rows + block.shape[0]
             img_arr[start:stop] = block
             lab_arr[start:stop] = block_labels
             crc_img.append(zlib.crc32(np.ascontiguousarray(block).data))
@@ -273,10 +314,11 @@ def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes], attrs: d
             now = time.perf_counter()
             if now - last >= _PROGRESS_EVERY:
                 last = now
-                log.info(f"kmdask: {split}: {stop}/{n} rows ({stop / (now - t0):,.0f} rows/s)")
+                log.info("kmdask: %s: %d/%d rows (%s rows/s)", split, stop, n,
+                         f"{stop / (now - t0):,.0f}")
         img_arr.attrs["chunk_crc32"] = crc_img
         lab_arr.attrs["chunk_crc32"] = crc_lab
-        log.info(f"kmdask: {split}: wrote {n} rows in {time.perf_counter() - t0:.2f} s")
+        log.info("kmdask: %s: wrote %d rows in %.2f s", split, n, time.perf_counter() - t0)
     # written last: a store without these attributes is never taken for a kmdask store
     root.attrs.update(attrs)
 
