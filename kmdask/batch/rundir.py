@@ -223,3 +223,45 @@ def open_run(path: str | Path) -> Run:
         if not f.is_file():
             raise DataError(f"{f}: missing from the run directory (incomplete or damaged run)")
     return Run(path=p, manifest=manifest)
+
+
+def list_runs(runs_dir: Path = Path("runs")) -> list[dict]:
+    """Every run under ``runs_dir``: complete ones and interrupted partial ones.
+
+    Directories whose names start with ``_`` or ``.`` are kmdask's own (caches, locks), never
+    jobs (job names cannot start with either)."""
+    out = []
+    if not runs_dir.is_dir():
+        return out
+    for job_dir in sorted(p for p in runs_dir.iterdir()
+                          if p.is_dir() and not p.name.startswith((".", "_"))):
+        latest = job_dir / "latest"
+        latest_id = os.readlink(latest) if latest.is_symlink() else None
+        for d in sorted(job_dir.iterdir()):
+            if not d.is_dir() or d.is_symlink() or d.name == "submit":
+                continue
+            partial = d.name.endswith(".partial")
+            row = {"job": job_dir.name, "run_id": d.name.strip(".").removesuffix(".partial"),
+                   "status": "partial" if partial else "complete", "path": str(d),
+                   "latest": d.name == latest_id}
+            mf = d / MANIFEST
+            if not partial and mf.exists():
+                m = json.loads(mf.read_text())
+                row.update(fingerprint=m["fingerprint"], finished=m.get("finished"),
+                           seconds=round(m["timings"]["total"], 2), headline=_headline(m))
+            elif not partial:
+                row["status"] = "damaged"
+            out.append(row)
+    return out
+
+
+def _headline(manifest: dict) -> str:
+    parts = []
+    for name, f in manifest.get("fits", {}).items():
+        for k, r in f.get("results", {}).items():
+            parts.append((name, k, r.get("inertia")))
+    if not parts:
+        return ""
+    name, k, inertia = parts[0]
+    return f"{name} K={k} inertia {inertia:.6g}" + (f" (+{len(parts) - 1} more)"
+                                                     if len(parts) > 1 else "")
