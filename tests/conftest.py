@@ -34,12 +34,19 @@ def kmdask_log():
     log.setup(0)
 
 
+@pytest.fixture(scope="session")
+def mpl_config(tmp_path_factory) -> Path:
+    """One matplotlib configuration (and font cache) for every process of the session."""
+    return tmp_path_factory.mktemp("matplotlib")
+
+
 @pytest.fixture(autouse=True)
-def offline_env(tmp_path_factory, monkeypatch):
+def offline_env(tmp_path_factory, monkeypatch, mpl_config):
     """No test may reach the network or the user's cache: empty mirror list, no PyPI.
 
     Environment changes reach the subprocesses tests start, too."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    monkeypatch.setenv("MPLCONFIGDIR", str(mpl_config))
     monkeypatch.setenv("KMDASK_MIRRORS", "")
     monkeypatch.setenv("KMDASK_NO_PYPI", "1")
     monkeypatch.delenv("KMDASK_DATA_DIR", raising=False)

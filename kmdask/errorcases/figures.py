@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colors, patches, ticker
-from matplotlib.figure import Figure
 
 from kmdask.batch.rundir import Run
 from kmdask.batch.spec import FigureSpec
@@ -28,7 +27,6 @@ from kmdask.report.style import (
     BOX_W,
     CHART_DPI,
     COL_GAP,
-    DPI,
     FIT_COLOURS,
     GAP,
     GUTTER,
@@ -39,17 +37,18 @@ from kmdask.report.style import (
     PER_ROW,
     SAMPLE_SCALE,
     SIDE,
-    TEXT,
     TEXT_HEX,
     TITLE_PX,
     Drawn,
     algorithm_title,
+    canvas_figure,
     chart,
     cluster_colour,
     dark_theme,
     hex_colour,
     pt,
     sample_image_rgb,
+    save_canvas,
     save_png,
     text_width,
     upscale,
@@ -139,7 +138,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
             texts.append((x, y_header + r * 4 * LINE + li * LINE, t,
                           dict(fontsize=pt(HEADER_PX))))
     lo, hi = _bar_limits(centers)
-    f = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
+    f = canvas_figure(canvas)
     for pos, j in enumerate(order):
         xc = MARGIN + GUTTER + pos * (col_w + COL_GAP)
         colour = cluster_colour(pos)
@@ -167,12 +166,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
                          (y_bars + BAR_H / 2 - 30, "Cluster\nmean\nvector", "center"),
                          (y_samples, "Cluster\nsamples\n(MNIST)", "top")):
         texts.append((MARGIN, y, label, dict(fontsize=pt(48), va=va, linespacing=1.15)))
-    f.figimage(canvas, xo=0, yo=0, origin="upper", zorder=-1)  # under the bar axes
-    for x, y, s, kw in texts:
-        kw = {"va": "top", "ha": "left", **kw}
-        kw["color"] = kw.get("color") or tuple(c / 255 for c in TEXT)
-        f.text(x / width, 1 - y / height, s, family="DejaVu Sans", **kw)
-    save_png(f, path, DPI)
+    save_canvas(canvas, f, texts, path)  # the bar axes and texts over the canvas
     caption = (f"{fit}: K = {k}, {info['rows']} cases, vectors {vlabel}, ZeroOut "
                f"{zero if zero is not None else 'none'}; "
                + ("the reliable cluster (all zeroed cases; the algorithm's cluster "

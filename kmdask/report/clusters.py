@@ -43,6 +43,8 @@ from kmdask.report.style import (
     algorithm_title,
     pt,
     save_png,
+    save_canvas,
+    canvas_figure,
     upscale,
     cluster_colour,
     composition,
@@ -187,13 +189,7 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
                          (y_samples, "Cluster\nsamples", "top")):
         texts.append((MARGIN, y, label, dict(fontsize=pt(48), va=va, linespacing=1.15)))
 
-    f = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
-    f.figimage(canvas, xo=0, yo=0, origin="upper")
-    for x, y, s, kw in texts:
-        kw = {"va": "top", "ha": "left", **kw}
-        kw["color"] = kw.get("color") or tuple(c / 255 for c in TEXT)
-        f.text(x / width, 1 - y / height, s, family="DejaVu Sans", **kw)
-    save_png(f, path, DPI)
+    save_canvas(canvas, canvas_figure(canvas), texts, path)
 
     settings = ", ".join(f"{p.info['iterations']}/{p.info['trials']}" for p in panels)
     caption = (f"K = {k}, {panels[0].info['rows']} rows, iterations/trials {settings}; "

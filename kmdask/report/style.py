@@ -134,6 +134,40 @@ ALGORITHM_TITLES = {"mccaffrey": "McCaffrey K-Means++", "scalable": "kmdask K-Me
 DATASET_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 
 
+def save_canvas(canvas: np.ndarray, fig: Figure, texts: list, path: Path) -> None:
+    """Write ``canvas`` ((H, W, 3) uint8, placed 1:1) with ``texts`` and whatever artists
+    ``fig`` already holds (e.g. bar axes) drawn over it.
+
+    ``fig`` must be transparent and the canvas' size at :data:`DPI`. The artists are rendered
+    once and blended over the canvas (Agg's buffer holds straight alpha): matplotlib's image
+    pipeline never sees the canvas, which for a figure thousands of pixels wide cost seconds
+    (resampling, masked arrays) to copy it unchanged. ``texts`` are ``(x, y, text, kwargs)`` in
+    canvas pixels from the top left, drawn in :data:`TEXT` unless a colour is given.
+    """
+    h, w = canvas.shape[:2]
+    for x, y, s, kw in texts:
+        kw = {"va": "top", "ha": "left", **kw}
+        kw["color"] = kw.get("color") or tuple(c / 255 for c in TEXT)
+        fig.text(x / w, 1 - y / h, s, family="DejaVu Sans", **kw)
+    agg = FigureCanvasAgg(fig)
+    agg.draw()
+    rgba = np.asarray(agg.buffer_rgba())
+    if rgba.shape[:2] != (h, w):
+        raise ValueError(f"figure renders {rgba.shape[1]}x{rgba.shape[0]} px, the canvas is "
+                         f"{w}x{h}")
+    alpha = rgba[..., 3:4].astype(np.float32) / np.float32(255)
+    out = np.rint(canvas * (1 - alpha) + rgba[..., :3] * alpha).astype(np.uint8)
+    from PIL import Image  # matplotlib's own PNG writer
+
+    Image.fromarray(out).save(path, format="PNG")
+
+
+def canvas_figure(canvas: np.ndarray) -> Figure:
+    """A transparent figure of the canvas' size, for :func:`save_canvas`."""
+    h, w = canvas.shape[:2]
+    return Figure(figsize=(w / DPI, h / DPI), dpi=DPI, facecolor=(0, 0, 0, 0))
+
+
 def algorithm_title(alg: str, dataset: str) -> str:
     """A figure title naming the algorithm and the data set."""
     return (f"{ALGORITHM_TITLES.get(alg, f'K-Means++ ({alg})')} on "
