@@ -224,7 +224,7 @@ class ChunkedRows:
             idx = [i for i in idx if i in extras]
             if idx:
                 order.append(idx)
-                targets.append("" if keep else worker)
+                targets.append(worker)
                 args.append((fn, [self._items[i] for i in idx], self._meta(idx), self.prepare,
                              self.persisted, shared, [self._lift(extras[i]) for i in idx]))
         runs: list = [None] * len(order)
@@ -233,16 +233,19 @@ class ChunkedRows:
             runs[j] = client.submit(_run_group, *args[j], pure=False, **hint(worker))
             return client.submit(_results, runs[j], pure=False) if keep else runs[j]
 
-        # A run whose states are kept gets no placement hint: its state may be recomputed
-        # long after the pass, on whatever workers there are by then (see waits).
-        futs = [submit(j, w or None) for j, w in enumerate(targets)]
+        futs = [submit(j, w) for j, w in enumerate(targets)]
         got = wait_for(client, futs, targets, lambda j: submit(j, None), gather=True)
         results, handles = {}, {}
-        for j, (idx, res) in enumerate(zip(order, got, strict=True)):
+        for idx, res in zip(order, got, strict=True):
             results.update(zip(idx, res, strict=True))
-            if keep:
-                handles.update((i, client.submit(_state, runs[j], p, pure=False))
-                               for p, i in enumerate(idx))
+        if keep:
+            # the states outlive the pass: once placed, a run may be recomputed anywhere
+            clear_hints(client, runs)
+            for j, idx in enumerate(order):
+                # one task per run, not per chunk (dask queues many tiny tasks one scheduler
+                # round trip at a time); a handle names the run's states and a position
+                states = client.submit(_states, runs[j], pure=False)
+                handles.update((i, (_KEPT, states, p)) for p, i in enumerate(idx))
         return results, handles
 
     def _run_local(self, fn: Callable, shared: tuple, extras: dict[int, tuple], keep: bool
@@ -320,17 +323,28 @@ def _call(fn, item, prepare, persisted, offset, index, *args):
     return fn(_get(item, prepare, persisted, offset, index), *args)
 
 
+#: first element of a state handle: ``(_KEPT, states of a run, position in the run)`` (a plain
+#: tuple, so that dask resolves the future inside it)
+_KEPT = "kmdask-kept-state"
+
+
+def _unwrap(extra: tuple) -> tuple:
+    """Per-chunk arguments with every state handle replaced by its state."""
+    return tuple(e[1][e[2]] if isinstance(e, tuple) and len(e) == 3 and e[0] == _KEPT else e
+                 for e in extra)
+
+
 def _run_group(fn: Callable, items: list, meta: list[tuple[int, int]], prepare: Callable,
                persisted: bool, shared: tuple, extras: list[tuple]) -> list:
     """One worker thread's run of chunks."""
-    return [fn(_get(item, prepare, persisted, o, i), *shared, *extra)
+    return [fn(_get(item, prepare, persisted, o, i), *shared, *_unwrap(extra))
             for item, (o, i), extra in zip(items, meta, extras, strict=True)]
 
 
 def _fold_run(fn: Callable, items: list, meta: list[tuple[int, int]], prepare: Callable,
               persisted: bool, shared: tuple, extras: list[tuple], carry: Any) -> Any:
     for item, (o, i), extra in zip(items, meta, extras, strict=True):
-        carry = fn(_get(item, prepare, persisted, o, i), carry, *shared, *extra)
+        carry = fn(_get(item, prepare, persisted, o, i), carry, *shared, *_unwrap(extra))
     return carry
 
 
@@ -338,8 +352,8 @@ def _results(run: list) -> list:
     return [r for r, _ in run]
 
 
-def _state(run: list, pos: int) -> Any:
-    return run[pos][1]
+def _states(run: list) -> list:
+    return [s for _, s in run]
 
 
 def _take_rows(chunk: Any, local_idx: np.ndarray) -> np.ndarray:
