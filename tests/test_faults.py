@@ -94,6 +94,21 @@ def _job_cluster(config: dict | None = None):
                   "source": "test", "timeout": 30}
 
 
+def _killer(c, victims: str, at_iteration: int):
+    """A progress callback that SIGKILLs one worker process (``victims="one"``) or every one,
+    once, at ``at_iteration``; and the list of the pids it killed."""
+    killed: list[int] = []
+
+    def kill(p: dict) -> None:
+        if p["iteration"] == at_iteration and not killed:
+            pids = sorted(_worker_pids(c).values())
+            for pid in pids[:1] if victims == "one" else pids:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    return kill, killed
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("victims", "persist"), [("one", True), ("all", True), ("all", False)])
 def test_workers_killed_mid_lloyd_give_identical_result(mnist_store, victims, persist):
@@ -107,15 +122,7 @@ def test_workers_killed_mid_lloyd_give_identical_result(mnist_store, victims, pe
     kw = dict(n_init=2, random_state=5, max_iter=25, tol=0.0, persist=persist)
     with _job_cluster() as (c, _), c.as_current():
         ref = fit_models(X, [6, 8], **kw)
-        killed = []
-
-        def kill(p):
-            if p["iteration"] == 4 and not killed:
-                pids = sorted(_worker_pids(c).values())
-                for pid in pids[:1] if victims == "one" else pids:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-
+        kill, killed = _killer(c, victims, at_iteration=4)
         got = fit_models(X, [6, 8], progress=kill, **kw)
         assert len(killed) == (1 if victims == "one" else 2)
     for a, b in zip(ref.results, got.results, strict=True):
@@ -135,15 +142,7 @@ def test_mccaffrey_mode_survives_lost_workers(mnist_store, victims):
     X = open_images(mnist_store)[:20_000]
     with _job_cluster() as (c, _), c.as_current():
         ref = fit_mccaffrey(X, 5, 15, 6, 0)
-        killed = []
-
-        def kill(p):
-            if p["iteration"] == 3 and not killed:
-                pids = sorted(_worker_pids(c).values())
-                for pid in pids[:1] if victims == "one" else pids:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-
+        kill, killed = _killer(c, victims, at_iteration=3)
         got = fit_mccaffrey(X, 5, 15, 6, 0, progress=kill)
         assert len(killed) == (1 if victims == "one" else 2)
     assert np.array_equal(got.labels, ref.labels)
