@@ -148,6 +148,23 @@ def test_lloyd_pass_matches_reference_many_trials() -> None:
             assert np.array_equal(sums[a, k], x[want == k].sum(0))  # exact, any order
 
 
+def test_moving_rows_between_sums_equals_summing_from_scratch(mnist) -> None:
+    """Later Lloyd passes move only the rows whose label changed; pixel sums are exact, so the
+    result is the very sums of a pass from scratch, bit for bit."""
+    rng = np.random.default_rng(5)
+    chunk = mk.prepare_chunk(mnist[:3000], 0)
+    old = rng.integers(0, 6, (4, 3000)).astype(np.int16)
+    new = old.copy()
+    flip = rng.random((4, 3000)) < [[0.0], [0.01], [0.3], [1.0]]  # none, few, many, all
+    new[flip] = rng.integers(0, 6, int(flip.sum()))
+    sums, counts = mk.cluster_sums(chunk, old, 6)
+    moved, moved_counts = mk.move_rows(chunk, old, new, sums, counts)
+    want, want_counts = mk.cluster_sums(chunk, new, 6)
+    assert moved.tobytes() == want.tobytes()
+    assert np.array_equal(moved_counts, want_counts)
+    assert np.array_equal(sums, mk.cluster_sums(chunk, old, 6)[0])  # inputs left as they were
+
+
 @pytest.mark.parametrize("splits", [[0, 1000], [0, 1, 999, 1000], [0, 250, 500, 750, 1000],
                                     list(range(0, 1001, 37)) + [1000]])
 def test_roulette_chain_is_exact_for_any_chunking(splits) -> None:

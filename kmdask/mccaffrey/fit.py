@@ -100,20 +100,32 @@ def mccaffrey_draws(seed: int, n_rows: int, n_clusters: int, n_init: int):
 
 @dataclass(frozen=True)
 class _Labels:
-    """A chunk's Lloyd state: every trial's accepted labels, and the last pass's candidates."""
+    """A chunk's Lloyd state: every trial's accepted labels, the last pass's candidates, and
+    for pixels the per-cluster sums and counts of both (exact, so later passes move only the
+    rows whose label changed)."""
 
     labels: np.ndarray  # (T, n) int16
     cand: np.ndarray | None = None  # (A, n) int16: the last pass's labels of trials ``trials``
     trials: np.ndarray | None = None  # (A,) int64
+    sums: np.ndarray | None = None  # (T, K, d) pixels: sums of the accepted labels
+    counts: np.ndarray | None = None  # (T, K)
+    cand_sums: np.ndarray | None = None  # (A, K, d) pixels: sums of the candidates
+    cand_counts: np.ndarray | None = None  # (A, K)
 
-    def commit(self, accept: np.ndarray) -> np.ndarray:
-        """The labels with the candidates of the trials in ``accept`` taken (a new array)."""
+    def commit(self, accept: np.ndarray) -> _Labels:
+        """The state with the candidates of the trials in ``accept`` taken (new arrays)."""
+        if not len(accept):
+            return self
         labels = self.labels.copy()
-        if len(accept):
-            pos = {int(t): a for a, t in enumerate(self.trials)}
-            for t in accept:
-                labels[t] = self.cand[pos[int(t)]]
-        return labels
+        sums = None if self.sums is None else self.sums.copy()
+        counts = None if self.counts is None else self.counts.copy()
+        pos = {int(t): a for a, t in enumerate(self.trials)}
+        for t in accept:
+            labels[t] = self.cand[pos[int(t)]]
+            if sums is not None:
+                sums[t] = self.cand_sums[pos[int(t)]]
+                counts[t] = self.cand_counts[pos[int(t)]]
+        return _Labels(labels, sums=sums, counts=counts)
 
 
 def _seed(chunk, centres, j, state):
@@ -132,20 +144,23 @@ def _start(chunk, k, state):
     """The initial labels (nearest drawn centre) with their counts, and sums for pixels."""
     labels = state[1]
     if chunk.pixels:
-        return kernels.cluster_sums(chunk, labels, k), _Labels(labels)
+        sums, counts = kernels.cluster_sums(chunk, labels, k)
+        return (sums, counts), _Labels(labels, sums=sums, counts=counts)
     return (None, kernels.label_counts(labels, k)), _Labels(labels)
 
 
 def _lloyd(chunk, means, trials, accept, state):
     """Take the accepted candidates, then the nearest means of the running trials."""
-    labels = state.commit(accept)
+    state = state.commit(accept)
     cand, rechecked = kernels.nearest(chunk, means)
-    changed = (cand != labels[trials]).any(axis=1)
-    if chunk.pixels:  # exact sums: added up in any order
-        sums, counts = kernels.cluster_sums(chunk, cand, means.shape[1])
+    changed = (cand != state.labels[trials]).any(axis=1)
+    if chunk.pixels:  # exact sums: move the rows that changed cluster
+        sums, counts = kernels.move_rows(chunk, state.labels[trials], cand,
+                                         state.sums[trials], state.counts[trials])
     else:  # sums follow in row order (_cand_sums)
         sums, counts = None, kernels.label_counts(cand, means.shape[1])
-    return (changed, sums, counts, rechecked), _Labels(labels, cand, trials)
+    return (changed, sums, counts, rechecked), _Labels(
+        state.labels, cand, trials, state.sums, state.counts, sums, counts)
 
 
 def _init_sums(chunk, carry, state):
@@ -158,7 +173,7 @@ def _cand_sums(chunk, carry, state):
 
 def _finish(chunk, means, accept, state):
     """The final labels and every row's squared distance to its mean, per trial."""
-    labels = state.commit(accept)
+    labels = state.commit(accept).labels
     return None, (labels, kernels.assigned_sq_dist(chunk, means, labels))
 
 

@@ -297,6 +297,46 @@ def _accumulate(x, lut, labels, sums, counts):  # pragma: no cover - compiled
                 sums[a, k, f] += row[f]
 
 
+@njit(cache=True, nogil=True)
+def _move_rows(x, lut, old, new, sums, counts):  # pragma: no cover - compiled
+    # Rows whose label changed leave their old cluster's sum for the new one's; the rest are
+    # not touched (after the first passes, most of them).
+    n, d = x.shape
+    row = np.empty(d)
+    for i in range(n):
+        loaded = False
+        for a in range(old.shape[0]):
+            o = old[a, i]
+            w = new[a, i]
+            if o == w:
+                continue
+            if not loaded:
+                for f in range(d):
+                    row[f] = value(x, lut, i, f)
+                loaded = True
+            counts[a, o] -= 1
+            counts[a, w] += 1
+            for f in range(d):
+                sums[a, o, f] -= row[f]
+                sums[a, w, f] += row[f]
+
+
+def move_rows(chunk: McChunk, old: np.ndarray, new: np.ndarray, sums: np.ndarray,
+              counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums and counts for labels ``new (A, n)`` from those for ``old``: only the
+    rows whose label changed move (new arrays; the inputs are not modified).
+
+    Pixels only: their sums are exact in any order (see the module docstring), so moving rows
+    gives the very sums a pass from scratch would.
+    """
+    if not chunk.pixels:
+        raise TypeError("move_rows: float rows are summed in row order, not moved")
+    sums, counts = sums.copy(), counts.copy()
+    _move_rows(chunk.x, PIXEL, np.ascontiguousarray(old), np.ascontiguousarray(new), sums,
+               counts)
+    return sums, counts
+
+
 def nearest(chunk: McChunk, means: np.ndarray) -> tuple[np.ndarray, int]:
     """Nearest mean of every row for every trial: ``(labels (A, n) int16, rechecked)``.
 
