@@ -85,38 +85,52 @@ _PAD = IMAGE_SIDE + 2  # one pixel of zero padding on each side: out-of-range ta
 def _warp(images, cos, sin, dx, dy, out):  # pragma: no cover - compiled
     # Every step in float32, in the order of the vectorised numpy form this replaced (the
     # augmented stores are bit-identical to it; tests/test_staging.py checks on real MNIST).
+    # Two loops per image: the coordinates (no image reads, so it runs in SIMD lanes), then
+    # the four taps and the blend.
     half = (IMAGE_SIDE - 1) / 2.0
     c = np.float32(half)
     lo = np.float32(-1.0)
     hi = np.float32(IMAGE_SIDE)
-    s, p = IMAGE_SIDE, _PAD
+    s, p, npx = IMAGE_SIDE, _PAD, IMAGE_SIDE * IMAGE_SIDE
     pad = np.zeros(p * p, np.float32)
+    u = np.empty(npx, np.float32)
+    v = np.empty(npx, np.float32)
+    for gy in range(s):
+        for gx in range(s):
+            u[gy * s + gx] = np.float32(gx - half)
+            v[gy * s + gx] = np.float32(gy - half)
+    fxs = np.empty(npx, np.float32)
+    fys = np.empty(npx, np.float32)
+    i00 = np.empty(npx, np.int32)
+    sxs = np.empty(npx, np.int32)
+    sys_ = np.empty(npx, np.int32)
     for r in range(images.shape[0]):
         for yy in range(s):
             for xx in range(s):
                 pad[(yy + 1) * p + xx + 1] = np.float32(images[r, yy * s + xx])
         cr, sr, dxr, dyr = cos[r], sin[r], dx[r], dy[r]
-        for gy in range(s):
-            qy = np.float32(gy - half) - dyr
-            for gx in range(s):
-                qx = np.float32(gx - half) - dxr
-                # inverse map: output pixel -> source coordinates
-                px = (cr * qx + sr * qy) + c
-                py = (cr * qy - sr * qx) + c
-                x0 = np.floor(px)
-                y0 = np.floor(py)
-                fx = px - x0
-                fy = py - y0
-                xi = np.int32(min(max(x0, lo), hi)) + 1  # padded column of the left tap
-                yi = np.int32(min(max(y0, lo), hi)) + 1
-                sx = min(xi + 1, p - 1) - xi  # 0 when clamped: both taps in the zero border
-                sy = (min(yi + 1, p - 1) - yi) * p
-                i00 = yi * p + xi
-                a, b = pad[i00], pad[i00 + sx]
-                cc, d = pad[i00 + sy], pad[i00 + sy + sx]
-                top = a + fx * (b - a)
-                o = np.rint(top + fy * (cc + fx * (d - cc) - top))
-                out[r, gy * s + gx] = np.uint8(min(max(o, np.float32(0.0)), np.float32(255.0)))
+        for q in range(npx):
+            qx = u[q] - dxr
+            qy = v[q] - dyr
+            # inverse map: output pixel -> source coordinates
+            px = (cr * qx + sr * qy) + c
+            py = (cr * qy - sr * qx) + c
+            x0 = np.floor(px)
+            y0 = np.floor(py)
+            fxs[q] = px - x0
+            fys[q] = py - y0
+            xi = np.int32(min(max(x0, lo), hi)) + 1  # padded column of the left tap
+            yi = np.int32(min(max(y0, lo), hi)) + 1
+            sxs[q] = min(xi + 1, p - 1) - xi  # 0 when clamped: both taps in the zero border
+            sys_[q] = (min(yi + 1, p - 1) - yi) * p
+            i00[q] = yi * p + xi
+        for q in range(npx):
+            k, sx, sy, fx, fy = i00[q], sxs[q], sys_[q], fxs[q], fys[q]
+            a, b = pad[k], pad[k + sx]
+            cc, d = pad[k + sy], pad[k + sy + sx]
+            top = a + fx * (b - a)
+            o = np.rint(top + fy * (cc + fx * (d - cc) - top))
+            out[r, q] = np.uint8(min(max(o, np.float32(0.0)), np.float32(255.0)))
 
 
 def warp_images(images: np.ndarray, dx: np.ndarray, dy: np.ndarray,
