@@ -20,10 +20,10 @@ offline.
 
 from __future__ import annotations
 
-import logging
 import gzip
 import hashlib
 import io
+import logging
 import os
 import pickle
 import subprocess
@@ -38,7 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from kmdask.data.idx import IMAGE_SIDE, check_split, decompress_idx, digests, idx_bytes, parse_idx, read_idx_bytes
+from kmdask.data.idx import (
+    IMAGE_SIDE,
+    check_split,
+    decompress_idx,
+    digests,
+    idx_bytes,
+    parse_idx,
+    read_idx_bytes,
+)
 from kmdask.data.registry import DatasetSpec, get_spec
 from kmdask.errors import DataError
 

@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ import numpy as np
 from numba import njit
 
 from kmdask.data.idx import IMAGE_SIDE, parse_idx
-from kmdask.data.registry import DatasetSpec, N_FEATURES, SPLITS, get_spec
+from kmdask.data.registry import N_FEATURES, SPLITS, DatasetSpec, get_spec
 from kmdask.data.store import STORE_FORMAT, is_store, store_info
 from kmdask.errors import ConfigError, DataError
 from kmdask.rng import keyed_rng

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import patches, ticker, transforms
 
+from kmdask.batch.rundir import Run
 from kmdask.batch.spec import FigureSpec
 from kmdask.report.kinds import FigureKind, text
 from kmdask.report.style import (
@@ -22,17 +23,15 @@ from kmdask.report.style import (
     TEXT_HEX,
     Drawn,
     chart,
-    fit_colours,
-    fit_colour,
-    hex_colour,
-    save_png,
-    dark_theme,
     cluster_colour,
     composition,
+    dark_theme,
+    fit_colour,
+    fit_colours,
     fit_label,
+    hex_colour,
+    save_png,
 )
-from kmdask.batch.rundir import Run
-
 
 EXTRA_COLOURS = ("#7a5c2e", "#2e5c7a", "#5c2e7a", "#2e7a5c")
 

@@ -14,45 +14,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from kmdask.batch.rundir import Run
 from kmdask.batch.spec import FigureSpec
-from kmdask.report.kinds import FigureKind
 from kmdask.errors import DataError
+from kmdask.report.kinds import FigureKind
 from kmdask.report.style import (
     BOX_H,
     BOX_W,
     COL_GAP,
-    DPI,
     GAP,
     GUTTER,
     HEADER_PX,
     LINE,
     MARGIN,
     MEAN_SCALE,
-    PALETTE,
     PANEL_GAP,
     PER_ROW,
     SAMPLE_SCALE,
     SEPARATOR,
     SIDE,
-    TEXT,
     TITLE_PX,
     Drawn,
     MeanTile,
     algorithm_title,
-    pt,
-    save_png,
-    save_canvas,
     canvas_figure,
-    upscale,
     cluster_colour,
     composition,
     mean_image_rgb,
+    pt,
     sample_image_rgb,
+    save_canvas,
     text_width,
+    upscale,
 )
-from kmdask.batch.rundir import Run
 
 # =============================================================================================
 # clusters: the original's per-run figure

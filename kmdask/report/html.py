@@ -13,7 +13,6 @@ from kmdask.batch.rundir import Run
 from kmdask.batch.spec import JobSpec
 from kmdask.report.style import cluster_colour
 
-
 CSS = """
 body{background:#000;color:rgb(205,199,168);font:15px/1.45 "DejaVu Sans",Verdana,sans-serif;
  margin:0 auto;max-width:1500px;padding:1.2em 2em 4em}

@@ -16,7 +16,6 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from kmdask.errors import DataError  # noqa: E402
 from kmdask.batch.rundir import Run  # noqa: E402
 
 # -- the original's look ----------------------------------------------------------------------
