@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from kmdask.engine import kernels
@@ -34,19 +35,24 @@ def test_ties_go_to_lowest_index():
     assert a.labels[0, 0] == 0
 
 
-def test_uint8_is_scaled_and_sums_are_exact_raw_integers():
+@pytest.mark.parametrize("divisor", [255.0, 1.0, 16.0])  # data.divisor: any scale of bytes
+def test_uint8_is_scaled_and_sums_are_exact_raw_integers(divisor):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(3000, 16), dtype=np.uint8)  # > one block
-    c = (x[:3].astype(np.float32) / np.float32(255))
+    c = (x[:3].astype(np.float32) / np.float32(divisor))
     starts, stops = kernels.stack_bounds([3])
-    a = kernels.assign(_chunk(x, 255.0), c, starts, stops, kernels.MODE_SUMS)
-    xf = x.astype(np.float64) / 255
+    chunk = _chunk(x, divisor)
+    # every uint8 chunk carries its exact raw squared norms, which the sums pass adds up
+    assert_array_equal(chunk.xsq, (x.astype(np.int64) ** 2).sum(1))
+    a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS)
+    xf = x.astype(np.float64) / divisor
     d = ((xf[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
     assert_array_equal(a.labels[0], d.argmin(1))
     assert_allclose(a.inertia[0], d.min(1).sum(), rtol=1e-6)
     for j in range(3):
         assert_array_equal(a.sums[j], x[a.labels[0] == j].sum(0))  # exact integers
         assert a.counts[j] == (a.labels[0] == j).sum()
+        assert a.sq[j] == chunk.xsq[a.labels[0] == j].sum()
 
 
 def test_chunk_stats_and_finite_flag():

@@ -107,13 +107,13 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
                oversampling_factor: float = 2.0, init_rounds: int = 5,
                persist: bool | str = "auto", verbose: int = 0,
                progress: Callable[[dict], None] | None = None,
-               checkpoint: Checkpoint | None = None) -> FitResult:
+               checkpoint: Checkpoint | None = None, divisor: float | None = None) -> FitResult:
     """Fit every (k in ks) x (trial in n_init) model with shared passes over ``X``.
 
     Parameters are those of :class:`KMeans` (``ks`` a list of ``n_clusters``); ``progress``
-    receives a dict per Lloyd iteration. With a ``checkpoint``, the seeded centres and every
-    Lloyd iteration's model states are saved, and a fit that finds a saved state resumes from
-    it (ending bit-identical).
+    receives a dict per Lloyd iteration; uint8 rows are divided by ``divisor`` (default 255).
+    With a ``checkpoint``, the seeded centres and every Lloyd iteration's model states are saved,
+    and a fit that finds a saved state resumes from it (ending bit-identical).
 
     Returns
     -------
@@ -124,7 +124,7 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
     ks = [int(k) for k in ks]
     _check_params(ks, n, n_init, max_iter, tol, init, d, oversampling_factor, init_rounds)
     t0 = time.perf_counter()
-    data = ChunkedRows(X, persist=persist)
+    data = ChunkedRows(X, persist=persist, divisor=divisor)
     # One pass: feature variance (for tol, as scikit-learn) and a finiteness check.
     stats = data.map(kernels.chunk_stats)
     if not all(s[3] for s in stats):

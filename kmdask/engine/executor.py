@@ -80,10 +80,12 @@ class ChunkedRows:
         ``prepare(rows, offset, index) -> chunk`` (picklable); default :class:`EnginePrep`.
     chunk_rows : int
         Rows per chunk of an in-memory ``X``.
+    divisor : float, optional
+        uint8 rows are divided by it (default 255: pixels in [0, 1]); float rows use 1.
     """
 
     def __init__(self, X: Any, persist: bool | str = "auto", prepare: Callable | None = None,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, divisor: float | None = None):
         memory = not isinstance(X, da.Array)
         if memory:
             X = np.ascontiguousarray(X)
@@ -97,7 +99,8 @@ class ChunkedRows:
             blocks = list(X.to_delayed().ravel())
             self.row_chunks = X.chunks[0]
         self.shape, self.dtype = X.shape, X.dtype
-        self.divisor = kernels.scale_for(X.dtype)
+        self.divisor = (float(divisor) if divisor and X.dtype == np.uint8
+                        else kernels.scale_for(X.dtype))
         self.prepare = prepare or EnginePrep(self.divisor)
         self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(int)
         need = X.nbytes + 16 * X.shape[0]  # rows, their norms

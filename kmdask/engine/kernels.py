@@ -84,15 +84,15 @@ def _pixels_to_f32(x, divisor, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _row_sq_norms_u8(x, out, raw):  # pragma: no cover - compiled
-    # exact integer sum of squares per row (SIMD-friendly), scaled once: (sum x^2) / 255^2
+def _row_sq_norms_u8(x, out, raw, div2):  # pragma: no cover - compiled
+    # exact integer sum of squares per row (SIMD-friendly), scaled once: (sum x^2) / divisor^2
     for i in range(x.shape[0]):
         acc = 0
         for j in range(x.shape[1]):
             v = np.int32(x[i, j])
             acc += v * v
         raw[i] = acc
-        out[i] = acc / 65025.0
+        out[i] = acc / div2
 
 
 @njit(cache=True, nogil=True)
@@ -111,9 +111,9 @@ def prepare_chunk(x: np.ndarray, divisor: float, offset: int, index: int) -> Chu
     xnorm = np.empty(x.shape[0], dtype=np.float64)
     xsq = None
     # no temporaries (see the note on buffers in assign); uint8 norms are exact
-    if x.dtype == np.uint8 and divisor == 255.0:
+    if x.dtype == np.uint8:  # every uint8 chunk has its exact raw norms (assign sums them)
         xsq = np.empty(x.shape[0], dtype=np.int64)
-        _row_sq_norms_u8(x, xnorm, xsq)
+        _row_sq_norms_u8(x, xnorm, xsq, float(divisor) * float(divisor))
     elif divisor == 1.0:
         _row_sq_norms_f(x, xnorm)
     else:
@@ -229,7 +229,7 @@ def top2(dots, i, cnorm, a, b, c0):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True)
 def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, inertia, labels, mind,
                   row0, keep_rows, int_sums, recheck, c255, r2, coef, xs, rs, slack, xsq,
-                  sq):  # pragma: no cover - compiled
+                  sq, with_sq):  # pragma: no cover - compiled
     nrow = dots.shape[0]
     nmodel = starts.shape[0]
     d = x.shape[1]
@@ -257,7 +257,8 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
                 if int_sums:  # uint8 rows: exact integer sums, 16 SIMD lanes of int32
                     for f in range(d):
                         sums[best, f] += np.int32(x[i, f])
-                    sq[best] += xsq[row0 + i]
+                    if with_sq:
+                        sq[best] += xsq[row0 + i]
                 else:
                     for f in range(d):
                         sums[best, f] += x[i, f]
@@ -374,7 +375,7 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     for s, xr, dots in gemm_blocks(chunk, c):
         _assign_block(dots, dec.cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
                       sums, counts, inertia, labels, mind, s, keep_rows, int_sums, dec.recheck,
-                      dec.c255, dec.r2, dec.coef, dec.xs, dec.rs, dec.slack, xsq, sq)
+                      dec.c255, dec.r2, dec.coef, dec.xs, dec.rs, dec.slack, xsq, sq, with_sq)
     return Assignment(
         labels=labels if keep_rows else None,
         mind=mind if keep_rows else None,
