@@ -12,12 +12,15 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
 __all__ = ["ConfigError", "DataError", "KMeans", "KmdaskError", "McCaffreyKMeans",
-           "NotFittedError", "__version__", "fit_sweep", "open_images", "open_labels"]
+           "NotFittedError", "__version__", "fit_sweep", "open_array", "open_images",
+           "open_labels", "stage_dataset", "stage_files"]
 
 _LAZY = {"KMeans": "kmdask.engine.estimator", "fit_sweep": "kmdask.engine.estimator",
          "fit_models": "kmdask.engine.estimator",
          "McCaffreyKMeans": "kmdask.mccaffrey.estimator",
-         "open_images": "kmdask.data.store", "open_labels": "kmdask.data.store"}
+         "open_images": "kmdask.data.store", "open_labels": "kmdask.data.store",
+         "open_array": "kmdask.data.arrays", "stage_dataset": "kmdask.data.staging",
+         "stage_files": "kmdask.data.staging"}
 
 
 def __getattr__(name: str):

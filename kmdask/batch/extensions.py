@@ -22,6 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
+from kmdask.data.location import Location
 from kmdask.errors import ConfigError
 
 #: the extensions that ship with kmdask, as "module:attribute" of their :class:`Extension`
@@ -31,10 +32,10 @@ BUILTIN = ("kmdask.errorcases:EXTENSION",)
 class JobHooks(Protocol):
     """What an extension does while a job runs (all optional but :meth:`prepare`)."""
 
-    def fingerprint_inputs(self, job: Any, store: Path) -> dict:
+    def fingerprint_inputs(self, job: Any, store: Location) -> dict:
         """Further inputs that a run's results depend on (added to its fingerprint)."""
 
-    def prepare(self, run: Path, job: Any, store: Path, runs_dir: Path) -> Any:
+    def prepare(self, run: Path, job: Any, store: Location, runs_dir: Path) -> Any:
         """Before the fits, with the partial run directory: returns this run's state."""
 
     def fit_rows(self, state: Any, fit: Any, n: int) -> Any:

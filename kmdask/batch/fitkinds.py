@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kmdask.batch.checks import Checker
+from kmdask.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class FitContext:
 
     checkpoint: Any = None  # a Checkpoint (load/save of model states) for kinds that resume
     progress: Callable[[dict], None] | None = None  # one call per Lloyd iteration
+    divisor: float = 255.0  # uint8 rows are divided by it (float rows are used as they are)
 
 
 class FitKind(Protocol):
@@ -77,7 +79,8 @@ class Scalable:
                          max_iter=spec.iterations, tol=spec.tol, random_state=spec.seed,
                          oversampling_factor=spec.oversampling_factor,
                          init_rounds=spec.init_rounds, persist=spec.persist,
-                         progress=ctx.progress, checkpoint=ctx.checkpoint)
+                         progress=ctx.progress, checkpoint=ctx.checkpoint,
+                         divisor=ctx.divisor if X.dtype == np.uint8 else None)
         out = []
         for k in spec.ks:
             trial, best = res.best(k)
@@ -109,6 +112,10 @@ class McCaffrey:
     def fit(self, X: Any, spec: Any, ctx: FitContext) -> list[ModelRecord]:
         from kmdask.mccaffrey.fit import fit_mccaffrey
 
+        if X.dtype == np.uint8 and ctx.divisor != 255.0:
+            raise ConfigError(f"fit {spec.name!r}: algorithm mccaffrey reads a byte b as "
+                              f"float32(b / 255), the original's pixels; data.divisor "
+                              f"{ctx.divisor:g} does not apply")
         out = []
         for k in spec.ks:
             t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from kmdask.errors import ConfigError
 PROFILE_KINDS = ("local", "address", "slurm", "pbs")
 _PROFILE_KEYS = {"kind", "description", "n_workers", "threads_per_worker", "memory_limit",
                  "host", "dashboard_address", "address", "scheduler_file", "timeout", "scale",
-                 "adapt", "config", "security", "submit"}
+                 "adapt", "config", "security", "submit", "storage_options"}
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -48,6 +48,9 @@ def load_profile(name: str | None = None, cluster_file: str | Path | None = None
     base = doc.get("base") or {}
     merged = deep_merge(c.mapping(base, "base", _PROFILE_KEYS), body)
     c.string(merged.get("kind"), f"profiles.{name}.kind", PROFILE_KINDS)
+    if "storage_options" in merged:  # fsspec's options for s3:// and gs:// data (credentials)
+        c.mapping(merged["storage_options"], f"profiles.{name}.storage_options",
+                  set(merged["storage_options"] or {}))
     merged["name"] = name
     merged["source"] = str(path)
     return merged

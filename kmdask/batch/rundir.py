@@ -153,6 +153,25 @@ class Run:
     def true_labels(self) -> np.ndarray:
         return _load(self.path / "data" / "true_labels.npy")
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the clustered rows came with true classes (staged stores always do)."""
+        return bool(self.manifest.get("data", {}).get("labels", True))
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """(height, width) of the clustered rows as images, or None when they are not images
+        (runs made before the key existed: MNIST's 28 x 28)."""
+        data = self.manifest.get("data", {})
+        shape = data.get("image_shape", [28, 28]) if "image_shape" in data or "store" in data \
+            else None
+        return None if shape is None else (int(shape[0]), int(shape[1]))
+
+    @property
+    def divisor(self) -> float:
+        """uint8 rows are divided by it."""
+        return float(self.manifest.get("data", {}).get("divisor") or 255.0)
+
     def fit_info(self, fit: str) -> dict:
         """The manifest's section of ``fit`` (algorithm, rows, settings, results by K)."""
         info = self.manifest["fits"].get(fit)
@@ -175,6 +194,9 @@ class Run:
 
     def truth(self, rows: int) -> np.ndarray:
         """The true class of the first ``rows`` clustered rows."""
+        if not self.has_labels:
+            raise DataError(f"{self.path}: the clustered rows came without true classes (give "
+                            "the job data.labels); this figure compares the clusters with them")
         t = self.true_labels
         if t.shape[0] < rows:
             raise DataError(f"{self.path}: data/true_labels.npy holds {t.shape[0]} labels, the "
@@ -215,7 +237,9 @@ def open_run(path: str | Path) -> Run:
                 if not (d / name).is_file():
                     raise DataError(f"{d / name}: missing from the run directory "
                                     "(incomplete or damaged run)")
-    for name in ("head_images.npy", "true_labels.npy"):
+    inputs = ["head_images.npy"] + (["true_labels.npy"]
+                                     if manifest.get("data", {}).get("labels", True) else [])
+    for name in inputs:
         if not (p / "data" / name).is_file():
             raise DataError(f"{p / 'data' / name}: missing from the run directory")
     needed = [p / rel for e in extensions() for rel in e.run_files(manifest)]

@@ -35,7 +35,8 @@ from kmdask.batch import extensions, rundir
 from kmdask.batch.checkpoint import FileCheckpoint
 from kmdask.batch.fitkinds import FIT_KINDS, FitContext
 from kmdask.batch.spec import FitSpec, JobSpec
-from kmdask.errors import ClusterStalled, DataError, KmdaskError
+from kmdask.data.location import Location, location, why_missing
+from kmdask.errors import ClusterStalled, ConfigError, DataError, KmdaskError
 from kmdask.log import fields
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,23 @@ log = logging.getLogger(__name__)
 HEAD_ROWS_DEFAULT = 100
 
 
-def resolve_store(job: JobSpec) -> Path:
-    """The job's zarr store; the default ``data/<dataset>.zarr`` is staged when missing."""
+def resolve_store(job: JobSpec, storage_options: dict | None = None) -> Location:
+    """The job's zarr store (a path or an object-storage URL); the default
+    ``data/<dataset>.zarr`` is staged when missing."""
     from kmdask.data.staging import stage_dataset
     from kmdask.data.store import is_store
 
     if job.store:
-        p = Path(job.store)
+        p = location(job.store, storage_options)
         if not is_store(p):
-            raise DataError(f"{p}: not a kmdask store (job {job.name}, data.store); stage it "
-                            "with 'kmdask stage --out ...'")
+            what = why_missing(p, "store") if not p.exists() else "not a kmdask store"
+            raise DataError(f"{p}: {what} (job {job.name}, data.store); stage it with "
+                            "'kmdask stage --out ...', or name an existing array with "
+                            "data.array")
         return p
-    p = Path("data") / f"{job.dataset}.zarr"
+    p = location(Path("data") / f"{job.dataset}.zarr")
     if not is_store(p):
-        stage_dataset(job.dataset, out=p)
+        stage_dataset(job.dataset, out=p.url)
     return p
 
 
@@ -117,7 +121,7 @@ class _Hooks:
     impl: Any
     state: Any = None
 
-    def fingerprint_inputs(self, job: JobSpec, store: Path) -> dict:
+    def fingerprint_inputs(self, job: JobSpec, store: Location) -> dict:
         fn = getattr(self.impl, "fingerprint_inputs", None)
         return {} if fn is None else fn(job, store)
 
@@ -135,26 +139,58 @@ class _Hooks:
 class _Data:
     """The job's data, opened lazily (dask arrays) and checked against its fits."""
 
-    store: Path
-    images: Any  # (n, d) uint8 dask array
-    labels: Any  # (n,) uint8 dask array
+    store: Location  # a staged store, or the array the rows come from
+    images: Any  # (n, d) dask array: uint8 pixels, or float rows
+    labels: Any | None  # (n,) dask array of true classes, if any
     fingerprint: str
+    image_shape: tuple[int, int] | None  # (height, width) when the rows are images
+    divisor: float  # uint8 rows are divided by it (1 for float rows)
+    name: str  # the data set's name: a store's, or the array's file name
+    is_store: bool = True
+    verified: bool | None = None  # a store's files matched known checksums (None: an array)
 
     @property
     def n(self) -> int:
         return int(self.images.shape[0])
 
 
-def _open_data(job: JobSpec) -> _Data:
-    from kmdask.data.store import data_fingerprint, open_images, open_labels
+def _open_data(job: JobSpec, profile: dict, runs_dir: Path) -> _Data:
+    from kmdask.data import arrays, store
 
-    store = resolve_store(job)
-    data = _Data(store, open_images(store, job.split), open_labels(store, job.split),
-                 data_fingerprint(store, job.split))
+    opts = profile.get("storage_options")
+    if job.array:
+        src = arrays.open_array(job.array, job.labels, storage_options=opts,
+                                cache_dir=runs_dir / "_fingerprints",
+                                image_shape=job.image_shape)
+        x = src.images
+        side = int(round(np.sqrt(x.shape[1])))
+        shape = job.image_shape or ((side, side) if side * side == x.shape[1] else None)
+        divisor = job.divisor or (255.0 if x.dtype == np.uint8 else 1.0)
+        data = _Data(src.location, x, src.labels, src.fingerprint, shape, divisor,
+                     src.location.name, False)
+    else:
+        loc = resolve_store(job, opts)
+        info = store.store_info(loc)
+        shape = job.image_shape or store.image_shape(info)
+        data = _Data(loc, store.open_images(loc, job.split), store.open_labels(loc, job.split),
+                     store.data_fingerprint(loc, job.split), shape, 255.0, info["dataset"],
+                     verified=bool(info.get("verified", True)))
+        if not data.verified:
+            log.warning("kmdask: %s holds %s, staged without known checksums (unverified)",
+                        loc, info["dataset"])
+    d = int(data.images.shape[1])
+    if data.image_shape is not None and data.image_shape[0] * data.image_shape[1] != d:
+        h, w = data.image_shape
+        raise ConfigError(f"{job.source}: data.image_shape: {h}x{w} = {h * w} pixels, but a "
+                          f"row of {data.store} has {d} values")
+    if job.divisor is not None and data.images.dtype != np.uint8:
+        raise ConfigError(f"{job.source}: data.divisor: scales uint8 rows; {data.store} holds "
+                          f"{data.images.dtype} rows, used as they are")
     for f in job.fits:
         if f.rows is not None and f.rows > data.n:
-            raise KmdaskError(f"{job.source}: fit {f.name!r}: rows={f.rows} but {store} "
-                              f"{job.split} has only {data.n} rows")
+            what = f"{data.store} {job.split}" if data.is_store else str(data.store)
+            raise KmdaskError(f"{job.source}: fit {f.name!r}: rows={f.rows} but {what} has "
+                              f"only {data.n} rows")
         if max(f.ks) > (f.rows or data.n):
             raise KmdaskError(f"{job.source}: fit {f.name!r}: K={max(f.ks)} is larger than "
                               f"rows={f.rows or data.n}")
@@ -162,9 +198,9 @@ def _open_data(job: JobSpec) -> _Data:
 
 
 def _members(images: Any, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of each cluster's first members and their images (uint8 rows)."""
+    """Row indices of each cluster's first members and their rows."""
     idx = rundir.first_members(labels, k)
-    members = np.zeros((k, idx.shape[1], images.shape[1]), dtype=np.uint8)
+    members = np.zeros((k, idx.shape[1], images.shape[1]), dtype=images.dtype)
     flat = idx[idx >= 0]
     if flat.size:
         wanted = np.sort(flat)
@@ -174,8 +210,8 @@ def _members(images: Any, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return idx, members
 
 
-def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray,
-             hooks: list[_Hooks]) -> dict:
+def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray | None,
+             hooks: list[_Hooks], divisor: float) -> dict:
     """Fit one entry of the job (all its K x trials); returns its manifest section.
 
     ``X`` are the rows clustered, ``images`` the images kept as each cluster's members (the
@@ -205,7 +241,7 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray,
                  **fields(fit=fit.name, **{k: p[k] for k in ("iteration", "models", "inertia",
                                                               "seconds")}))
 
-    records = kind.fit(X, fit, FitContext(checkpoint=ck, progress=show))
+    records = kind.fit(X, fit, FitContext(checkpoint=ck, progress=show, divisor=divisor))
     results: dict[str, dict] = {}
     for rec in records:
         labels, centres, extra = rec.labels, rec.centres, {}
@@ -214,8 +250,9 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray,
             extra.update(more)
         idx, members = _members(images, labels, rec.k)
         counts = np.bincount(labels, minlength=rec.k)
-        result = {"k": rec.k, "counts": counts.tolist(), "nmi": metrics.nmi(truth, labels),
-                  "ari": metrics.ari(truth, labels), **rec.result, **extra}
+        scores = {} if truth is None else {"nmi": metrics.nmi(truth, labels),
+                                           "ari": metrics.ari(truth, labels)}
+        result = {"k": rec.k, "counts": counts.tolist(), **scores, **rec.result, **extra}
         rundir.write_model(run, fit.name, rec.k, centres, labels, idx, members, result)
         results[str(rec.k)] = result
         log.info("  %s K=%d: inertia %.6g, counts %s (%.1f s)", fit.name, rec.k,
@@ -264,7 +301,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
         Wait for another run of the same job to finish (False: raise at once).
     """
     t0 = time.perf_counter()
-    data = _open_data(job)
+    data = _open_data(job, profile, runs_dir)
     hooks = [_Hooks(e.hooks()) for e in extensions.used_by(job)]
     extra_fp = {}
     for h in hooks:
@@ -285,13 +322,12 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
             log.info("kmdask: resuming interrupted run %s (%d of %d fit(s) already done%s)",
                      run_id, len(done), len(job.fits), ": " + ", ".join(done) if done else "")
         partial.mkdir(parents=True, exist_ok=True)
-        truth = _write_inputs(partial, job, data)
-        log.info("kmdask: job %r: %d fit(s) on %s (%s), run %s", job.name, len(job.fits),
-                 data.store, job.split, run_id, **fields(job=job.name, run=run_id))
-        for h in hooks:
+        log.info("kmdask: job %r: %d fit(s) on %s%s, run %s", job.name, len(job.fits),
+                 data.store, f" ({job.split})" if data.is_store else "", run_id,
+                 **fields(job=job.name, run=run_id))
+        for h in hooks:  # before connecting: a batch cluster's workers would wait idle
             h.state = h.impl.prepare(partial, job, data.store, runs_dir)
-        fits, cluster_info, t_conn = _run_fits(partial, job, data, truth, hooks, profile,
-                                               address)
+        fits, cluster_info, t_conn = _run_fits(partial, job, data, hooks, profile, address)
         extra, timings = {}, {"connect": t_conn}
         for h in hooks:
             more, secs = h.impl.finish(partial, job, h.state)
@@ -309,21 +345,25 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
     return RunOutcome(final, False, time.perf_counter() - t0, fp)
 
 
-def _write_inputs(partial: Path, job: JobSpec, data: _Data) -> np.ndarray:
-    """The true labels and first images of the rows the fits use; returns the labels."""
+def _write_inputs(partial: Path, job: JobSpec, data: _Data) -> np.ndarray | None:
+    """The true labels (where the data has them) and the first rows the fits use; returns
+    the labels."""
     max_rows = max((f.rows or data.n) for f in job.fits)
     head = max([HEAD_ROWS_DEFAULT] + [g.samples or 0 for g in job.figures])
-    truth = np.asarray(data.labels[:max_rows].compute())
-    rundir.write_npy(partial / "data" / "true_labels.npy", truth)
+    truth = None
+    if data.labels is not None:
+        truth = np.asarray(data.labels[:max_rows].compute())
+        rundir.write_npy(partial / "data" / "true_labels.npy", truth)
     rundir.write_npy(partial / "data" / "head_images.npy",
                      np.asarray(data.images[: min(head, max_rows)].compute()))
     return truth
 
 
-def _run_fits(partial: Path, job: JobSpec, data: _Data, truth: np.ndarray,
-              hooks: list[_Hooks], profile: dict, address: str | None
-              ) -> tuple[dict, dict, float]:
-    """Connect, then every fit in turn: (manifest sections, cluster record, connect time)."""
+def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], profile: dict,
+              address: str | None) -> tuple[dict, dict, float]:
+    """Connect, write the run's inputs, then every fit in turn: (manifest sections, cluster
+    record, connect time). The workers read the data (the driver may share no file system
+    with them)."""
     from kmdask.batch.cluster import connect
 
     t0 = time.perf_counter()
@@ -331,6 +371,7 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, truth: np.ndarray,
     with connect(profile, address=address) as client:
         t_conn = time.perf_counter() - t0
         cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
+        truth = _write_inputs(partial, job, data)
         for i, f in enumerate(job.fits, 1):
             rows = f.rows or data.n
             log.info("[%d/%d] %s: %s, K=%s, rows=%d, iterations=%d, trials=%d", i,
@@ -341,7 +382,9 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, truth: np.ndarray,
                 got = h.fit_rows(f, rows)
                 X = X if got is None else got
             try:
-                fits[f.name] = _run_fit(partial, f, X, images, truth[:rows], hooks)
+                fits[f.name] = _run_fit(partial, f, X, images,
+                                        None if truth is None else truth[:rows], hooks,
+                                        data.divisor)
             except _cluster_failures() as exc:
                 # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is on
                 # disk, so say how to resume rather than dumping dask's traceback. Anything
@@ -358,9 +401,14 @@ def _manifest(job: JobSpec, data: _Data, profile: dict, cluster_info: dict, fits
         **extra,
         "status": "complete", "job": job.name, "job_file": describe(job.source),
         "fingerprint": fp, "run_id": fp[:16], "versions": _versions(),
-        "data": {"dataset": job.dataset, "store": describe(data.store), "split": job.split,
+        "data": {"dataset": data.name,
+                 ("store" if data.is_store else "array"): describe(data.store.url),
+                 "split": job.split if data.is_store else None,
                  "fingerprint": data.fingerprint, "rows": data.n,
-                 "chunks": list(data.images.chunks[0])},
+                 "chunks": list(data.images.chunks[0]), "dtype": str(data.images.dtype),
+                 "image_shape": None if data.image_shape is None else list(data.image_shape),
+                 "divisor": data.divisor, "labels": data.labels is not None,
+                 **({} if data.verified is None else {"verified": data.verified})},
         "profile": {"name": profile.get("name"), "kind": profile.get("kind")},
         "cluster": {k: v for k, v in cluster_info.items() if k != "dashboard"},
         "spec": _public_spec(job.raw, describe), "fits": fits, "timings": timings,

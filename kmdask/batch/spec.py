@@ -39,7 +39,7 @@ _FIT_KEYS = {"name", "algorithm", "rows", "k", "iterations", "trials", "seed", "
              "oversampling_factor", "init_rounds", "persist"}
 _FIG_KEYS = {"name", "kind", "fits", "samples", "per_cluster", "threshold", "title"}
 _JOB_KEYS = {"job", "description", "data", "defaults", "fits", "figures"}
-_DATA_KEYS = {"dataset", "store", "split"}
+_DATA_KEYS = {"dataset", "store", "split", "array", "labels", "divisor", "image_shape"}
 _FIT_DEFAULTS: dict[str, Any] = {
     "algorithm": "scalable", "iterations": 300, "trials": 1, "seed": 0, "init": "k-means||",
     "tol": 1e-4, "oversampling_factor": 2.0, "init_rounds": 5, "persist": "auto",
@@ -114,6 +114,10 @@ class JobSpec(_Extras):
     description: str = ""
     raw: dict = field(default_factory=dict, compare=False)
     sections: dict[str, Any] = field(default_factory=dict, compare=False)
+    array: str | None = None  # an existing zarr array or .npy of rows (instead of a store)
+    labels: str | None = None  # its labels (zarr or .npy), optional
+    divisor: float | None = None  # uint8 rows are divided by it (default 255)
+    image_shape: tuple[int, int] | None = None  # (height, width) of image rows, for figures
 
     def fit(self, name: str) -> FitSpec:
         """The fit called ``name`` (KeyError when there is none)."""
@@ -197,6 +201,36 @@ def _figure_spec(c: Checker, raw: Any, key: str, job: JobSpec, kinds: dict) -> F
     )
 
 
+def _array_data(c: Checker, data: dict) -> tuple[str | None, dict]:
+    """``data.array`` (with its labels, divisor, image shape) or nothing: the job's rows come
+    from a staged store (``store`` / ``dataset``) or from an existing array, not both."""
+    if "array" not in data:
+        for k in ("labels", "divisor"):
+            if k in data:
+                raise c.fail(f"data.{k}", "goes with data.array (a staged store has its own "
+                             "labels and scale)")
+        shape = data.get("image_shape")
+        return None, {"image_shape": None if shape is None else _shape(c, shape)}
+    for k in ("store", "dataset", "split"):
+        if k in data:
+            raise c.fail(f"data.{k}", "give data.array or a staged store (data.store / "
+                         "data.dataset), not both")
+    labels = data.get("labels")
+    divisor = data.get("divisor")
+    shape = data.get("image_shape")
+    return c.string(data["array"], "data.array"), {
+        "labels": None if labels is None else c.string(labels, "data.labels"),
+        "divisor": None if divisor is None else c.number(divisor, "data.divisor", 1e-12),
+        "image_shape": None if shape is None else _shape(c, shape)}
+
+
+def _shape(c: Checker, value: Any) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise c.fail("data.image_shape", f"expected [height, width], got {show(value)}")
+    return (c.integer(value[0], "data.image_shape[0]", 1),
+            c.integer(value[1], "data.image_shape[1]", 1))
+
+
 def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
     """Validate a job document (already parsed YAML) into a :class:`JobSpec`.
 
@@ -227,6 +261,7 @@ def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
     if store is not None:
         store = c.string(store, "data.store")
     split = c.string(data.get("split", "train"), "data.split", SPLITS)
+    array, extra = _array_data(c, data)
     defaults = c.mapping(raw.get("defaults", {}), "defaults",
                          (_FIT_KEYS | set(ext_fit_keys)) - {"name"})
     defaults = {**_FIT_DEFAULTS, **defaults}
@@ -242,7 +277,7 @@ def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
         seen.add(f.name)
     job = JobSpec(name=name, source=str(source), dataset=dataset, store=store, split=split,
                   fits=tuple(fits), description=str(raw.get("description", "")),
-                  raw=copy.deepcopy(raw))
+                  raw=copy.deepcopy(raw), array=array, **extra)
     for key, parse in job_keys.items():  # in order: a section's parser sees those before it
         job.sections[key] = parse(c, raw.get(key), key, job)
     figs_raw = raw.get("figures", []) or []

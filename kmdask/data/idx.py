@@ -116,17 +116,19 @@ def read_idx(path: str | Path) -> np.ndarray:
     return parse_idx(read_idx_bytes(path), path)
 
 
-
 def check_split(images: np.ndarray, labels: np.ndarray, images_name: str | Path,
-                labels_name: str | Path) -> None:
-    """Check one split's images (n, 28, 28) uint8 and labels (n,) uint8 agree."""
+                labels_name: str | Path,
+                shape: tuple[int, int] | None = (IMAGE_SIDE, IMAGE_SIDE)) -> None:
+    """Check one split's images (n, height, width) uint8 and labels (n,) uint8 agree;
+    ``shape`` is the (height, width) required, None for any."""
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise DataError(f"{images_name}: expected uint8 images (n, {IMAGE_SIDE}, {IMAGE_SIDE}), "
-                        f"got {images.dtype} {images.shape}")
-    if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        want = "n, height, width" if shape is None else f"n, {shape[0]}, {shape[1]}"
+        raise DataError(f"{images_name}: expected uint8 images ({want}), got {images.dtype} "
+                        f"{images.shape}")
+    if shape is not None and images.shape[1:] != tuple(shape):
         h, w = images.shape[1:]
         raise DataError(f"{images_name}: wrong image dimensions {h}x{w} "
-                        f"(expected {IMAGE_SIDE}x{IMAGE_SIDE})")
+                        f"(expected {shape[0]}x{shape[1]})")
     if labels.dtype != np.uint8 or labels.ndim != 1:
         raise DataError(f"{labels_name}: expected uint8 labels (n,), "
                         f"got {labels.dtype} {labels.shape}")

@@ -26,7 +26,7 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A data set: its four IDX files (train/test × images/labels)."""
+    """A data set: its IDX files, images and labels per split (train, and usually test)."""
 
     name: str
     files: tuple[FileSpec, ...]
@@ -39,6 +39,17 @@ class DatasetSpec:
 
     def n_rows(self, split: str) -> int:
         return self.file(split, "images").shape[0]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits it has, in :data:`SPLITS` order."""
+        return tuple(s for s in SPLITS if any(f.split == s for f in self.files))
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of its images."""
+        h, w = self.file("train", "images").shape[1:]
+        return int(h), int(w)
 
 
 def _idx_files(train: tuple[str, str, str, str], test: tuple[str, str, str, str],

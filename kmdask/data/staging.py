@@ -1,171 +1,71 @@
-"""Stage a data set into a chunked zarr v3 store, atomically and idempotently.
+"""Stage IDX files into a chunked zarr v3 store, locally or on object storage, atomically and
+idempotently.
 
-The store (default ``data/<dataset>.zarr``) holds ``train/images`` (n, 784) uint8,
-``train/labels`` (n,) uint8 and the same under ``test/``, chunked by rows, with provenance in
-the group attributes and a crc32 per chunk in each array's attributes.
+A store (default ``data/<name>.zarr``) holds ``train/images`` (n, height * width) uint8,
+``train/labels`` (n,) uint8 and, when the set has one, the same under ``test/``, chunked by
+rows, with provenance in the group attributes (checksums of the decompressed IDX files, whether
+they were verified, the image shape) and a crc32 per chunk in each array's attributes.
 
-* Atomic: written under ``.<name>.tmp-<pid>-<rand>`` beside ``out`` and renamed into place
-  only when complete, so ``out`` is either absent or whole. Temporaries of dead processes are
-  removed by the next stage into the same directory.
-* Idempotent: a valid store with the same dataset, checksums, chunking, codec and augment
-  parameters is reused; a store with other parameters is never overwritten silently.
-* ``augment=N`` appends N shifted (±2 px) / rotated (±10°) copies of the training set, made
-  chunk by chunk so memory stays bounded by a few chunks whatever N is. The draws for source
-  rows ``[b*10000, (b+1)*10000)`` of copy ``c`` come from ``keyed_rng(seed, c, b)``, so the
-  augmented data does not depend on ``chunk_rows``.
+* Two kinds of set: one kmdask knows by checksum (:func:`stage_dataset`: MNIST,
+  Fashion-MNIST, found and verified by :mod:`kmdask.data.sources`), or any IDX files
+  (:func:`stage_files`: checked against given sha256 values, or staged with their computed
+  checksums recorded and the store marked unverified).
+* Atomic: written under ``.<name>.tmp-<pid>-<rand>`` beside ``out`` and moved into place only
+  when complete, so ``out`` is either absent or whole. Locally that is a rename; on object
+  storage (which has no rename) every object is copied under the final prefix, the group's
+  metadata, which holds the attributes that make it a kmdask store, last. Temporaries of dead
+  processes are removed by the next local stage into the same directory.
+* Idempotent: a valid store with the same content, chunking, codec and augment parameters is
+  reused; a store with other parameters is never overwritten silently.
+* ``augment=N`` appends N warped copies of the training set (:mod:`kmdask.data.augment`).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import secrets
 import shutil
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit
 
-from kmdask.data.idx import IMAGE_SIDE, parse_idx
-from kmdask.data.registry import N_FEATURES, SPLITS, DatasetSpec, get_spec
+from kmdask.data.augment import augment_params, train_rows
+from kmdask.data.idx import IMAGE_SIDE, check_split, digests, parse_idx, read_idx_bytes
+from kmdask.data.location import Location, bucket_exists, location
+from kmdask.data.registry import REGISTRY, DatasetSpec, FileSpec, get_spec
 from kmdask.data.store import STORE_FORMAT, is_store, store_info
 from kmdask.errors import ConfigError, DataError
-from kmdask.rng import keyed_rng
 
 log = logging.getLogger(__name__)
 
 CODECS = ("lz4", "zstd", "none")
-AUG_BLOCK = 10_000  # source rows per keyed random stream
-AUG_MAX_SHIFT = 2.0  # pixels
-AUG_MAX_ROTATE = 10.0  # degrees
-AUG_METHOD = "shift-rotate-bilinear/1"  # bump when the warp changes: stores are then restaged
+ROLES = {"images": ("train", "images"), "labels": ("train", "labels"),
+         "test-images": ("test", "images"), "test-labels": ("test", "labels")}
 _PROGRESS_EVERY = 2.0  # seconds between progress lines
 
 
 @dataclass(frozen=True)
 class StageResult:
-    """Outcome of :func:`stage_dataset`."""
+    """Outcome of a stage: where the store is (a path, or a URL on object storage), whether an
+    existing one was reused, seconds and bytes stored."""
 
-    path: Path
+    path: Path | str
     reused: bool
     seconds: float
-    nbytes: int  # bytes on disk
+    nbytes: int
 
 
 # ---------------------------------------------------------------------------------------------
-# augmentation
-
-
-def augment_params(copies: int, seed: int) -> dict[str, Any]:
-    """The augment attributes recorded in (and compared against) a store."""
-    if copies == 0:
-        return {"copies": 0}
-    return {"copies": copies, "seed": seed, "method": AUG_METHOD, "block_rows": AUG_BLOCK,
-            "max_shift_px": AUG_MAX_SHIFT, "max_rotate_deg": AUG_MAX_ROTATE}
-
-
-def augment_draws(seed: int, copy: int, block: int) -> tuple[np.ndarray, ...]:
-    """(dx, dy, theta in radians) for the AUG_BLOCK source rows of ``block`` in ``copy``."""
-    u = keyed_rng(seed, copy, block).uniform(-1.0, 1.0, size=(3, AUG_BLOCK))
-    return u[0] * AUG_MAX_SHIFT, u[1] * AUG_MAX_SHIFT, np.deg2rad(u[2] * AUG_MAX_ROTATE)
-
-
-_PAD = IMAGE_SIDE + 2  # one pixel of zero padding on each side: out-of-range taps read 0
-
-
-@njit(cache=True, nogil=True)
-def _warp(images, cos, sin, dx, dy, out):  # pragma: no cover - compiled
-    # Every step in float32, in the order of the vectorised numpy form this replaced (the
-    # augmented stores are bit-identical to it; tests/test_staging.py checks on real MNIST).
-    # Two loops per image: the coordinates (no image reads, so it runs in SIMD lanes), then
-    # the four taps and the blend.
-    half = (IMAGE_SIDE - 1) / 2.0
-    c = np.float32(half)
-    lo = np.float32(-1.0)
-    hi = np.float32(IMAGE_SIDE)
-    s, p, npx = IMAGE_SIDE, _PAD, IMAGE_SIDE * IMAGE_SIDE
-    pad = np.zeros(p * p, np.float32)
-    u = np.empty(npx, np.float32)
-    v = np.empty(npx, np.float32)
-    for gy in range(s):
-        for gx in range(s):
-            u[gy * s + gx] = np.float32(gx - half)
-            v[gy * s + gx] = np.float32(gy - half)
-    fxs = np.empty(npx, np.float32)
-    fys = np.empty(npx, np.float32)
-    i00 = np.empty(npx, np.int32)
-    sxs = np.empty(npx, np.int32)
-    sys_ = np.empty(npx, np.int32)
-    for r in range(images.shape[0]):
-        for yy in range(s):
-            for xx in range(s):
-                pad[(yy + 1) * p + xx + 1] = np.float32(images[r, yy * s + xx])
-        cr, sr, dxr, dyr = cos[r], sin[r], dx[r], dy[r]
-        for q in range(npx):
-            qx = u[q] - dxr
-            qy = v[q] - dyr
-            # inverse map: output pixel -> source coordinates
-            px = (cr * qx + sr * qy) + c
-            py = (cr * qy - sr * qx) + c
-            x0 = np.floor(px)
-            y0 = np.floor(py)
-            fxs[q] = px - x0
-            fys[q] = py - y0
-            xi = np.int32(min(max(x0, lo), hi)) + 1  # padded column of the left tap
-            yi = np.int32(min(max(y0, lo), hi)) + 1
-            sxs[q] = min(xi + 1, p - 1) - xi  # 0 when clamped: both taps in the zero border
-            sys_[q] = (min(yi + 1, p - 1) - yi) * p
-            i00[q] = yi * p + xi
-        for q in range(npx):
-            k, sx, sy, fx, fy = i00[q], sxs[q], sys_[q], fxs[q], fys[q]
-            a, b = pad[k], pad[k + sx]
-            cc, d = pad[k + sy], pad[k + sy + sx]
-            top = a + fx * (b - a)
-            o = np.rint(top + fy * (cc + fx * (d - cc) - top))
-            out[r, q] = np.uint8(min(max(o, np.float32(0.0)), np.float32(255.0)))
-
-
-def warp_images(images: np.ndarray, dx: np.ndarray, dy: np.ndarray,
-                theta: np.ndarray) -> np.ndarray:
-    """Rotate each (n, 784) uint8 image by ``theta`` about its centre, then shift it by
-    (``dx``, ``dy``) pixels; bilinear interpolation in float32, zeros outside."""
-    out = np.empty((images.shape[0], N_FEATURES), np.uint8)
-    _warp(np.ascontiguousarray(images), np.cos(theta).astype(np.float32),
-          np.sin(theta).astype(np.float32), dx.astype(np.float32), dy.astype(np.float32), out)
-    return out
-
-
-def train_rows(images: np.ndarray, labels: np.ndarray, start: int, stop: int,
-               seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[start, stop)`` of the augmented training set (originals first, then copies)."""
-    n = images.shape[0]
-    out = np.empty((stop - start, N_FEATURES), np.uint8)
-    r = start
-    while r < stop:
-        copy, src = divmod(r, n)
-        if copy == 0:
-            end = min(stop, n)
-            out[r - start:end - start] = images[src:src + end - r]
-        else:
-            block = src // AUG_BLOCK
-            end = min(stop, copy * n + min(n, (block + 1) * AUG_BLOCK))
-            s0 = r - copy * n
-            off = s0 - block * AUG_BLOCK
-            dx, dy, th = (v[off:off + end - r] for v in augment_draws(seed, copy, block))
-            out[r - start:end - start] = warp_images(images[s0:s0 + end - r], dx, dy, th)
-        r = end
-    return out, labels[np.arange(start, stop) % n]
-
-
-# ---------------------------------------------------------------------------------------------
-# output path handling
+# where the store goes
 
 
 def _check_out_parent(parent: Path) -> None:
@@ -197,30 +97,84 @@ def _clean_stale(parent: Path, name: str) -> None:
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
-            log.info(f"kmdask: removing stale temporary {tmp}")
+            log.info("kmdask: removing stale temporary %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _prepare_out(out: Location) -> None:
+    """Check that ``out`` can be written before anything is read or downloaded."""
+    if out.local:
+        _check_out_parent(out.path.parent)
+        if out.path.parent.is_dir():
+            _clean_stale(out.path.parent, out.name)
+    elif not bucket_exists(out):
+        raise DataError(f"{out}: bucket {out.fs_path().split('/', 1)[0]!r} does not exist")
 
 
-def _wanted(spec: DatasetSpec, chunk_rows: int, compressor: str,
-            augment: dict[str, Any]) -> dict[str, Any]:
+def _size(loc: Location) -> int:
+    if loc.local:
+        return sum(f.stat().st_size for f in loc.path.rglob("*") if f.is_file())
+    return int(loc.fs().du(loc.fs_path()))
+
+
+def _publish(tmp: Location, out: Location) -> None:
+    """Move a complete store from ``tmp`` to ``out`` (an OSError if ``out`` appeared)."""
+    if out.local:
+        os.rename(tmp.url, out.url)  # atomic on one file system; fails if out exists
+        return
+    if out.exists():
+        raise FileExistsError(out.url)
+    # Object stores have no rename: copy (server-side, concurrently) every object but the
+    # root metadata, then that one. Until it lands, `out` is not a store (is_store reads it).
+    fs, src, dst = tmp.fs(), tmp.fs_path(), out.fs_path()
+    marker = f"{src}/zarr.json"
+    objects = [o for o in sorted(fs.find(src)) if o != marker]
+    try:
+        if objects:
+            fs.copy(objects, [dst + o[len(src):] for o in objects])
+        fs.copy(marker, dst + "/zarr.json")
+    except BaseException:
+        if not out.join("zarr.json").exists():  # ours, never published: leave no debris
+            _discard(out)
+        raise
+    _discard(tmp)
+
+
+def _discard(tmp: Location) -> None:
+    if tmp.local:
+        shutil.rmtree(tmp.url, ignore_errors=True)
+    else:
+        try:
+            tmp.fs().rm(tmp.fs_path(), recursive=True)
+        except OSError:
+            log.warning("could not remove the temporary %s", tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the store holds
+
+
+def _wanted(spec: DatasetSpec, chunk_rows: int, compressor: str, augment: dict[str, Any],
+            verified: bool) -> dict[str, Any]:
     """The attributes that decide whether an existing store can be reused."""
     files = {f.name: {"split": f.split, "kind": f.kind, "md5": f.md5, "sha256": f.sha256}
              for f in spec.files}
     return {"dataset": spec.name, "files": files, "chunk_rows": chunk_rows,
-            "compressor": compressor, "augment": augment}
+            "compressor": compressor, "augment": augment,
+            "image_shape": list(spec.image_shape), "verified": verified}
 
 
-def _check_existing(out: Path, wanted: dict[str, Any], n_rows: dict[str, int]) -> None:
+def _check_existing(out: Location, wanted: dict[str, Any], n_rows: dict[str, int]) -> None:
     """Return when ``out`` is a reusable store, else raise a DataError saying how to fix it."""
     if not is_store(out):
-        raise DataError(f"{out}: exists and is not a kmdask store; remove it or choose "
+        hint = "" if out.local else (" (a stage interrupted while publishing leaves no root "
+                                     "zarr.json)")
+        raise DataError(f"{out}: exists and is not a kmdask store{hint}; remove it or choose "
                         "another --out")
     info = store_info(out)
     info["files"] = _strip(info.get("files"))
+    info.setdefault("image_shape", [IMAGE_SIDE, IMAGE_SIDE])  # stores older than the key
+    info.setdefault("verified", True)
     diff = [k for k, v in wanted.items() if info.get(k) != v]
     if diff:
         what = ", ".join(f"{k} {info.get(k)!r} (wanted {wanted[k]!r})" if k != "files"
@@ -229,10 +183,11 @@ def _check_existing(out: Path, wanted: dict[str, Any], n_rows: dict[str, int]) -
                         "it or choose another --out")
     import zarr
 
+    width = int(np.prod(wanted["image_shape"]))
     try:
         for split, n in n_rows.items():
-            for kind, shape in (("images", (n, N_FEATURES)), ("labels", (n,))):
-                arr = zarr.open_array(store=str(out), path=f"{split}/{kind}", mode="r")
+            for kind, shape in (("images", (n, width)), ("labels", (n,))):
+                arr = zarr.open_array(store=out.zarr_store(), path=f"{split}/{kind}", mode="r")
                 if arr.shape != shape or arr.dtype != np.uint8 \
                         or arr.chunks[0] != wanted["chunk_rows"]:
                     raise ValueError(f"{split}/{kind} is {arr.dtype} {arr.shape}")
@@ -269,7 +224,7 @@ def _blocks(split: str, images: np.ndarray, labels: np.ndarray, n: int, chunk_ro
     pool of threads a few chunks ahead (the warp releases the GIL), so staging keeps every core
     busy while the order, and so the store, stays the same."""
     starts = range(0, n, chunk_rows)
-    if split != "train":
+    if split != "train" or n == images.shape[0]:
         for start in starts:
             yield images[start:start + chunk_rows], labels[start:start + chunk_rows]
         return
@@ -292,16 +247,17 @@ def _blocks(split: str, images: np.ndarray, labels: np.ndarray, n: int, chunk_ro
             yield block
 
 
-def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes],
+def _write_store(tmp: Location, spec: DatasetSpec, files: dict[str, bytes],
                  attrs: dict[str, Any]) -> None:
     import zarr
 
     chunk_rows, copies = attrs["chunk_rows"], attrs["augment"]["copies"]
     seed = attrs["augment"].get("seed", 0)
-    root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-    for split in SPLITS:
+    width = int(np.prod(spec.image_shape))
+    root = zarr.open_group(store=tmp.zarr_store(read_only=False), mode="w-", zarr_format=3)
+    for split in spec.splits:
         img_f, lab_f = spec.file(split, "images"), spec.file(split, "labels")
-        images = parse_idx(files[img_f.name], img_f.name).reshape(-1, N_FEATURES)
+        images = parse_idx(files[img_f.name], img_f.name).reshape(-1, width)
         labels = parse_idx(files[lab_f.name], lab_f.name)
         n = images.shape[0] * (copies + 1 if split == "train" else 1)
         group = root.create_group(split)
@@ -309,8 +265,7 @@ def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes],
         opts: dict[str, Any] = {"dtype": "uint8", "fill_value": 0,
                                 "compressors": _compressors(attrs["compressor"]),
                                 "config": {"write_empty_chunks": True}}
-        img_arr = group.create_array("images", shape=(n, N_FEATURES),
-                                     chunks=(chunk_rows, N_FEATURES),
+        img_arr = group.create_array("images", shape=(n, width), chunks=(chunk_rows, width),
                                      dimension_names=("row", "pixel"), **opts)
         lab_arr = group.create_array("labels", shape=(n,), chunks=(chunk_rows,),
                                      dimension_names=("row",), **opts)
@@ -336,80 +291,188 @@ def _write_store(tmp: Path, spec: DatasetSpec, files: dict[str, bytes],
     root.attrs.update(attrs)
 
 
-def stage_dataset(dataset: str, out: str | Path | None = None,
-                  source: str | Path | None = None, chunk_rows: int = 10_000,
-                  compressor: str = "lz4", augment: int = 0, seed: int = 0) -> StageResult:
-    """Find verified IDX files for ``dataset`` and write them to a zarr store at ``out``.
-
-    Parameters
-    ----------
-    dataset : registry name ("mnist", "fashion-mnist").
-    out : store path; default ``data/<dataset>.zarr`` (``data/<dataset>-aug<N>.zarr`` with
-        augment), relative to the working directory.
-    source : directory or URL prefix tried alone (see :mod:`kmdask.data.sources`); None searches.
-    chunk_rows : rows per zarr chunk.
-    compressor : "lz4" (blosc), "zstd" (blosc) or "none".
-    augment, seed : append ``augment`` warped copies of the training set drawn from ``seed``.
-    quiet : no progress lines on stderr.
-    """
-    from kmdask import __version__
-    from kmdask.data.sources import describe, find_dataset
-
-    t0 = time.perf_counter()
-    spec = get_spec(dataset)
+def _check_params(chunk_rows: Any, compressor: Any, augment: Any) -> None:
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if compressor not in CODECS:
         raise ConfigError(f"compressor must be one of {', '.join(CODECS)}, got {compressor!r}")
     if not isinstance(augment, int) or augment < 0:
         raise ConfigError(f"augment must be an integer >= 0, got {augment!r}")
-    if out is None:
-        out = Path("data") / (f"{dataset}-aug{augment}.zarr" if augment else f"{dataset}.zarr")
-    out = Path(os.path.abspath(out))
-    aug = augment_params(augment, seed)
-    wanted = _wanted(spec, chunk_rows, compressor, aug)
-    n_rows = {"train": spec.n_rows("train") * (augment + 1), "test": spec.n_rows("test")}
 
-    _check_out_parent(out.parent)
-    if out.parent.is_dir():
-        _clean_stale(out.parent, out.name)
-    if out.exists() or out.is_symlink():
+
+def _stage(spec: DatasetSpec, out: Location, fetch: Callable[[], tuple[dict, str]],
+           chunk_rows: int, compressor: str, augment: int, seed: int,
+           verified: bool) -> StageResult:
+    """Reuse a valid store at ``out``, or fetch the files and write one atomically.
+
+    ``fetch()`` returns (the decompressed IDX bytes by file name, where they came from)."""
+    from kmdask import __version__
+    from kmdask.data.sources import describe
+
+    t0 = time.perf_counter()
+    if augment and spec.image_shape != (IMAGE_SIDE, IMAGE_SIDE):
+        raise ConfigError(f"augment needs {IMAGE_SIDE}x{IMAGE_SIDE} images; {spec.name} has "
+                          f"{spec.image_shape[0]}x{spec.image_shape[1]}")
+    wanted = _wanted(spec, chunk_rows, compressor, augment_params(augment, seed), verified)
+    n_rows = {s: spec.n_rows(s) * (augment + 1 if s == "train" else 1) for s in spec.splits}
+    _prepare_out(out)
+    if out.exists() or (out.local and out.path.is_symlink()):
         _check_existing(out, wanted, n_rows)
-        log.info(f"kmdask: reusing valid store at {out}")
-        return StageResult(out, True, time.perf_counter() - t0, _dir_size(out))
-
-    found = find_dataset(dataset, source)
+        log.info("kmdask: reusing valid store at %s", out)
+        return StageResult(_shown(out), True, time.perf_counter() - t0, _size(out))
+    files, source = fetch()
     attrs = {
-        "kmdask_store": STORE_FORMAT,
-        **wanted,
-        "files": {n: {**f, "nbytes": len(found.files[n])} for n, f in wanted["files"].items()},
-        "splits": n_rows,
-        "source": found.source,
-        "kmdask_version": __version__,
+        "kmdask_store": STORE_FORMAT, **wanted,
+        "files": {n: {**f, "nbytes": len(files[n])} for n, f in wanted["files"].items()},
+        "splits": n_rows, "source": source, "kmdask_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out.parent().join(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    if out.local:
+        try:
+            out.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot write output directory {out.path.parent}: "
+                            f"{exc.strerror or exc}") from None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        log.info("kmdask: writing %s to %s", spec.name, describe(tmp.url))
+        _write_store(tmp, spec, files, attrs)
+        _publish(tmp, out)
     except OSError as exc:
-        raise DataError(f"cannot write output directory {out.parent}: "
-                        f"{exc.strerror or exc}") from None
-    try:
-        log.info(f"kmdask: writing {dataset} to {describe(tmp)}")
-        _write_store(tmp, spec, found.files, attrs)
-        os.rename(tmp, out)  # atomic on one file system; fails if out appeared meanwhile
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         if out.exists() and is_store(out):  # a concurrent stage finished first
             _check_existing(out, wanted, n_rows)
-            log.info(f"kmdask: reusing valid store at {out} (staged concurrently)")
-            return StageResult(out, True, time.perf_counter() - t0, _dir_size(out))
-        raise DataError(f"cannot write {out}: {exc.strerror or exc}") from None
+            log.info("kmdask: reusing valid store at %s (staged concurrently)", out)
+            return StageResult(_shown(out), True, time.perf_counter() - t0, _size(out))
+        raise DataError(f"cannot write {out}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     seconds = time.perf_counter() - t0
-    nbytes = _dir_size(out)
-    log.info(f"kmdask: staged {dataset} at {out} ({nbytes / 2**20:.1f} MiB, {seconds:.1f} s)")
-    return StageResult(out, False, seconds, nbytes)
+    nbytes = _size(out)
+    log.info("kmdask: staged %s at %s (%.1f MiB, %.1f s)", spec.name, out, nbytes / 2**20,
+             seconds)
+    return StageResult(_shown(out), False, seconds, nbytes)
+
+
+def _shown(out: Location) -> Path | str:
+    return out.path if out.local else out.url
+
+
+def stage_dataset(dataset: str, out: str | Path | None = None,
+                  source: str | Path | None = None, chunk_rows: int = 10_000,
+                  compressor: str = "lz4", augment: int = 0, seed: int = 0,
+                  storage_options: dict | None = None) -> StageResult:
+    """Find verified IDX files for a data set kmdask knows and write them to a zarr store.
+
+    Parameters
+    ----------
+    dataset : str
+        Registry name ("mnist", "fashion-mnist").
+    out : path or URL, optional
+        Where the store goes: a path (default ``data/<dataset>.zarr``, or
+        ``data/<dataset>-aug<N>.zarr`` with augment) or an ``s3://`` / ``gs://`` URL.
+    source : directory or URL prefix, optional
+        Tried alone (see :mod:`kmdask.data.sources`); None searches.
+    chunk_rows : int
+        Rows per zarr chunk.
+    compressor : {"lz4", "zstd", "none"}
+        Chunk codec (blosc).
+    augment, seed : int
+        Append ``augment`` warped copies of the training set drawn from ``seed``.
+    storage_options : dict, optional
+        fsspec options for an object-storage ``out`` (credentials, endpoint).
+    """
+    from kmdask.data.sources import find_dataset
+
+    spec = get_spec(dataset)
+    _check_params(chunk_rows, compressor, augment)
+    if out is None:
+        out = Path("data") / (f"{dataset}-aug{augment}.zarr" if augment else f"{dataset}.zarr")
+
+    def fetch() -> tuple[dict, str]:
+        found = find_dataset(dataset, source)
+        return found.files, found.source
+
+    return _stage(spec, location(out, storage_options), fetch, chunk_rows, compressor, augment,
+                  seed, verified=True)
+
+
+def stage_files(name: str, images: str | Path, labels: str | Path,
+                test_images: str | Path | None = None, test_labels: str | Path | None = None,
+                *, sha256: dict[str, str] | None = None, out: str | Path | None = None,
+                chunk_rows: int = 10_000, compressor: str = "lz4", augment: int = 0,
+                seed: int = 0, storage_options: dict | None = None) -> StageResult:
+    """Stage any IDX image set (gz or raw): train images and labels, optionally a test split.
+
+    Images may have any height x width (rows are height * width pixels). With ``sha256``
+    (by role: ``images``, ``labels``, ``test-images``, ``test-labels``) each named file must
+    match; a set whose files match a data set kmdask knows counts as verified too; otherwise
+    the computed checksums are recorded and the store is marked unverified (never invented).
+
+    Parameters
+    ----------
+    name : str
+        The data set's name (``data/<name>.zarr`` by default; it names the set in figures).
+    images, labels, test_images, test_labels : path
+        The IDX files.
+    sha256 : dict, optional
+        Expected sha256 of the decompressed bytes, by role.
+    out, chunk_rows, compressor, augment, seed, storage_options
+        As for :func:`stage_dataset`.
+    """
+    from kmdask.data.sources import describe
+
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name[0] in "._":
+        raise ConfigError(f"data set name: use letters, digits, '-', '_' and '.' (not first: "
+                          f"'.', '_'), got {name!r}")
+    if (test_images is None) != (test_labels is None):
+        raise ConfigError("give both --test-images and --test-labels, or neither")
+    _check_params(chunk_rows, compressor, augment)
+    sha256 = dict(sha256 or {})
+    for role, value in sha256.items():
+        if role not in ROLES:
+            raise ConfigError(f"--sha256 {role}=...: unknown file role (roles: "
+                              f"{', '.join(ROLES)})")
+        if not (len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())):
+            raise ConfigError(f"--sha256 {role}={value}: not a sha256 (64 hex digits)")
+    paths = {"images": images, "labels": labels, "test-images": test_images,
+             "test-labels": test_labels}
+    paths = {r: Path(p) for r, p in paths.items() if p is not None}
+    for role in sha256:
+        if role not in paths:
+            raise ConfigError(f"--sha256 {role}=...: no {role} file given")
+    data = {r: read_idx_bytes(p) for r, p in paths.items()}
+    arrays = {r: parse_idx(b, paths[r]) for r, b in data.items()}
+    for split in ("train", "test"):
+        img, lab = ("images", "labels") if split == "train" else ("test-images", "test-labels")
+        if img in arrays:
+            check_split(arrays[img], arrays[lab], paths[img], paths[lab], shape=None)
+    if "test-images" in arrays and arrays["test-images"].shape[1:] != arrays["images"].shape[1:]:
+        raise DataError(f"{paths['test-images']}: images of {arrays['test-images'].shape[1:]} "
+                        f"but {paths['images']} has {arrays['images'].shape[1:]}")
+    for role, want in sha256.items():
+        got = hashlib.sha256(data[role]).hexdigest()
+        if got != want.lower():
+            raise DataError(f"{paths[role]}: sha256 {got} does not match the expected {want}")
+    files = []
+    for role, blob in data.items():
+        split, kind = ROLES[role]
+        files.append(FileSpec(paths[role].name.removesuffix(".gz"), split, kind,
+                              arrays[role].shape, *digests(blob)))
+    if len({f.name for f in files}) != len(files):
+        raise ConfigError("the IDX files need different names (they name the files in the "
+                          "store's provenance)")
+    spec = DatasetSpec(name, tuple(files))
+    known = {f.sha256 for s in REGISTRY.values() for f in s.files}
+    verified = len(sha256) == len(files) or all(f.sha256 in known for f in files)
+    if not verified:
+        log.warning("%s: no checksums to verify against; the computed ones are recorded and "
+                    "the store is marked unverified", name)
+    if out is None:
+        out = Path("data") / (f"{name}-aug{augment}.zarr" if augment else f"{name}.zarr")
+    by_name = {f.name: data[r] for f, r in zip(files, data, strict=True)}
+    source = ", ".join(describe(os.path.abspath(p)) for p in paths.values())
+    return _stage(spec, location(out, storage_options), lambda: (by_name, source), chunk_rows,
+                  compressor, augment, seed, verified)

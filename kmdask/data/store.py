@@ -1,8 +1,11 @@
-"""Staged zarr stores: recognising them, opening their splits as dask arrays whose every chunk
-read is checked against the crc32 recorded at staging, and content fingerprints.
+"""Staged zarr stores, local or on object storage: recognising them, opening their splits as
+dask arrays whose every chunk read is checked against the crc32 recorded at staging, and
+content fingerprints.
 
-A store is written by :func:`kmdask.data.staging.stage_dataset`. Every bad-store condition is a
-one-line :class:`~kmdask.errors.DataError` that names the store (and the chunk).
+A store is written by :func:`kmdask.data.staging.stage_dataset`. Every function takes a path,
+a URL (``s3://bucket/name.zarr``) or a :class:`~kmdask.data.location.Location`, and
+``storage_options`` for fsspec. Every bad-store condition is a one-line
+:class:`~kmdask.errors.DataError` that names the store (and the chunk).
 """
 
 from __future__ import annotations
@@ -16,16 +19,20 @@ from typing import Any
 
 import numpy as np
 
+from kmdask.data.location import Location, location
 from kmdask.errors import DataError
 
 #: value of the ``kmdask_store`` group attribute; bump when the store layout changes
 STORE_FORMAT = 1
 
 
-def _read_group_meta(path: Path) -> dict[str, Any] | None:
-    """The zarr.json of ``path`` when it is a zarr v3 group, else None."""
+Where = str | Path | Location
+
+
+def _read_group_meta(loc: Location) -> dict[str, Any] | None:
+    """The zarr.json of ``loc`` when it is a zarr v3 group, else None."""
     try:
-        meta = json.loads((path / "zarr.json").read_text())
+        meta = json.loads(loc.join("zarr.json").read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or meta.get("node_type") != "group":
@@ -33,15 +40,15 @@ def _read_group_meta(path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def is_store(path: str | Path) -> bool:
-    """Whether ``path`` holds a kmdask store (a zarr v3 group with kmdask attributes)."""
-    meta = _read_group_meta(Path(path))
+def is_store(where: Where, storage_options: dict | None = None) -> bool:
+    """Whether ``where`` holds a kmdask store (a zarr v3 group with kmdask attributes)."""
+    meta = _read_group_meta(location(where, storage_options))
     return meta is not None and meta.get("attributes", {}).get("kmdask_store") == STORE_FORMAT
 
 
-def store_info(path: str | Path) -> dict[str, Any]:
+def store_info(where: Where, storage_options: dict | None = None) -> dict[str, Any]:
     """The group attributes of a kmdask store (dataset, source, files, chunk_rows, ...)."""
-    path = Path(path)
+    path = location(where, storage_options)
     if not path.exists():
         raise DataError(f"{path}: no such store (stage it with `kmdask stage --out {path}`)")
     meta = _read_group_meta(path)
@@ -53,35 +60,41 @@ def store_info(path: str | Path) -> dict[str, Any]:
     return dict(attrs)
 
 
-def _open_array(path: str | Path, split: str, kind: str):
+def image_shape(info: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of a store's images (stores staged before it was recorded: 28 x 28)."""
+    h, w = info.get("image_shape") or (28, 28)
+    return int(h), int(w)
+
+
+def _open_array(path: Location, split: str, kind: str):
     import zarr
 
-    path = Path(path)
     info = store_info(path)
     if split not in info.get("splits", {}):
         have = ", ".join(info.get("splits", {})) or "none"
         raise DataError(f"{path}: no split {split!r} in store (has: {have})")
     try:
-        return zarr.open_array(store=str(path), path=f"{split}/{kind}", mode="r")
+        return zarr.open_array(store=path.zarr_store(), path=f"{split}/{kind}", mode="r")
     except Exception as exc:  # zarr raises several types for missing/damaged nodes
         raise DataError(f"{path}: cannot open {split}/{kind} ({type(exc).__name__}: {exc})") \
             from None
 
 
 @functools.lru_cache(maxsize=64)
-def _open_cached(path: str, node: str):
-    # opening re-reads metadata (~0.5 ms); a streamed fit reads every chunk on every pass
+def _open_cached(path: Location, node: str):
+    # opening re-reads metadata (~0.5 ms locally, a request remotely); a streamed fit reads
+    # every chunk on every pass
     import zarr
 
-    return zarr.open_array(store=path, path=node, mode="r")
+    return zarr.open_array(store=path.zarr_store(), path=node, mode="r")
 
 
-def read_chunk(path: str, split: str, kind: str, i: int, rows: int,
+def read_chunk(path: Location, split: str, kind: str, i: int, rows: int,
                crc: int | None) -> np.ndarray:
     """Chunk ``i`` of ``split/kind``, checked against the crc32 recorded at staging.
 
-    A chunk deleted from disk (zarr would silently return zeros) or damaged (a codec error
-    deep inside zarr) becomes a one-line DataError naming the store and the chunk.
+    A chunk deleted (zarr would silently return zeros for a missing one) or damaged (a codec
+    error deep inside zarr) becomes a one-line DataError naming the store and the chunk.
     """
     where = f"{path}/{split}/{kind}"
     try:
@@ -98,7 +111,7 @@ def read_chunk(path: str, split: str, kind: str, i: int, rows: int,
     return block
 
 
-def _open_verified(path: str | Path, split: str, kind: str):
+def _open_verified(path: Location, split: str, kind: str):
     import dask
     import dask.array as da
 
@@ -116,35 +129,37 @@ def _open_verified(path: str | Path, split: str, kind: str):
     tail = arr.shape[1:]
     blocks = [
         da.from_delayed(
-            dask.delayed(read_chunk, pure=True)(str(path), split, kind, i, rows, int(crcs[i])),
+            dask.delayed(read_chunk, pure=True)(path, split, kind, i, rows, int(crcs[i])),
             shape=(min(rows, n - i * rows), *tail), dtype=arr.dtype)
         for i in range(n_chunks)
     ]
     return da.concatenate(blocks, axis=0)
 
 
-def open_images(path: str | Path, split: str = "train"):
-    """``split`` images as a dask array (n, 784) uint8 whose chunks are the zarr chunks.
+def open_images(where: Where, split: str = "train", storage_options: dict | None = None):
+    """``split`` images as a dask array (n, height * width) uint8 whose chunks are the zarr
+    chunks; a remote store is read by the workers themselves.
 
     Every chunk read is verified against its staging checksum (see :func:`read_chunk`).
     """
-    return _open_verified(path, split, "images")
+    return _open_verified(location(where, storage_options), split, "images")
 
 
-def open_labels(path: str | Path, split: str = "train"):
+def open_labels(where: Where, split: str = "train", storage_options: dict | None = None):
     """``split`` labels as a dask array (n,) uint8 whose chunks are the zarr chunks."""
-    return _open_verified(path, split, "labels")
+    return _open_verified(location(where, storage_options), split, "labels")
 
 
-def data_fingerprint(path: str | Path, split: str = "train") -> str:
+def data_fingerprint(where: Where, split: str = "train",
+                     storage_options: dict | None = None) -> str:
     """A short stable hex id of a split's content: its source checksums and augment params.
 
     Independent of chunking, codec and where the bytes came from, so two stores of the same
     data share it.
     """
-    info = store_info(path)
+    info = store_info(where, storage_options)
     if split not in info.get("splits", {}):
-        raise DataError(f"{path}: no split {split!r} in store")
+        raise DataError(f"{where}: no split {split!r} in store")
     files = {n: f["sha256"] for n, f in info["files"].items() if f["split"] == split}
     key = {
         "dataset": info["dataset"],
@@ -155,9 +170,9 @@ def data_fingerprint(path: str | Path, split: str = "train") -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def verify_store(path: str | Path) -> None:
+def verify_store(where: Where, storage_options: dict | None = None) -> None:
     """Re-read every chunk and compare its crc32 with the one recorded at staging time."""
-    path = Path(path)
+    path = location(where, storage_options)
     info = store_info(path)
     rows = info["chunk_rows"]
     for split in info["splits"]:

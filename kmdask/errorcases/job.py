@@ -15,19 +15,25 @@ from typing import Any
 import numpy as np
 
 from kmdask.batch.spec import FitSpec, JobSpec
+from kmdask.data.location import Location
 from kmdask.errorcases.vectors import CaseData, case_order, prepare_cases
+from kmdask.errors import ConfigError
 
 
 class ErrorCasesJob:
     """The hooks (one instance serves every run; the run's state is the :class:`CaseData`)."""
 
-    def fingerprint_inputs(self, job: JobSpec, store: Path) -> dict:
+    def fingerprint_inputs(self, job: JobSpec, store: Location) -> dict:
         """The classifier is scored on the test split: its content is an input of the run."""
-        from kmdask.data.store import data_fingerprint
+        from kmdask.data.store import data_fingerprint, image_shape, store_info
 
+        shape = image_shape(store_info(store))
+        if shape != (28, 28):  # the network's input layer and the figures are MNIST's
+            raise ConfigError(f"{job.source}: error cases need 28 x 28 images; {store} holds "
+                              f"{shape[0]} x {shape[1]}")
         return {"test_data": data_fingerprint(store, "test")}
 
-    def prepare(self, run: Path, job: JobSpec, store: Path, runs_dir: Path) -> CaseData:
+    def prepare(self, run: Path, job: JobSpec, store: Location, runs_dir: Path) -> CaseData:
         t0 = time.perf_counter()
         cases = prepare_cases(run, job, store, runs_dir)
         cases.seconds = time.perf_counter() - t0

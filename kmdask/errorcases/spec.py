@@ -94,6 +94,10 @@ def classifier_section(c: Checker, raw: Any, key: str, job: Any) -> ClassifierSp
     """The job's ``classifier:``: set whenever a fit clusters case vectors (defaults then)."""
     if raw is None and not any("cases" in f.extras for f in job.fits):
         return None
+    if job.array is not None:
+        # the network trains on a staged store's train split and is scored on its test split
+        raise c.fail(key, "error cases need a staged store with train and test splits "
+                     "(data.store or data.dataset), not data.array")
     return classifier_spec(c, raw or {}, key)
 
 

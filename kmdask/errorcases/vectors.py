@@ -30,6 +30,7 @@ import numpy as np
 from kmdask import __version__
 from kmdask.batch.fitkinds import FIT_KINDS
 from kmdask.batch.spec import JobSpec
+from kmdask.data.location import Location
 from kmdask.errorcases.classifier import Network, accuracy, read_model, train, write_model
 from kmdask.errorcases.spec import CasesSpec, ClassifierSpec
 
@@ -190,7 +191,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def prepare_cases(run: Path, job: JobSpec, store: Path, runs_dir: Path) -> CaseData:
+def prepare_cases(run: Path, job: JobSpec, store: Location, runs_dir: Path) -> CaseData:
     """Train or reuse the general network, then write ``run/cases.zarr`` and
     ``run/classifier/``."""
     import zarr

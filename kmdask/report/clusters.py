@@ -28,15 +28,13 @@ from kmdask.report.style import (
     HEADER_PX,
     LINE,
     MARGIN,
-    MEAN_SCALE,
     PANEL_GAP,
     PER_ROW,
-    SAMPLE_SCALE,
     SEPARATOR,
-    SIDE,
     TITLE_PX,
     Drawn,
     MeanTile,
+    Tiles,
     algorithm_title,
     canvas_figure,
     cluster_colour,
@@ -61,7 +59,7 @@ class _Panel:
     result: dict
     centers: np.ndarray
     samples: list[np.ndarray]  # per cluster: (n, 784) uint8
-    majority: list[tuple[int, float]]  # per cluster: (digit, share) of its true classes
+    majority: list[tuple[int, float]] | None  # per cluster: (class, share) of its true classes
     shown: str
 
 
@@ -72,8 +70,10 @@ def _panel(run: Run, fig: FigureSpec, fit: str, k: int) -> _Panel:
     if centers.shape[0] != k:
         raise DataError(f"{model.path / 'centers.npy'}: {centers.shape[0]} centres for K={k}")
     labels = run.fit_labels(fit, k)
-    comp = composition(labels, run.truth(labels.shape[0]), k)
-    majority = [(int(np.argmax(c)), float(c.max() / max(c.sum(), 1))) for c in comp]
+    majority = None
+    if run.has_labels:
+        comp = composition(labels, run.truth(labels.shape[0]), k)
+        majority = [(int(np.argmax(c)), float(c.max() / max(c.sum(), 1))) for c in comp]
     cap = fig.per_cluster
     if fig.samples is not None:
         head = run.head_images
@@ -119,9 +119,14 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
     """One clusters PNG: a panel per fit (all at this K), side by side."""
     panels = [_panel(run, fig, f, k) for f in fits]
     multi = len(panels) > 1
-    col_w = PER_ROW * SIDE * SAMPLE_SCALE + (PER_ROW - 1) * GAP
-    sample_px = SIDE * SAMPLE_SCALE
-    mean_px = SIDE * MEAN_SCALE
+    shape = run.image_shape
+    if shape is None:
+        raise DataError(f"{run.path}: figure {fig.name!r} draws images, and the clustered rows "
+                        "are not (give the job data.image_shape: [height, width])")
+    tiles = Tiles(shape)
+    col_w = tiles.column
+    sample_h, sample_w = tiles.sample_px
+    mean_h, mean_w = tiles.mean_px
     panel_w = k * col_w + (k - 1) * COL_GAP
     headers = [_pack_header(_header_groups(p, fig.threshold), panel_w) for p in panels]
     sub_h = LINE + 16 if multi else 0
@@ -132,8 +137,8 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
     y_header = y_title + 130
     y_box = y_header + sub_h + max(h for _, h in headers) + 50
     y_mean = y_box + BOX_H + 50
-    y_samples = y_mean + mean_px + 60
-    height = y_samples + max(max_rows, 1) * (sample_px + GAP) - GAP + MARGIN
+    y_samples = y_mean + mean_h + 60
+    height = y_samples + max(max_rows, 1) * (sample_h + GAP) - GAP + MARGIN
     algs = {p.info["algorithm"] for p in panels}
     title = fig.title or (algorithm_title(algs.pop(), run.manifest["data"]["dataset"])
                           if len(algs) == 1 else "K-Means++ on MNIST")
@@ -162,25 +167,26 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
                           str(int(p.result["counts"][j])),
                           dict(fontsize=pt(62), weight="bold", ha="center", va="center",
                                color="black" if lum > 0.5 else "white")))
-            digit, share = p.majority[j]
             texts.append((xc + BOX_W + 18, y_box + 8, f"cluster {j}",
                           dict(fontsize=pt(44))))
-            texts.append((xc + BOX_W + 18, y_box + 66, f"mostly {digit} ({share:.0%})",
-                          dict(fontsize=pt(36), color=(0.68, 0.66, 0.57))))
-            rgb = mean_image_rgb(p.centers[j], fig.threshold)
-            xm = xc + (col_w - mean_px) // 2
-            canvas[y_mean:y_mean + mean_px, xm:xm + mean_px] = upscale(rgb, MEAN_SCALE)
-            means.append(MeanTile(p.fit, p.k, j, y_mean, xm, MEAN_SCALE, rgb))
+            if p.majority is not None:
+                digit, share = p.majority[j]
+                texts.append((xc + BOX_W + 18, y_box + 66, f"mostly {digit} ({share:.0%})",
+                              dict(fontsize=pt(36), color=(0.68, 0.66, 0.57))))
+            rgb = mean_image_rgb(p.centers[j], fig.threshold, shape)
+            xm = xc + (col_w - mean_w) // 2
+            canvas[y_mean:y_mean + mean_h, xm:xm + mean_w] = upscale(rgb, tiles.mean_scale)
+            means.append(MeanTile(p.fit, p.k, j, y_mean, xm, tiles.mean_scale, rgb))
             for si, img in enumerate(p.samples[j]):
                 r, c = divmod(si, PER_ROW)
-                ys = y_samples + r * (sample_px + GAP)
-                xs = xc + c * (sample_px + GAP)
-                canvas[ys:ys + sample_px, xs:xs + sample_px] = upscale(
-                    sample_image_rgb(img), SAMPLE_SCALE)
+                ys = y_samples + r * (sample_h + GAP)
+                xs = xc + c * (sample_w + GAP)
+                canvas[ys:ys + sample_h, xs:xs + sample_w] = upscale(
+                    sample_image_rgb(img, shape, run.divisor), tiles.sample_scale)
 
     texts.append((MARGIN, y_title, title, dict(fontsize=pt(TITLE_PX), weight="bold")))
     for y, label, va in ((y_box + BOX_H / 2, "Cluster\ncount", "center"),
-                         (y_mean + mean_px / 2, "Cluster\nmean", "center"),
+                         (y_mean + mean_h / 2, "Cluster\nmean", "center"),
                          (y_samples, "Cluster\nsamples", "top")):
         texts.append((MARGIN, y, label, dict(fontsize=pt(48), va=va, linespacing=1.15)))
 

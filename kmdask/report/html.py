@@ -53,6 +53,25 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _data_cell(d: dict, chunk_txt: str) -> str:
+    """What was clustered: the set, where it lay (a staged store or an array), its shape."""
+    split = f" ({esc(d['split'])})" if d.get("split") else ""
+    where = d.get("store") or d.get("array")
+    notes = []
+    if d.get("image_shape"):
+        notes.append(f"{d['image_shape'][0]}\u00d7{d['image_shape'][1]} images")
+    if d.get("dtype") and d["dtype"] != "uint8":
+        notes.append(f"{esc(d['dtype'])} rows")
+    if d.get("verified") is False:
+        notes.append("<b>unverified</b>: no known checksums")
+    if d.get("labels") is False:
+        notes.append("no labels")
+    return (f"{esc(d.get('dataset'))}{split}, {esc(d.get('rows'))} rows in "
+            f"<code>{esc(where)}</code>, {esc(chunk_txt)}"
+            + "".join(f"; {n}" for n in notes)
+            + f"; data fingerprint <code>{esc(d.get('fingerprint'))}</code>")
+
+
 def _params_table(run: Run, job: JobSpec) -> str:
     m = run.manifest
     d, prof, t = m.get("data", {}), m.get("profile", {}), m.get("timings", {})
@@ -64,9 +83,7 @@ def _params_table(run: Run, job: JobSpec) -> str:
         ("run id", f"<code>{esc(m.get('run_id'))}</code>"),
         ("fingerprint", f"<code>{esc(m.get('fingerprint'))}</code>"),
         ("finished", esc(m.get("finished", ""))),
-        ("data", f"{esc(d.get('dataset'))} ({esc(d.get('split'))}), {esc(d.get('rows'))} rows in "
-                 f"<code>{esc(d.get('store'))}</code>, {esc(chunk_txt)}; data fingerprint "
-                 f"<code>{esc(d.get('fingerprint'))}</code>"),
+        ("data", _data_cell(d, chunk_txt)),
         ("profile", f"{esc(prof.get('name'))} ({esc(prof.get('kind'))})"),
         ("timings", f"total {num(t.get('total'), '{:.1f}')} s, connect "
                     f"{num(t.get('connect'), '{:.1f}')} s"),

@@ -102,15 +102,48 @@ def tinted(values: np.ndarray, threshold: float | None = None) -> np.ndarray:
     return np.rint(v[..., None] * TINT).astype(np.uint8)
 
 
-def mean_image_rgb(center: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """The (28, 28, 3) uint8 image drawn for a cluster mean (pixel scale [0, 1])."""
-    return tinted(np.asarray(center).reshape(SIDE, SIDE), threshold)
+def mean_image_rgb(center: np.ndarray, threshold: float | None = None,
+                   shape: tuple[int, int] = (SIDE, SIDE)) -> np.ndarray:
+    """The (height, width, 3) uint8 image drawn for a cluster mean (pixel scale [0, 1])."""
+    return tinted(np.asarray(center).reshape(shape), threshold)
 
 
-def sample_image_rgb(image: np.ndarray) -> np.ndarray:
-    """The (28, 28, 3) uint8 image drawn for one uint8 data row, full grey levels."""
-    v = np.asarray(image).reshape(SIDE, SIDE).astype(np.float32) / np.float32(255)
-    return tinted(v)
+def sample_image_rgb(image: np.ndarray, shape: tuple[int, int] = (SIDE, SIDE),
+                     divisor: float = 255.0) -> np.ndarray:
+    """The (height, width, 3) uint8 image drawn for one data row, full grey levels (uint8
+    rows divided by ``divisor``; float rows as they are, clipped to [0, 1])."""
+    v = np.asarray(image).reshape(shape).astype(np.float32)
+    return tinted(v / np.float32(divisor) if np.asarray(image).dtype == np.uint8 else v)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How big images are drawn: scales that keep a sample about 112 px and a mean about 448
+    px on its longer side whatever the image size (4 and 16 times for 28 x 28)."""
+
+    shape: tuple[int, int]
+
+    @property
+    def sample_scale(self) -> int:
+        return max(1, round(SAMPLE_SCALE * SIDE / max(self.shape)))
+
+    @property
+    def mean_scale(self) -> int:
+        return max(1, round(MEAN_SCALE * SIDE / max(self.shape)))
+
+    @property
+    def sample_px(self) -> tuple[int, int]:
+        """(height, width) of a drawn sample."""
+        return self.shape[0] * self.sample_scale, self.shape[1] * self.sample_scale
+
+    @property
+    def mean_px(self) -> tuple[int, int]:
+        return self.shape[0] * self.mean_scale, self.shape[1] * self.mean_scale
+
+    @property
+    def column(self) -> int:
+        """Width of a cluster's column: PER_ROW samples and the gaps between them."""
+        return max(PER_ROW * self.sample_px[1] + (PER_ROW - 1) * GAP, BOX_W + 200)
 
 
 def upscale(rgb: np.ndarray, s: int) -> np.ndarray:
@@ -173,9 +206,12 @@ def algorithm_title(alg: str, dataset: str) -> str:
             f"{DATASET_TITLES.get(dataset, dataset)}")
 
 
-def composition(labels: np.ndarray, truth: np.ndarray, k: int, classes: int = 10
+def composition(labels: np.ndarray, truth: np.ndarray, k: int, classes: int | None = None
                 ) -> np.ndarray:
-    """(k, classes) counts: rows of cluster j whose true class is c."""
+    """(k, classes) counts: rows of cluster j whose true class is c (classes: at least 10,
+    more when the labels have more)."""
+    if classes is None:
+        classes = max(10, int(truth.max()) + 1 if truth.size else 10)
     flat = labels.astype(np.int64) * classes + truth.astype(np.int64)
     return np.bincount(flat, minlength=k * classes)[: k * classes].reshape(k, classes)
 
