@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,77 @@ def run_kmdask(*args: str, cwd: Path, timeout: float = 600,
     """``python -m kmdask ARGS`` in ``cwd``, as a user runs it (text output captured)."""
     return subprocess.run([sys.executable, "-m", "kmdask", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# object storage: a real S3 endpoint on loopback (moto's server mode)
+
+
+@dataclass
+class S3:
+    """The test endpoint: its URL, a bucket made for the test, and the options that reach it
+    (what a cluster profile's ``storage_options`` would hold)."""
+
+    endpoint: str
+    bucket: str
+    options: dict
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    @property
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options)
+
+    def objects(self) -> set[str]:
+        self.fs.invalidate_cache()
+        return set(self.fs.find(self.bucket))
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The same credentials and endpoint as environment variables (boto's usual place)."""
+        return {"AWS_ACCESS_KEY_ID": self.options["key"],
+                "AWS_SECRET_ACCESS_KEY": self.options["secret"],
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1 at a free port, for the session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(moto_endpoint, monkeypatch) -> S3:
+    """An emptied endpoint with one bucket; boto finds no credentials of this machine's (no
+    config files), so only what a test passes reaches the endpoint."""
+    import urllib.request
+
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_endpoint}/moto-api/reset",
+                                                  method="POST"), timeout=10).close()
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": moto_endpoint}
+    store = S3(moto_endpoint, "kmdask-test", opts)
+    store.fs.mkdir(store.bucket)
+    yield store
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -65,6 +65,45 @@ def _store_case(dtype: str, cols: int):
     return build
 
 
+def _array_case(make: Callable[[Path], dict]):
+    """A job whose data.array (and labels, image_shape) ``make`` writes and returns."""
+    def build(tmp: Path, mnist_source: Path, store: Path) -> list[str]:
+        data = make(tmp)
+        (tmp / "job.yaml").write_text(yaml.safe_dump({"job": "j", "data": data,
+                                                      "fits": [{"name": "a", "k": 3}]}))
+        return ["run", str(tmp / "job.yaml")]
+    return build
+
+
+def _npy(tmp: Path, name: str, arr) -> str:
+    import numpy as np
+
+    np.save(tmp / name, arr)
+    return str(tmp / name)
+
+
+def _rows(n: int = 100, d: int = 784, dtype: str = "uint8"):
+    import numpy as np
+
+    return np.arange(n * d).reshape(n, d).astype(dtype)
+
+
+def _truncated(tmp: Path) -> dict:
+    path = _npy(tmp, "x.npy", _rows())
+    with open(path, "r+b") as f:
+        f.truncate(50_000)
+    return {"array": path}
+
+
+def _own_idx_case(sha: str):
+    def build(tmp: Path, mnist_source: Path, store: Path) -> list[str]:
+        return ["stage", "--name", "own", "--images",
+                str(mnist_source / "t10k-images-idx3-ubyte.gz"), "--labels",
+                str(mnist_source / "t10k-labels-idx1-ubyte.gz"), "--sha256", sha,
+                "--out", str(tmp / "own.zarr")]
+    return build
+
+
 def _report_case(kind: str):
     def build(tmp: Path, mnist_source: Path, store: Path) -> list[str]:
         run = tmp / "runs" / "j" / "abc"
@@ -87,6 +126,29 @@ CASES = {
     # stores
     "store with wrong dtype": _store_case("float32", 784),
     "store with wrong shape": _store_case("uint8", 783),
+    # your own data
+    "unknown scheme (stage)": lambda tmp, src, store: [
+        "stage", "--source", str(src), "--out", "ftp://host/mnist.zarr"],
+    "unknown scheme (job)": _job_case("job: j\ndata: {store: 'hdfs://nn/mnist.zarr'}\n"
+                                      "fits:\n  - {name: a, k: 3}\n"),
+    "--sha256 mismatch": _own_idx_case("images=" + "0" * 64),
+    "--sha256 not hex": _own_idx_case("images=xyz"),
+    "--sha256 without role": _own_idx_case("0" * 64),
+    "array not 2-D": _array_case(lambda t: {"array": _npy(t, "x.npy", _rows().reshape(
+        100, 28, 28))}),
+    "array of int64": _array_case(lambda t: {"array": _npy(t, "x.npy", _rows(dtype="int64"))}),
+    "truncated .npy": _array_case(_truncated),
+    "labels of the wrong length": _array_case(lambda t: {
+        "array": _npy(t, "x.npy", _rows()), "labels": _npy(t, "y.npy", _rows(99, 1)[:, 0])}),
+    "image shape not the row length": _array_case(lambda t: {
+        "array": _npy(t, "x.npy", _rows()), "image_shape": [20, 20]}),
+    "missing array": _array_case(lambda t: {"array": str(t / "nope.zarr")}),
+    "a store named as an array": lambda tmp, src, store: _array_case(
+        lambda t: {"array": str(store)})(tmp, src, store),
+    "error cases on an array": _job_case("job: j\ndata: {array: x.npy}\nclassifier: {}\n"
+                                         "fits:\n  - {name: a, k: 3}\n"),
+    "array and store both": _job_case("job: j\ndata: {store: STORE, array: x.npy}\n"
+                                      "fits:\n  - {name: a, k: 3}\n"),
     # job specs
     "YAML does not parse": _job_case("job: j\nfits: [\n"),
     "unknown key": _job_case(_OK + "fits:\n  - {name: a, k: 3, colour: red}\n"),

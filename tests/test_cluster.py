@@ -8,10 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from daskutil import dask_cluster, free_port
 from slurmutil import ensure_slurm
 
 from kmdask.batch.cluster import connect, merged_dask_config
@@ -125,72 +123,10 @@ def test_local_workers_malloc_environment(limit, tuned):
 # address: a scheduler and workers started here
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    # own session: teardown signals exactly this process group, nothing else
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in reversed(procs):
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
-
-
-def _wait_port(port: int, procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError("a dask process exited early")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-@contextlib.contextmanager
-def _dask_cluster(tmp: Path, n_workers: int, tls: dict[str, Path] | None = None):
-    """`dask scheduler` + n `dask worker` processes on 127.0.0.1; yields the address."""
-    port = _free_port()
-    proto = "tls" if tls else "tcp"
-    tls_args = ["--tls-ca-file", str(tls["ca"]), "--tls-cert", str(tls["cert"]),
-                "--tls-key", str(tls["key"])] if tls else []
-    procs: list[subprocess.Popen] = []
-    try:
-        procs.append(_spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                             "--port", str(port), "--protocol", proto,
-                             "--dashboard-address", "127.0.0.1:0", *tls_args],
-                            tmp / "scheduler.log"))
-        _wait_port(port, procs)
-        address = f"{proto}://127.0.0.1:{port}"
-        for i in range(n_workers):
-            procs.append(_spawn(["distributed.cli.dask_worker", address, "--host", "127.0.0.1",
-                                 "--nthreads", "1", "--memory-limit", "2GiB",
-                                 "--no-dashboard", "--name", f"w{i}", *tls_args],
-                                tmp / f"worker{i}.log"))
-        yield address
-    finally:
-        _stop(procs)
-
-
 @pytest.fixture(scope="module")
 def dask_address(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dask-address")
-    with _dask_cluster(tmp, 2) as address:
+    with dask_cluster(tmp, 2) as address:
         yield address
 
 
@@ -215,7 +151,7 @@ def test_address_profile_runs_on_an_existing_scheduler(dask_address):
 
 
 def test_address_profile_closed_port_fails_within_timeout():
-    prof = _profile("address", address=f"tcp://127.0.0.1:{_free_port()}", timeout="2s")
+    prof = _profile("address", address=f"tcp://127.0.0.1:{free_port()}", timeout="2s")
     t0 = time.perf_counter()
     with pytest.raises(KmdaskError) as err, connect(prof):
         pass
@@ -264,7 +200,7 @@ def tls_certs(tmp_path_factory) -> Path:
 def test_tls_address_profile_with_require_encryption(tls_certs, tmp_path):
     d = tls_certs
     node = {"ca": d / "ca.pem", "cert": d / "node.pem", "key": d / "node.key"}
-    with _dask_cluster(tmp_path, 1, tls=node) as address:
+    with dask_cluster(tmp_path, 1, tls=node) as address:
         assert address.startswith("tls://")
         prof = _profile("address", address=address, timeout="20s", security={
             "tls_ca_file": str(d / "ca.pem"), "tls_client_cert": str(d / "client.pem"),

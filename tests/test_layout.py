@@ -33,6 +33,7 @@ RULES = {
     "kmdask.errorcases": ("*",),  # may use everything; reached only by registration
     "kmdask.cli": ("*",),
     "kmdask.bench": ("*",),
+    "kmdask.bench_storage": ("*",),
     "kmdask.__main__": ("kmdask.cli",),
     "kmdask": LEAVES,  # __init__: the errors it re-exports; the rest lazily, by name
 }

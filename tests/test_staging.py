@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from synthdata import synth_arrays, write_idx_dir
 
+from kmdask.data.augment import train_rows, warp_images
 from kmdask.data.idx import read_idx, read_idx_bytes
-from kmdask.data.staging import stage_dataset, train_rows, warp_images
+from kmdask.data.staging import stage_dataset
 from kmdask.data.store import is_store, open_images, open_labels, store_info, verify_store
 from kmdask.errors import ConfigError, DataError
 
@@ -358,7 +359,7 @@ def _warp_reference(images, dx, dy, theta):
 
 
 def test_compiled_warp_equals_the_numpy_reference_on_real_mnist(mnist_train):
-    from kmdask.data.staging import augment_draws
+    from kmdask.data.augment import augment_draws
 
     for copy, block in ((1, 0), (7, 3), (39, 5)):
         dx, dy, th = augment_draws(0, copy, block)
