@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 PROFILE ?= local
 PYTEST_ARGS ?=
 
-.PHONY: help venv stage sweep test lint bench clean
+.PHONY: help venv stage sweep test lint bench bench-storage clean
 
 help:
 	@echo "make sweep   bootstrap .venv (runtime only), stage MNIST, run the sweep on a LocalCluster, write the report"
@@ -18,6 +18,7 @@ help:
 	@echo "make stage   stage MNIST into data/mnist.zarr"
 	@echo "make lint    ruff"
 	@echo "make bench   benchmarks against the peers (bench/results.json, bench/results.md)"
+	@echo "make bench-storage   local store vs an S3 store on loopback (moto), store layers"
 	@echo "make clean   remove .venv, data/, runs/, report/ and caches"
 
 # One stamp per set of extras; each reinstalls when pyproject.toml changes.
@@ -54,6 +55,9 @@ bench: $(VENV)/.stamp-bench
 	$(KMDASK) stage --dataset mnist --augment 16 -q
 	$(PY) -m kmdask.bench --store data/mnist.zarr --big-store data/mnist-aug16.zarr
 
+bench-storage: $(VENV)/.stamp-bench
+	$(PY) -m kmdask.bench_storage
+
 clean:
-	rm -rf $(VENV) data runs report bench/results.json bench/results.md .pytest_cache .ruff_cache
+	rm -rf $(VENV) data runs report bench/results.json bench/results.md bench/storage.json bench/storage.md .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
