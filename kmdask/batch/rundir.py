@@ -167,6 +167,16 @@ class Run:
             else None
         return None if shape is None else (int(shape[0]), int(shape[1]))
 
+    def class_name(self, c: int) -> str:
+        """What the run's class ``c`` is called ("Coat" for Fashion-MNIST; else the digit)."""
+        names = self.manifest.get("data", {}).get("class_names")
+        return str(names[c]) if names and 0 <= c < len(names) else str(c)
+
+    @property
+    def class_noun(self) -> str:
+        """"class" where the classes have names, "digit" where they are MNIST's digits."""
+        return "class" if self.manifest.get("data", {}).get("class_names") else "digit"
+
     @property
     def divisor(self) -> float:
         """uint8 rows are divided by it."""

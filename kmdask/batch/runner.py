@@ -395,6 +395,7 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], pro
 
 def _manifest(job: JobSpec, data: _Data, profile: dict, cluster_info: dict, fits: dict,
               fp: str, extra: dict, timings: dict) -> dict:
+    from kmdask.data.registry import class_names
     from kmdask.data.sources import describe  # paths under $HOME are written as ~/...
 
     return {
@@ -408,6 +409,8 @@ def _manifest(job: JobSpec, data: _Data, profile: dict, cluster_info: dict, fits
                  "chunks": list(data.images.chunks[0]), "dtype": str(data.images.dtype),
                  "image_shape": None if data.image_shape is None else list(data.image_shape),
                  "divisor": data.divisor, "labels": data.labels is not None,
+                 # what the figures call class i (a known data set's names; else the digit)
+                 "class_names": class_names(data.name) if data.labels is not None else None,
                  **({} if data.verified is None else {"verified": data.verified})},
         "profile": {"name": profile.get("name"), "kind": profile.get("kind")},
         "cluster": {k: v for k, v in cluster_info.items() if k != "dashboard"},

@@ -30,6 +30,7 @@ class DatasetSpec:
 
     name: str
     files: tuple[FileSpec, ...]
+    classes: tuple[str, ...] | None = None  # what label i means, where it is not the digit i
 
     def file(self, split: str, kind: str) -> FileSpec:
         for f in self.files:
@@ -64,6 +65,10 @@ def _idx_files(train: tuple[str, str, str, str], test: tuple[str, str, str, str]
     )
 
 
+# Fashion-MNIST's label names, in label order (zalandoresearch/fashion-mnist README)
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+
 REGISTRY: dict[str, DatasetSpec] = {
     # the canonical decompressed MNIST files (checked against their published checksums)
     "mnist": DatasetSpec("mnist", _idx_files(
@@ -86,8 +91,14 @@ REGISTRY: dict[str, DatasetSpec] = {
          "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
          "15d484375f8d13e6eb1aabb0c3f46965",
          "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
-    )),
+    ), classes=FASHION_CLASSES),
 }
+
+
+def class_names(dataset: str | None) -> list[str] | None:
+    """The names of a known data set's classes (None: its labels are digits, or unknown)."""
+    spec = REGISTRY.get(dataset or "")
+    return None if spec is None or spec.classes is None else list(spec.classes)
 
 
 def get_spec(dataset: str) -> DatasetSpec:

@@ -87,7 +87,7 @@ def draw_elbow(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
 
 
 def draw_scores(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
-    """NMI and ARI of the clustering against the true digits, against K, per fit."""
+    """NMI and ARI of the clustering against the true classes, against K, per fit."""
     colours = fit_colours(run, fig.fits)
     with dark_theme():
         f = chart(11, 4.6)
@@ -105,18 +105,19 @@ def draw_scores(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
             ax.set_xlabel("K (clusters)")
             ax.set_ylim(0, min(1.0, top * 1.15 + 0.02))
             ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-        axes[0].set_ylabel("score against the true digits (1 = perfect)")
+        axes[0].set_ylabel(f"score against the true {run.class_noun}s (1 = perfect)")
         axes[1].legend(loc="lower right", fontsize=9)
         if fig.title:
             f.suptitle(fig.title)
         path = out / f"{fig.name}.png"
         save_png(f, path, CHART_DPI)
-    return [Drawn(path, "Agreement of the clusters with the true digit classes (which the "
-                        "clustering never sees): NMI and ARI, 0 = chance, 1 = identical.")]
+    return [Drawn(path, f"Agreement of the clusters with the true {run.class_noun} classes "
+                        "(which the clustering never sees): NMI and ARI, 0 = chance, "
+                        "1 = identical.")]
 
 
 def draw_composition(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
-    """Per fit: a cluster x true-digit heatmap for every K (row-normalised, counts on the axis)."""
+    """Per fit: a cluster x true-class heatmap for every K (row-normalised, counts on the axis)."""
     drawn = []
     for fit in fig.fits:
         ks = run.ks(fit)
@@ -135,30 +136,36 @@ def draw_composition(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                     used.append(ax)
                     comp = composition(run.fit_labels(fit, k), truth, k)
                     share = comp / np.maximum(comp.sum(axis=1, keepdims=True), 1)
-                    im = _heatmap(ax, share, comp, k)
+                    im = _heatmap(ax, share, comp, k, run)
                     res = run.fit_info(fit)["results"][str(k)]
                     ax.set_title(f"K = {k}   NMI {res['nmi']:.2f}   ARI {res['ari']:.2f}")
             if im is not None:
                 cb = f.colorbar(im, ax=used, shrink=0.5, aspect=40, pad=0.01)
                 cb.set_label("share of the cluster's rows")
                 cb.ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
-            f.suptitle(fig.title or f"Cluster composition by true digit: {fit_label(run, fit)}",
+            f.suptitle(fig.title or f"Cluster composition by true {run.class_noun}: "
+                                    f"{fit_label(run, fit)}",
                        fontsize=13)
             name = fig.name if len(fig.fits) == 1 else f"{fig.name}_{fit}"
             path = out / f"{name}.png"
             save_png(f, path, CHART_DPI)
+        noun = run.class_noun
         drawn.append(Drawn(path, f"{fit}: each row is a cluster (its colour and size at the "
-                                 "left), each column a true digit; cells give the share of the "
-                                 "cluster's rows that are that digit. A pure cluster is one "
-                                 "bright cell."))
+                                 f"left), each column a true {noun}; cells give the share of "
+                                 f"the cluster's rows that are that {noun}. A pure cluster is "
+                                 "one bright cell."))
     return drawn
 
 
-def _heatmap(ax, share: np.ndarray, counts: np.ndarray, k: int):
+def _heatmap(ax, share: np.ndarray, counts: np.ndarray, k: int, run: Run):
     im = ax.imshow(share, cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax.grid(False)
-    ax.set_xticks(range(10))
-    ax.set_xlabel("true digit")
+    if run.class_noun == "digit":
+        ax.set_xticks(range(10))
+    else:  # garment names: slanted, so ten fit under one heatmap
+        ax.set_xticks(range(10), [run.class_name(c) for c in range(10)], rotation=40,
+                      ha="right", fontsize=7)
+    ax.set_xlabel(f"true {run.class_noun}")
     ax.set_yticks(range(k))
     ax.set_yticklabels([f"{j}  n={int(counts[j].sum())}" for j in range(k)], fontsize=8)
     ax.tick_params(length=0)
@@ -297,8 +304,9 @@ def draw_timing(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
 
 KINDS = (
     FigureKind("elbow", draw_elbow, text("Within-cluster sum of squares against K.")),
-    FigureKind("composition", draw_composition, text("Which true digits make up each cluster.")),
-    FigureKind("scores", draw_scores, text("Cluster quality against the true digit labels.")),
+    FigureKind("composition", draw_composition,
+               text("Which true classes (digits, garments) make up each cluster.")),
+    FigureKind("scores", draw_scores, text("Cluster quality against the true class labels.")),
     FigureKind("convergence", draw_convergence,
                text("How each trial's WCSS fell, iteration by iteration.")),
     FigureKind("timing", draw_timing, text("Where the run's time went.")),

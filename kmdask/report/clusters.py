@@ -170,8 +170,9 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
             texts.append((xc + BOX_W + 18, y_box + 8, f"cluster {j}",
                           dict(fontsize=pt(44))))
             if p.majority is not None:
-                digit, share = p.majority[j]
-                texts.append((xc + BOX_W + 18, y_box + 66, f"mostly {digit} ({share:.0%})",
+                c, share = p.majority[j]
+                texts.append((xc + BOX_W + 18, y_box + 66,
+                              f"mostly {run.class_name(c)} ({share:.0%})",
                               dict(fontsize=pt(36), color=(0.68, 0.66, 0.57))))
             rgb = mean_image_rgb(p.centers[j], fig.threshold, shape)
             xm = xc + (col_w - mean_w) // 2
