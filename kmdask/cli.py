@@ -97,14 +97,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from kmdask.batch.spec import load_job
 
     profile = _profile(args)
+    jobs, out = SWEEPS[args.dataset]
     runs = []
-    for path in args.jobs:
+    for path in args.jobs or jobs:
         job = load_job(path)
         runs.append(run_job(job, profile, runs_dir=args.runs_dir, address=args.address,
                             wait=not args.no_wait).path)
     from kmdask.report.build import write_report
 
-    index = write_report(runs, args.out)
+    index = write_report(runs, args.out or out)
     print(index)
     return 0
 
@@ -263,16 +264,34 @@ def _add_run(sub) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+# kmdask sweep --dataset NAME: the figure-suite jobs of a data set, and where its report goes
+SWEEPS = {
+    "mnist": (["jobs/sweep.yaml", "jobs/errorcases.yaml"], Path("report")),
+    "fashion-mnist": (["jobs/fashion.yaml", "jobs/errorcases-fashion.yaml"],
+                      Path("report") / "fashion-mnist"),
+}
+
+
 def _add_sweep(sub) -> None:
     p = sub.add_parser(
         "sweep", help="run the figure-suite jobs and write the report (what `make sweep` does)",
-        description="Run every given job (default: jobs/sweep.yaml, then "
-                    "jobs/errorcases.yaml) and write the HTML report.",
+        description="Run every given job (default: the figure suite of --dataset) and write "
+                    "the HTML report.",
+        epilog="examples:\n"
+               "  kmdask sweep                          jobs/sweep.yaml + jobs/errorcases.yaml "
+               "-> report/\n"
+               "  kmdask sweep --dataset fashion-mnist  jobs/fashion.yaml + "
+               "jobs/errorcases-fashion.yaml -> report/fashion-mnist/\n"
+               "  kmdask sweep jobs/smoke.yaml --out /tmp/smoke-report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("jobs", nargs="*", default=["jobs/sweep.yaml", "jobs/errorcases.yaml"],
-                   help="job files (default: jobs/sweep.yaml jobs/errorcases.yaml)")
-    p.add_argument("--out", type=Path, default=Path("report"),
-                   help="report directory (default: report/)")
+    p.add_argument("jobs", nargs="*", default=[],
+                   help="job files (default: those of --dataset)")
+    p.add_argument("--dataset", choices=sorted(SWEEPS), default="mnist",
+                   help="whose figure suite to run when no job is named (default: mnist)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report directory (default: report/, report/fashion-mnist/ for "
+                        "Fashion-MNIST)")
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_sweep)
 

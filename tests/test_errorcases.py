@@ -291,10 +291,10 @@ def test_shipped_errorcases_job():
     assert (c10.algorithm, c10.ks, c10.iterations, c10.trials, c10.cases.zero_out) == \
         ("mccaffrey", (10,), 30, 50, 0.90)
     assert {e.fit for e in job.experiments} == {"cases3", "cases10"}
-    from kmdask.cli import build_parser
+    from kmdask.cli import SWEEPS, build_parser
 
     args = build_parser().parse_args(["sweep"])
-    assert args.jobs == ["jobs/sweep.yaml", "jobs/errorcases.yaml"]
+    assert SWEEPS[args.dataset][0] == ["jobs/sweep.yaml", "jobs/errorcases.yaml"]
 
 
 # --------------------------------------------------------------------------------------------

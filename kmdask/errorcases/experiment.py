@@ -14,6 +14,10 @@ For a fit that clusters the training cases' probability vectors (``experiments:`
    fit's power, against the centres); every other test image keeps the general answer.
    Variant (b'), also reported: the reliable centre competes too, and a case nearest to it
    keeps the general answer (the clustering itself would put it in the reliable cluster).
+   Design ``mixture`` (when the experiment lists it in ``designs:``): a routed case gets the
+   average of every specialist's (label-shift corrected) class probabilities, weighted by the
+   inverse squared distance of its case vector to each specialist's centre, so a case between
+   two error clusters is answered by both.
 3. **Baseline** with the same extra budget: the general network fine-tuned the same way on the
    whole training set for as many examples as all specialists together saw.
 
@@ -62,6 +66,25 @@ def route(probs: np.ndarray, centres: np.ndarray, reliable: int | None, threshol
     if include_reliable and reliable is not None:
         out[out == reliable] = -1
     return out
+
+
+def mixture_weights(probs: np.ndarray, centres: np.ndarray, reliable: int | None,
+                    power: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(clusters, weights)`` of the mixture design: for each case, a weight per non-reliable
+    centre (columns in ``clusters`` order) proportional to 1 / squared distance of its case
+    vector to it, rows summing to 1; a case on a centre gets that centre's weight 1."""
+    cands = np.array([j for j in range(centres.shape[0]) if j != reliable], dtype=np.int64)
+    v = transform(probs, None, "probs", power)
+    d = ((v[:, None, :] - centres[cands][None, :, :]) ** 2).sum(axis=2)
+    on = d <= 1e-24
+    w = np.where(on.any(axis=1, keepdims=True), on.astype(np.float64),
+                 1.0 / np.maximum(d, 1e-24))
+    return cands, w / w.sum(axis=1, keepdims=True)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def class_set(true: np.ndarray, probs: np.ndarray, share: float) -> list[int]:
@@ -115,10 +138,13 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 
 def evaluate(y: np.ndarray, general: np.ndarray, routed: np.ndarray, baseline: np.ndarray,
              routes: np.ndarray, n_boot: int = 2000, seed: int = 0,
-             nearest: np.ndarray | None = None) -> dict:
+             nearest: np.ndarray | None = None,
+             designs: dict[str, np.ndarray] | None = None) -> dict:
     """Accuracies, intervals, tests and the per-group table; every test case counted once
     (group = the cluster it was routed to, or ``general`` for the cases kept). ``nearest``:
-    the answers of the variant that keeps cases nearest the reliable centre general."""
+    the answers of the variant that keeps cases nearest the reliable centre general;
+    ``designs``: the answers of further routing designs, by name (``routed_<name>_...`` keys,
+    from the same resamples)."""
     ca, cb, cc = general == y, routed == y, baseline == y
     groups = sorted(set(routes.tolist()))
     per_group = {}
@@ -136,10 +162,23 @@ def evaluate(y: np.ndarray, general: np.ndarray, routed: np.ndarray, baseline: n
         correct["routed_nearest"] = nearest == y
         extra = {"routed_nearest_accuracy": float(correct["routed_nearest"].mean()),
                  "mcnemar_general_vs_routed_nearest": mcnemar(ca, correct["routed_nearest"])}
-    ci = bootstrap_ci(correct, n_boot, seed,
-                      pairs=(("routed", "general"), ("routed", "baseline")))
+    for name, answers in (designs or {}).items():
+        key = f"routed_{name}"
+        correct[key] = answers == y
+        extra.update({f"{key}_accuracy": float(correct[key].mean()),
+                      f"mcnemar_general_vs_{key}": mcnemar(ca, correct[key]),
+                      f"mcnemar_baseline_vs_{key}": mcnemar(cc, correct[key])})
+    pairs = [("routed", "general"), ("routed", "baseline")]
+    pairs += [(f"routed_{n}", "general") for n in designs or {}]
+    pairs += [(f"routed_{n}", "baseline") for n in designs or {}]
+    ci = bootstrap_ci(correct, n_boot, seed, pairs=tuple(pairs))
     if nearest is not None:
         extra["routed_nearest_ci"] = ci["routed_nearest"]
+    for name in designs or {}:
+        key = f"routed_{name}"
+        extra.update({f"{key}_ci": ci[key],
+                      f"{key}_minus_general_ci": ci[f"{key}-general"],
+                      f"{key}_minus_baseline_ci": ci[f"{key}-baseline"]})
     return {
         **extra,
         "n_test": int(y.shape[0]), "n_routed": int((routes >= 0).sum()),
@@ -168,16 +207,20 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
     reliable = res.get("reliable_cluster")
     clf = job.classifier or ClassifierSpec()
     sp = exp.specialist
-    n_train = clf.rows or cases.images["train"].shape[0]
+    n_train = cases.train_rows  # validation rows, if any, stay out of every training
+    threshold = cases.thresholds[exp.fit]
     x_tr, y_tr = cases.images["train"][:n_train], cases.labels["train"][:n_train]
     p_tr = cases.probs["train"][:n_train]
     rng = np.random.default_rng(exp.seed)
     p_te, y_te, x_te = cases.probs["test"], cases.labels["test"], cases.images["test"]
     general = np.argmax(p_te, axis=1)
-    routes = route(p_te, centres, reliable, fit.cases.zero_out, fit.cases.power)
-    routes_nearest = route(p_te, centres, reliable, fit.cases.zero_out, fit.cases.power,
+    routes = route(p_te, centres, reliable, threshold, fit.cases.power)
+    routes_nearest = route(p_te, centres, reliable, threshold, fit.cases.power,
                            include_reliable=True)
     routed, nearest = general.copy(), general.copy()
+    low = p_te.max(axis=1) < threshold
+    mix_clusters, mix_w = mixture_weights(p_te[low], centres, reliable, fit.cases.power)
+    mix = np.zeros((int(low.sum()), p_te.shape[1]))  # the mixture design's probabilities
     prior = np.log(np.bincount(y_tr, minlength=10) + 1.0)
     clusters, budget = [], 0
     for j in range(exp.k):
@@ -203,6 +246,9 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
             routed[m] = np.argmax(net.logits(x_te[m]) + shift, axis=1)
         if mn.any():
             nearest[mn] = np.argmax(net.logits(x_te[mn]) + shift, axis=1)
+        if "mixture" in exp.designs and low.any():
+            col = int(np.flatnonzero(mix_clusters == j)[0])
+            mix += mix_w[:, col:col + 1] * _softmax(net.logits(x_te[low]) + shift)
         clusters.append({"cluster": j, "train_cases": int(members.size), "classes": classes,
                          "neighbourhood": int(idx.shape[0]), "examples": hist["examples"],
                          "seconds": hist["seconds"], "test_routed": int(m.sum())})
@@ -212,12 +258,21 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
     base_net, base_hist = train(x_tr, y_tr, clf, init=cases.network, examples=max(budget, 1),
                                 learning_rate=sp.learning_rate, seed=exp.seed)
     baseline = np.argmax(base_net.logits(x_te), axis=1)
+    designs = {}
+    if "mixture" in exp.designs:
+        designs["mixture"] = general.copy()
+        designs["mixture"][low] = np.argmax(mix, axis=1)
     out = evaluate(y_te, general, routed, baseline, routes, exp.bootstrap, exp.seed,
-                   nearest=nearest)
-    out["n_low_confidence"] = int((p_te.max(axis=1) < fit.cases.zero_out).sum())
+                   nearest=nearest, designs=designs)
+    out["designs"] = list(exp.designs)
+    out["n_low_confidence"] = int(low.sum())
     out["n_routed_nearest"] = int((routes_nearest >= 0).sum())
     out.update({
-        "fit": exp.fit, "k": exp.k, "algorithm": fit.algorithm, "threshold": fit.cases.zero_out,
+        "fit": exp.fit, "k": exp.k, "algorithm": fit.algorithm, "threshold": threshold,
+        "threshold_rule": (None if fit.cases.validation_error is None else
+                           {"validation_error": fit.cases.validation_error,
+                            "validation_rows": [cases.train_rows,
+                                                cases.info.get("validation_rows", [0, 0])[1]]}),
         "power": fit.cases.power, "reliable_cluster": reliable, "specialists": clusters,
         "specialist_settings": vars(sp).copy(),
         "baseline": {"kind": "general network trained longer (same examples as all "
@@ -229,7 +284,7 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
     d.mkdir(parents=True, exist_ok=True)
     np.savez(d / "predictions.npz", y=y_te, general=general, routed=routed, baseline=baseline,
              route=routes, top=p_te.max(axis=1), routed_nearest=nearest,
-             route_nearest=routes_nearest)
+             route_nearest=routes_nearest, **{f"routed_{n}": a for n, a in designs.items()})
     rundir.write_json(d / "experiment.json", out)
     log.info("  experiment %s: general %.2f%%, routed %.2f%%, baseline %.2f%% (%d routed; "
              "McNemar p %.3g / %.3g)", exp.fit, 100 * out["general_accuracy"],
@@ -242,7 +297,10 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
 SUMMARY_KEYS = ("general_accuracy", "routed_accuracy", "baseline_accuracy", "general_ci",
                 "routed_ci", "baseline_ci", "routed_minus_general_ci",
                 "routed_minus_baseline_ci", "n_test", "n_routed", "k", "threshold",
-                "routed_nearest_accuracy", "routed_nearest_ci", "n_routed_nearest")
+                "routed_nearest_accuracy", "routed_nearest_ci", "n_routed_nearest",
+                "routed_mixture_accuracy", "routed_mixture_ci",
+                "routed_mixture_minus_general_ci", "routed_mixture_minus_baseline_ci",
+                "threshold_rule")
 
 
 def run_experiments(run: Path, job: JobSpec, cases: CaseData) -> dict:
@@ -259,7 +317,7 @@ def run_experiments(run: Path, job: JobSpec, cases: CaseData) -> dict:
     first = done[job.experiments[0].fit]
     rundir.write_json(run / "experiment.json",
                       {**first, "headline_fit": job.experiments[0].fit, "experiments": done})
-    return {f: {k: e[k] for k in SUMMARY_KEYS} | {
+    return {f: {k: e[k] for k in SUMMARY_KEYS if k in e} | {
         "p_general_vs_routed": e["mcnemar_general_vs_routed"]["p_value"],
         "p_baseline_vs_routed": e["mcnemar_baseline_vs_routed"]["p_value"]}
         for f, e in done.items()}

@@ -4,7 +4,7 @@
   one holding the zeroed cases) first and red, then the others in cluster order with the next
   palette colours: its count box, a 10-bar chart of its mean vector (bar colour = the class's
   palette colour, the digit under each bar, one labelled scale shared by all columns) and the
-  MNIST images of its first members, five per row.
+  images of its first members, five per row.
 * ``case_confusion``: per cluster, the general network's confusion matrix on its cases.
 * ``experiment``: accuracies of the general network, the routed specialists and the baseline
   with their intervals, and per error cluster on the test cases routed to it.
@@ -27,6 +27,7 @@ from kmdask.report.style import (
     BOX_W,
     CHART_DPI,
     COL_GAP,
+    DATASET_TITLES,
     FIT_COLOURS,
     GAP,
     GUTTER,
@@ -103,7 +104,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
     sample_px = SIDE * SAMPLE_SCALE
     max_rows = max((math.ceil(s.shape[0] / PER_ROW) for s in samples), default=0)
     clf = run.manifest.get("classifier", {})
-    zero = cases.get("zero_out")
+    zero = res.get("zero_out", cases.get("zero_out"))  # chosen on validation rows: the result
     vlabel = vector_label(cases)
     lines = [[f"K = {k}", f"Samples = {info['rows']}", f"Iterations = {info['iterations']}",
               f"Trials = {info['trials']}"],
@@ -149,7 +150,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
                            color="black" if lum > 0.5 else "white")))
         texts.append((xc + BOX_W + 18, y_box + 8, f"cluster {j}", dict(fontsize=pt(44))))
         texts.append((xc + BOX_W + 18, y_box + 66, "reliable" if j == reliable
-                      else _top_classes(centers[j]), dict(fontsize=pt(36), color=MUTED)))
+                      else _top_classes(centers[j], run), dict(fontsize=pt(36), color=MUTED)))
         ax = f.add_axes(((xc + 95) / width, 1 - (y_bars + BAR_H - 60) / height,
                          (col_w - 105) / width, (BAR_H - 80) / height))
         _bars(ax, centers[j], lo, hi, vlabel if pos == 0 else None,
@@ -164,14 +165,19 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
     texts.append((MARGIN, y_title, title, dict(fontsize=pt(TITLE_PX), weight="bold")))
     for y, label, va in ((y_box + BOX_H / 2, "Cluster\ncount", "center"),
                          (y_bars + BAR_H / 2 - 30, "Cluster\nmean\nvector", "center"),
-                         (y_samples, "Cluster\nsamples\n(MNIST)", "top")):
+                         (y_samples, "Cluster\nsamples\n("
+                          f"{DATASET_TITLES.get(run.manifest['data']['dataset'], 'images')})",
+                          "top")):
         texts.append((MARGIN, y, label, dict(fontsize=pt(48), va=va, linespacing=1.15)))
     save_canvas(canvas, f, texts, path)  # the bar axes and texts over the canvas
     caption = (f"{fit}: K = {k}, {info['rows']} cases, vectors {vlabel}, ZeroOut "
                f"{zero if zero is not None else 'none'}; "
                + ("the reliable cluster (all zeroed cases; the algorithm's cluster "
                   f"{reliable}) is drawn first in red. " if reliable is not None else "")
-               + f"Samples: each cluster's first {cap} members (MNIST images).")
+               + f"Samples: each cluster's first {cap} members "
+               f"({DATASET_TITLES.get(run.manifest['data']['dataset'], 'the')} images)."
+               + ("" if run.class_noun == "digit" else " Bars: the network's probability of "
+                  "class " + ", ".join(f"{c} {run.class_name(c)}" for c in range(10)) + "."))
     return Drawn(path, caption, canvas)
 
 
@@ -182,14 +188,15 @@ def _bar_limits(centers: np.ndarray) -> tuple[float, float]:
     return (-top, top) if centers.min() < 0 else (0.0, top)
 
 
-def _top_classes(mean: np.ndarray) -> str:
-    """The classes carrying most of a mean vector's weight, e.g. '4 / 9 / 7'."""
+def _top_classes(mean: np.ndarray, run: Run) -> str:
+    """The classes carrying most of a mean vector's weight, e.g. '4 / 9 / 7' or
+    'Shirt / Coat'."""
     w = np.abs(mean)
     if w.sum() == 0:
         return ""
     order = np.argsort(-w, kind="stable")
     keep = [int(c) for c in order[:3] if w[c] >= 0.1 * w[order[0]]]
-    return "mostly " + " / ".join(map(str, keep))
+    return "mostly " + " / ".join(run.class_name(c) for c in keep)
 
 
 def _bars(ax, mean: np.ndarray, lo: float, hi: float, ylabel: str | None, note: str | None
@@ -251,7 +258,7 @@ def draw_case_confusion(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                                    minlength=100).reshape(10, 10) for j in order]
                 top = max(2, max(int(c.max()) for c in cms))  # one colour scale for all
                 for pos, (j, cm) in enumerate(zip(order, cms, strict=True)):
-                    im = _confusion(axes[pos], cm, top)
+                    im = _confusion(axes[pos], cm, top, run)
                     acc = np.trace(cm) / max(cm.sum(), 1)
                     axes[pos].set_title(f"cluster {j}{' (reliable)' if j == reliable else ''}"
                                         f"\nn = {cm.sum()}, accuracy {acc:.1%}", fontsize=10,
@@ -282,12 +289,17 @@ def draw_case_confusion(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     return drawn
 
 
-def _confusion(ax, cm: np.ndarray, top: int):
+def _confusion(ax, cm: np.ndarray, top: int, run: Run):
     im = ax.imshow(np.where(cm > 0, cm, np.nan), cmap="magma",
                    norm=colors.LogNorm(vmin=1, vmax=top), interpolation="nearest")
     ax.grid(False)
-    ax.set_xticks(range(10))
-    ax.set_yticks(range(10))
+    names = [run.class_name(c) for c in range(10)]
+    if run.class_noun == "digit":
+        ax.set_xticks(range(10))
+        ax.set_yticks(range(10))
+    else:
+        ax.set_xticks(range(10), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(10), names, fontsize=6)
     ax.tick_params(length=0, labelsize=8)
     for t in range(10):
         for p in range(10):
@@ -307,6 +319,7 @@ SYSTEMS = (("general", "(a) general network", "#9a9a9a"),
            ("routed", "(b) routed to specialists", FIT_COLOURS[0]),
            ("baseline", "(c) baseline: general trained longer", FIT_COLOURS[1]))
 NEAREST = ("routed_nearest", "(b') routed, reliable centre competing", FIT_COLOURS[3])
+MIXTURE = ("routed_mixture", "(d) mixture of specialists by distance", FIT_COLOURS[2])
 
 
 def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
@@ -319,7 +332,7 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
         with dark_theme():
             f = chart(13 + 0.45 * max(0, len(groups) - 5), 5.4)
             ax, ax2 = f.subplots(1, 2, width_ratios=[1, 1.5])
-            rows = SYSTEMS + ((NEAREST,) if "routed_nearest_accuracy" in e else ())
+            rows = SYSTEMS + tuple(r for r in (NEAREST, MIXTURE) if f"{r[0]}_accuracy" in e)
             for i, (key, _, col) in enumerate(rows):
                 acc, (lo, hi) = e[f"{key}_accuracy"], e[f"{key}_ci"]
                 ax.errorbar(acc * 100, i, xerr=[[100 * (acc - lo)], [100 * (hi - acc)]],
@@ -349,8 +362,7 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
                 for xi, v in zip(x + (i - 1) * width, vals, strict=True):
                     ax2.text(xi, v, f"{v:.1f}", ha="center", va="bottom",
                              fontsize=7 if len(groups) <= 4 else 5.5)
-            names = [f"cluster {g}\n"
-                     f"{'/'.join(map(str, specs.get(int(g), {}).get('classes', [])))}"
+            names = [f"cluster {g}\n{_class_list(run, specs.get(int(g), {}).get('classes', []))}"
                      f"\nn = {e['groups'][g]['n']}" for g in groups]
             ax2.set_xticks(x, names, fontsize=8 if len(groups) <= 6 else 7)
             ax2.set_ylim(floor, 100 + (100 - floor) * 0.25)  # headroom for the legend
@@ -374,8 +386,23 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
     return drawn
 
 
+def _class_list(run: Run, classes: list[int]) -> str:
+    """A specialist's classes under its bars: '3/5/8' for digits, names one per line (at most
+    three, then '+N') for named classes."""
+    if run.class_noun == "digit":
+        return "/".join(map(str, classes))
+    names = [run.class_name(c) for c in classes]
+    return "\n".join(names[:3] + ([f"+{len(names) - 3}"] if len(names) > 3 else []))
+
+
 def _experiment_caption(e: dict) -> str:
     d = e["routed_minus_general_ci"]
+    mix = ""
+    if "routed_mixture_accuracy" in e:
+        m = e["routed_mixture_minus_general_ci"]
+        mix = (f" (d) mixture: the same routed cases answered by every specialist, weighted by "
+               f"1 / squared distance to its centre: {e['routed_mixture_accuracy']:.2%}, (d) - "
+               f"(a) [{m[0] * 100:+.2f}, {m[1] * 100:+.2f}] points.")
     return (f"Test accuracy: (a) general {e['general_accuracy']:.2%}, (b) routed "
             f"{e['routed_accuracy']:.2%}, (c) baseline {e['baseline_accuracy']:.2%}; (b) - (a) "
             f"95% interval [{d[0] * 100:+.2f}, {d[1] * 100:+.2f}] points. {e['n_routed']} of "
@@ -383,4 +410,4 @@ def _experiment_caption(e: dict) -> str:
             f"specialist of their nearest error-cluster centre; the rest kept the general "
             f"answer. Each specialist: the general network fine-tuned on its cluster's classes "
             f"plus its own cases; the baseline saw as many extra examples "
-            f"({e['extra_examples']:,}) from the whole training set.")
+            f"({e['extra_examples']:,}) from the whole training set." + mix)

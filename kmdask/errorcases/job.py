@@ -49,7 +49,9 @@ class ErrorCasesJob:
                      centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
         if "cases" not in fit.extras:
             return labels, centres, {}
-        return case_order(fit.algorithm, labels, centres, cases.zeroed[fit.name])
+        labels, centres, extra = case_order(fit.algorithm, labels, centres,
+                                            cases.zeroed[fit.name])
+        return labels, centres, {**extra, "zero_out": cases.thresholds[fit.name]}
 
     def finish(self, run: Path, job: JobSpec, cases: CaseData) -> tuple[dict, dict]:
         extra: dict = {"classifier": {k: v for k, v in cases.info.items() if k != "epoch_loss"}}

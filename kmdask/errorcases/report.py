@@ -24,27 +24,36 @@ def index_section(run: Run) -> str:
                        f"{st.get('epochs')} epochs, shifts ≤ {st.get('shift')} px, "
                        f"seed {st.get('seed')}")),
         ("test accuracy", f"<b>{pct(clf['test_accuracy'])}</b> (train "
-                          f"{pct(clf['train_accuracy'])})"),
+                          f"{pct(clf['train_accuracy'])}"
+                          + (f", validation {pct(clf['validation_accuracy'])} on training rows "
+                             f"{clf['validation_rows'][0]}–{clf['validation_rows'][1] - 1}, "
+                             "held out of every training" if "validation_accuracy" in clf
+                             else "") + ")"),
         ("training", esc(f"{clf['train_seconds']:.1f} s on {clf['train_rows']} rows"
                         + ("; this run reused the cached model" if clf.get("reused") else ""))),
         ("fingerprint", f"<code>{esc(clf['fingerprint'][:16])}</code> (cached under "
                         "<code>runs/_models/</code>)")])]
     head = ("<tr><th>experiment (fit)</th><th>K</th><th>routed test cases</th><th>(a) general"
             "</th><th>(b) routed</th><th>(c) baseline</th><th>(b)−(a)</th>"
-            "<th>(b′) reliable centre competing</th>"
+            "<th>(b′) reliable centre competing</th><th>(d) mixture by distance</th>"
             "<th>McNemar p (a) vs (b)</th><th>McNemar p (c) vs (b)</th></tr>")
     rows = []
     for fit, e in m.get("experiments", {}).items():
         d = e["routed_minus_general_ci"]
         rows.append(
             f"<tr><td><b>{esc(fit)}</b></td><td class=n>{e['k']}</td><td class=n>"
-            f"{e['n_routed']} of {e['n_test']} (top p &lt; {e['threshold']:g})</td>"
+            f"{e['n_routed']} of {e['n_test']} (top p &lt; {e['threshold']:.6g}"
+            + (f", chosen on validation: ≤ {pct(e['threshold_rule']['validation_error'])} "
+               "errors above it" if e.get("threshold_rule") else "") + ")</td>"
             + "".join(f"<td class=n>{pct(e[f'{s}_accuracy'])} {_ci(e[f'{s}_ci'])}</td>"
                       for s in ("general", "routed", "baseline"))
             + f"<td class=n>[{100 * d[0]:+.2f}, {100 * d[1]:+.2f}] pts</td>"
             + (f"<td class=n>{pct(e['routed_nearest_accuracy'])} "
                f"{_ci(e['routed_nearest_ci'])}, {e['n_routed_nearest']} routed</td>"
                if e.get("routed_nearest_ci") else "<td></td>")
+            + (f"<td class=n>{pct(e['routed_mixture_accuracy'])} "
+               f"{_ci(e['routed_mixture_ci'])}</td>" if e.get("routed_mixture_ci")
+               else "<td></td>")
             + f"<td class=n>{e['p_general_vs_routed']:.3g}</td>"
             f"<td class=n>{e['p_baseline_vs_routed']:.3g}</td></tr>")
     if rows:

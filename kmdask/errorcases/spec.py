@@ -17,8 +17,10 @@ VECTORS = ("probs", "error")
 
 _CASES_KEYS = {"vector", "power", "zero_out"}
 _CLASSIFIER_KEYS = {"hidden", "epochs", "batch", "learning_rate", "momentum", "weight_decay",
-                    "shift", "seed", "rows"}
-_EXPERIMENT_KEYS = {"fit", "k", "specialist", "bootstrap", "seed"}
+                    "shift", "seed", "rows", "validation"}
+_EXPERIMENT_KEYS = {"fit", "k", "specialist", "bootstrap", "seed", "designs"}
+# routing designs beyond the nearest centre (which every experiment reports, with (b'))
+DESIGNS = ("mixture",)
 _SPECIALIST_KEYS = {"epochs", "learning_rate", "member_weight", "class_share", "others"}
 
 
@@ -28,12 +30,16 @@ class CasesSpec:
 
     vector: ``probs`` (class probabilities) or ``error`` (one-hot target - probabilities);
     power: each component raised to it, sign kept (the original's "density");
-    zero_out: cases whose top probability is >= it become the zero vector (None: none do).
+    zero_out: cases whose top probability is >= it become the zero vector (None: none do);
+    validation_error: instead of a fixed zero_out, the lowest threshold at which the network
+    errs on at most this share of the held-out validation cases it would zero (chosen on the
+    classifier's validation rows, never on the test set).
     """
 
     vector: str = "probs"
     power: int = 1
     zero_out: float | None = None
+    validation_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,21 @@ class ClassifierSpec:
     shift: int = 2
     seed: int = 0
     rows: int | None = None  # train on the first N training rows only (tests)
+    validation: int = 0  # the last N of those rows are held out: every choice is made on them
 
     def settings(self) -> dict:
+        # validation only when set: a job without it keeps its classifier's fingerprint
         return {"hidden": list(self.hidden), "epochs": self.epochs, "batch": self.batch,
                 "learning_rate": self.learning_rate, "momentum": self.momentum,
                 "weight_decay": self.weight_decay, "shift": self.shift, "seed": self.seed,
-                "rows": self.rows}
+                "rows": self.rows, **({"validation": self.validation} if self.validation
+                                      else {})}
+
+    def split_rows(self, n_train: int) -> tuple[int, int]:
+        """(rows the networks train on, first row after the validation rows) of a training
+        split of ``n_train`` rows: training rows are [0, a), validation rows [a, b)."""
+        b = min(self.rows or n_train, n_train)
+        return b - self.validation, b
 
 
 @dataclass(frozen=True)
@@ -77,17 +92,25 @@ class ExperimentSpec:
     specialist: SpecialistSpec = field(default_factory=SpecialistSpec)
     bootstrap: int = 2000
     seed: int = 0
+    designs: tuple[str, ...] = ()  # routing designs of :data:`DESIGNS` compared too
 
 
 def cases_spec(c: Checker, raw: Any, key: str) -> CasesSpec:
     """A fit's ``cases:`` (the fit clusters case vectors instead of images)."""
     c.mapping(raw, key, _CASES_KEYS)
     power = c.integer(raw.get("power", 1), f"{key}.power", 1, 3)
-    zero = raw.get("zero_out")
+    zero, rule = raw.get("zero_out"), None
+    if isinstance(zero, dict):  # {validation_error: E}: chosen on the validation rows
+        c.mapping(zero, f"{key}.zero_out", {"validation_error"})
+        if "validation_error" not in zero:
+            raise c.fail(f"{key}.zero_out", "expected a number or {validation_error: E}")
+        rule = c.number(zero["validation_error"], f"{key}.zero_out.validation_error", 0.0, 1.0)
+        zero = None
     return CasesSpec(vector=c.string(raw.get("vector", "probs"), f"{key}.vector", VECTORS),
                      power=power,
                      zero_out=None if zero is None else c.number(zero, f"{key}.zero_out",
-                                                                 1e-9, 1.0))
+                                                                 1e-9, 1.0),
+                     validation_error=rule)
 
 
 def classifier_section(c: Checker, raw: Any, key: str, job: Any) -> ClassifierSpec | None:
@@ -98,7 +121,12 @@ def classifier_section(c: Checker, raw: Any, key: str, job: Any) -> ClassifierSp
         # the network trains on a staged store's train split and is scored on its test split
         raise c.fail(key, "error cases need a staged store with train and test splits "
                      "(data.store or data.dataset), not data.array")
-    return classifier_spec(c, raw or {}, key)
+    spec = classifier_spec(c, raw or {}, key)
+    for f in job.fits:
+        if "cases" in f.extras and f.cases.validation_error is not None and not spec.validation:
+            raise c.fail(f"{key}.validation", f"fit {f.name!r} chooses zero_out on validation "
+                         "rows; set classifier.validation (rows held out of training)")
+    return spec
 
 
 def classifier_spec(c: Checker, raw: Any, key: str) -> ClassifierSpec:
@@ -122,6 +150,8 @@ def classifier_spec(c: Checker, raw: Any, key: str) -> ClassifierSpec:
         shift=c.integer(raw.get("shift", d.shift), f"{key}.shift", 0, 4),
         seed=c.integer(raw.get("seed", d.seed), f"{key}.seed", 0, 2**31 - 1),
         rows=None if rows is None else c.integer(rows, f"{key}.rows", 100),
+        validation=c.integer(raw.get("validation", 0), f"{key}.validation", 0,
+                             (rows or 10**9) - 100),
     )
 
 
@@ -149,7 +179,8 @@ def experiment_spec(c: Checker, raw: Any, key: str, fits: dict[str, Any],
     if "cases" not in fit.extras:
         raise c.fail(f"{key}.fit", f"fit {name!r} clusters images; an experiment needs a fit "
                      "with cases:")
-    if fit.cases.vector != "probs" or fit.cases.zero_out is None:
+    if fit.cases.vector != "probs" or (fit.cases.zero_out is None
+                                       and fit.cases.validation_error is None):
         raise c.fail(f"{key}.fit", f"fit {name!r}: routing needs cases with vector: probs (an "
                      "error vector uses the true label, unknown at test time) and a zero_out "
                      "threshold")
@@ -175,8 +206,13 @@ def experiment_spec(c: Checker, raw: Any, key: str, fits: dict[str, Any],
         class_share=c.number(sp.get("class_share", d.class_share),
                              f"{key}.specialist.class_share", 0.0, 1.0),
         others=c.number(sp.get("others", d.others), f"{key}.specialist.others", 0.0, 1.0))
+    designs = raw.get("designs", [])
+    if not isinstance(designs, list):
+        raise c.fail(f"{key}.designs", f"expected a list of {', '.join(DESIGNS)}, got "
+                     f"{show(designs)}")
     return ExperimentSpec(
         fit=name, k=k, specialist=specialist,
+        designs=tuple(c.string(d, f"{key}.designs[{i}]", DESIGNS) for i, d in enumerate(designs)),
         bootstrap=c.integer(raw.get("bootstrap", 2000), f"{key}.bootstrap", 100, 100_000),
         seed=c.integer(raw.get("seed", 0), f"{key}.seed", 0, 2**31 - 1))
 

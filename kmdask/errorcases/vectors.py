@@ -15,6 +15,7 @@ train and test data fingerprints + the classifier settings + kmdask version) and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -33,6 +34,7 @@ from kmdask.batch.spec import JobSpec
 from kmdask.data.location import Location
 from kmdask.errorcases.classifier import Network, accuracy, read_model, train, write_model
 from kmdask.errorcases.spec import CasesSpec, ClassifierSpec
+from kmdask.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,23 @@ def zero_mask(probs: np.ndarray, zero_out: float | None) -> np.ndarray:
     if zero_out is None:
         return np.zeros(probs.shape[0], dtype=bool)
     return np.asarray(probs).max(axis=1) >= zero_out
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray, max_error: float) -> float:
+    """The lowest ``zero_out`` at which the network errs on at most ``max_error`` of the
+    (validation) cases it would zero: cases sorted by top probability, the longest prefix
+    whose error rate is within the bound; 1.0 (nothing zeroed below certainty) when even the
+    most confident case is wrong."""
+    top = np.asarray(probs).max(axis=1)
+    wrong = np.argmax(probs, axis=1) != np.asarray(labels)
+    order = np.argsort(-top, kind="stable")
+    rate = np.cumsum(wrong[order]) / np.arange(1, top.shape[0] + 1)
+    ok = np.flatnonzero(rate <= max_error)
+    if ok.size == 0:
+        return 1.0
+    i = int(ok[-1])
+    # ties: every case with the same top probability as the last one kept is zeroed with it
+    return float(top[order[i]])
 
 
 def case_vectors(probs: np.ndarray, targets: np.ndarray | None, spec: CasesSpec
@@ -122,6 +141,8 @@ class CaseData:
     labels: dict[str, np.ndarray]
     probs: dict[str, np.ndarray]
     zeroed: dict[str, np.ndarray]  # per fit: the training cases zeroed
+    thresholds: dict[str, float | None]  # per fit: its zero_out (chosen on validation rows)
+    train_rows: int  # the networks train on rows [0, train_rows) of the training split
     chunk_rows: int
     split: str = "train"  # the split the fits cluster
     seconds: float = 0.0  # spent preparing (training or loading, vectors)
@@ -158,8 +179,9 @@ def get_classifier(spec: ClassifierSpec, fp: str, runs_dir: Path, data: dict
                 log.info(f"  classifier: reusing {cache} (test accuracy "
                          f"{info['test_accuracy']:.2%})")
                 return net, {**info, "reused": True}, cache
-        rows = spec.rows or data["images"]["train"].shape[0]
-        log.info(f"  classifier: training {spec.hidden} on {rows} rows, {spec.epochs} epochs")
+        rows, stop = spec.split_rows(data["images"]["train"].shape[0])
+        log.info(f"  classifier: training {spec.hidden} on {rows} rows, {spec.epochs} epochs"
+                 + (f" ({stop - rows} more held out for validation)" if stop > rows else ""))
         x, y = data["images"]["train"][:rows], data["labels"]["train"][:rows]
 
         def show(p: dict) -> None:
@@ -172,6 +194,9 @@ def get_classifier(spec: ClassifierSpec, fp: str, runs_dir: Path, data: dict
                 "epoch_loss": hist["epoch_loss"],
                 "train_accuracy": accuracy(net, x, y),
                 "test_accuracy": accuracy(net, data["images"]["test"], data["labels"]["test"])}
+        if stop > rows:
+            info.update(validation_rows=[int(rows), int(stop)], validation_accuracy=accuracy(
+                net, data["images"]["train"][rows:stop], data["labels"]["train"][rows:stop]))
         tmp = models / f".{fp[:16]}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         write_model(tmp, net, info)
@@ -224,13 +249,28 @@ def prepare_cases(run: Path, job: JobSpec, store: Location, runs_dir: Path) -> C
     for s in ("train", "test"):
         put(f"{s}/probs", probs[s])
     zeroed: dict[str, np.ndarray] = {}
+    thresholds: dict[str, float | None] = {}
+    n_train = data["images"]["train"].shape[0]
+    train_rows, stop = spec.split_rows(n_train)
     for f in job.fits:
         if "cases" not in f.extras:
             continue
+        if stop > train_rows and (f.rows or n_train) > train_rows:
+            raise ConfigError(f"{job.source}: fits[{f.name}].rows: {f.rows or n_train} rows "
+                              f"would cluster the validation rows [{train_rows}, {stop}); at "
+                              f"most {train_rows}")
+        cs = f.cases
+        if cs.validation_error is not None:  # chosen on the validation rows only
+            t = choose_threshold(probs["train"][train_rows:stop],
+                                 data["labels"]["train"][train_rows:stop], cs.validation_error)
+            log.info(f"  cases {f.name}: zero_out {t:.6g} (network errs on at most "
+                     f"{cs.validation_error:.2%} of the validation cases at or above it)")
+            cs = dataclasses.replace(cs, zero_out=t)
+        thresholds[f.name] = cs.zero_out
         for s in ("train", "test"):
-            v, z = case_vectors(probs[s], data["labels"][s], f.cases)
-            put(f"vectors/{f.name}/{s}", v, {"vector": f.cases.vector, "power": f.cases.power,
-                                             "zero_out": f.cases.zero_out,
+            v, z = case_vectors(probs[s], data["labels"][s], cs)
+            put(f"vectors/{f.name}/{s}", v, {"vector": cs.vector, "power": cs.power,
+                                             "zero_out": cs.zero_out,
                                              "n_zeroed": int(z.sum())})
             if s == job.split:
                 zeroed[f.name] = z
@@ -239,5 +279,5 @@ def prepare_cases(run: Path, job: JobSpec, store: Location, runs_dir: Path) -> C
              f"{probs['test'].shape[0]} test images; vectors for "
              f"{', '.join(zeroed) or 'no fit'} in {path.name}")
     return CaseData(path=path, network=net, info=info, images=data["images"],
-                    labels=data["labels"], probs=probs, zeroed=zeroed, chunk_rows=chunk_rows,
-                    split=job.split)
+                    labels=data["labels"], probs=probs, zeroed=zeroed, thresholds=thresholds,
+                    train_rows=train_rows, chunk_rows=chunk_rows, split=job.split)

@@ -23,6 +23,7 @@ from kmdask.report.style import (
     BOX_H,
     BOX_W,
     COL_GAP,
+    DATASET_TITLES,
     GAP,
     GUTTER,
     HEADER_PX,
@@ -141,7 +142,8 @@ def clusters_png(run: Run, fig: FigureSpec, fits: list[str], k: int, path: Path)
     height = y_samples + max(max_rows, 1) * (sample_h + GAP) - GAP + MARGIN
     algs = {p.info["algorithm"] for p in panels}
     title = fig.title or (algorithm_title(algs.pop(), run.manifest["data"]["dataset"])
-                          if len(algs) == 1 else "K-Means++ on MNIST")
+                          if len(algs) == 1 else "K-Means++ on " + DATASET_TITLES.get(
+                              run.manifest["data"]["dataset"], run.manifest["data"]["dataset"]))
     width = MARGIN + GUTTER + len(panels) * panel_w + (len(panels) - 1) * PANEL_GAP + MARGIN
     width = max(width, int(text_width(title, TITLE_PX, bold=True)) + 2 * MARGIN)
 
