@@ -13,7 +13,7 @@ import yaml
 from conftest import run_kmdask
 
 from kmdask.batch.spec import load_job, parse_job
-from kmdask.errorcases.experiment import mixture_weights
+from kmdask.errorcases.experiment import mixture_weights, route
 from kmdask.errorcases.vectors import choose_threshold
 from kmdask.errors import ConfigError
 
@@ -68,6 +68,8 @@ def test_mixture_weights_follow_inverse_squared_distance():
      r"zero_out\.validation_eror: unknown key \(allowed: validation_error\)"),
     ({"fit": {"cases": {"zero_out": {"validation_error": 2}}}}, r"validation_error"),
     ({"experiment": {"designs": ["nearest-pair"]}}, r"designs\[0\]: expected one of mixture"),
+    ({"classifier": {"validation": 0}, "fits": {"cases": {"zero_out": 0.9}},
+      "experiment": {"designs": ["gated"]}}, r"designs: design gated decides on validation"),
 ])
 def test_bad_fashion_specs_are_one_line_errors(change, match):
     raw = yaml.safe_load((REPO / "jobs" / "errorcases-fashion.yaml").read_text())
@@ -75,6 +77,8 @@ def test_bad_fashion_specs_are_one_line_errors(change, match):
         raw["classifier"].update(change["classifier"])
     if "fit" in change:
         raw["fits"][0].update(change["fit"])
+    for f in raw["fits"] if "fits" in change else []:
+        f.update(change["fits"])
     if "experiment" in change:
         raw["experiments"][0].update(change["experiment"])
     with pytest.raises(ConfigError, match=match) as e:
@@ -90,7 +94,7 @@ def test_shipped_fashion_jobs_and_sweep_command():
     assert job.classifier.split_rows(60000) == (55000, 60000)
     assert {f.name: f.cases.validation_error for f in job.fits} == \
         {"cases3": 0.005, "cases10": 0.02, "scalable3": 0.005}
-    assert all(e.designs == ("mixture",) for e in job.experiments)
+    assert all(e.designs == ("mixture", "gated") for e in job.experiments)
     suite = load_job(REPO / "jobs" / "fashion.yaml")
     assert suite.dataset == "fashion-mnist"
     assert (suite.fit("main").ks, suite.fit("main").iterations, suite.fit("main").trials) == \
@@ -191,14 +195,30 @@ def test_fashion_error_cases_choose_on_validation_and_compare_designs(fashion_sw
     # every design answered the same test cases; the kept ones keep the general answer
     p = np.load(run / "experiments" / "cases3" / "predictions.npz")
     low = p["top"] < want
-    assert e["n_routed"] == int(low.sum()) > 0 and e["designs"] == ["mixture"]
-    for key in ("routed", "routed_mixture"):
+    assert e["n_routed"] == int(low.sum()) > 0 and e["designs"] == ["mixture", "gated"]
+    for key in ("routed", "routed_mixture", "routed_gated"):
         np.testing.assert_array_equal(p[key][~low], p["general"][~low])
+    # gated: a cluster's routed cases take the specialist's answer exactly where its gate,
+    # decided on the validation rows, let it (recomputed here from the validation answers)
+    val_routes = route(probs[5000:6000], np.load(run / "fits" / "cases3" / "k3" /
+                                                 "centers.npy"),
+                       res["reliable_cluster"], want, 2)
+    for s in e["specialists"]:
+        m, gate = p["route"] == s["cluster"], s["gate"]
+        assert gate["validation_routed"] == int((val_routes == s["cluster"]).sum())
+        mv = val_routes == s["cluster"]
+        if mv.any():
+            assert gate["validation_general"] == pytest.approx(np.mean(
+                probs[5000:6000][mv].argmax(axis=1) == labels[5000:6000][mv]))
+        assert gate["used"] == (gate["validation_specialist"] > gate["validation_general"])
+        want_answers = p["routed"][m] if gate["used"] else p["general"][m]
+        np.testing.assert_array_equal(p["routed_gated"][m], want_answers)
     assert e["routed_mixture_accuracy"] == pytest.approx(np.mean(p["routed_mixture"] == p["y"]))
     lo, hi = e["routed_mixture_ci"]
     assert lo <= e["routed_mixture_accuracy"] <= hi
     page = (fashion_sweep / "report" / "fashion-mnist" / "index.html").read_text()
     assert "(d) mixture by distance" in page and "chosen on validation" in page
+    assert "(e) gated on validation" in page
     assert "4 Coat" in page  # the cases figure's caption names the bars' classes
     from kmdask.batch.rundir import open_run
 

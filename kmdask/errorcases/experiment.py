@@ -18,6 +18,9 @@ For a fit that clusters the training cases' probability vectors (``experiments:`
    average of every specialist's (label-shift corrected) class probabilities, weighted by the
    inverse squared distance of its case vector to each specialist's centre, so a case between
    two error clusters is answered by both.
+   Design ``gated`` (needs ``classifier.validation``): nearest-centre routing, but a cluster's
+   specialist answers only if it beat the general network on the validation cases routed to
+   that cluster; otherwise those cases keep the general answer.
 3. **Baseline** with the same extra budget: the general network fine-tuned the same way on the
    whole training set for as many examples as all specialists together saw.
 
@@ -213,7 +216,12 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
     p_tr = cases.probs["train"][:n_train]
     rng = np.random.default_rng(exp.seed)
     p_te, y_te, x_te = cases.probs["test"], cases.labels["test"], cases.images["test"]
+    val = slice(n_train, cases.info.get("validation_rows", [0, n_train])[1])
+    x_va, y_va, p_va = (cases.images["train"][val], cases.labels["train"][val],
+                        cases.probs["train"][val])
+    routes_va = route(p_va, centres, reliable, threshold, fit.cases.power)
     general = np.argmax(p_te, axis=1)
+    gated = general.copy()
     routes = route(p_te, centres, reliable, threshold, fit.cases.power)
     routes_nearest = route(p_te, centres, reliable, threshold, fit.cases.power,
                            include_reliable=True)
@@ -246,12 +254,23 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
             routed[m] = np.argmax(net.logits(x_te[m]) + shift, axis=1)
         if mn.any():
             nearest[mn] = np.argmax(net.logits(x_te[mn]) + shift, axis=1)
+        gate = None
+        if "gated" in exp.designs:  # the specialist answers only where it won on validation
+            mv = routes_va == j
+            gen_va = float(np.mean(np.argmax(p_va[mv], axis=1) == y_va[mv])) if mv.any() else 1.0
+            spec_va = (float(np.mean(np.argmax(net.logits(x_va[mv]) + shift, axis=1)
+                                     == y_va[mv])) if mv.any() else 0.0)
+            gate = {"validation_routed": int(mv.sum()), "validation_general": gen_va,
+                    "validation_specialist": spec_va, "used": spec_va > gen_va}
+            if gate["used"]:
+                gated[m] = routed[m]
         if "mixture" in exp.designs and low.any():
             col = int(np.flatnonzero(mix_clusters == j)[0])
             mix += mix_w[:, col:col + 1] * _softmax(net.logits(x_te[low]) + shift)
         clusters.append({"cluster": j, "train_cases": int(members.size), "classes": classes,
                          "neighbourhood": int(idx.shape[0]), "examples": hist["examples"],
-                         "seconds": hist["seconds"], "test_routed": int(m.sum())})
+                         "seconds": hist["seconds"], "test_routed": int(m.sum()),
+                         **({"gate": gate} if gate else {})})
         log.info(f"  experiment {exp.fit}: specialist {j} on classes {classes}: "
                  f"{members.size} cases, neighbourhood {idx.shape[0]}, {m.sum()} test cases "
                  f"routed ({hist['seconds']:.1f} s)")
@@ -262,6 +281,8 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
     if "mixture" in exp.designs:
         designs["mixture"] = general.copy()
         designs["mixture"][low] = np.argmax(mix, axis=1)
+    if "gated" in exp.designs:
+        designs["gated"] = gated
     out = evaluate(y_te, general, routed, baseline, routes, exp.bootstrap, exp.seed,
                    nearest=nearest, designs=designs)
     out["designs"] = list(exp.designs)
@@ -300,6 +321,8 @@ SUMMARY_KEYS = ("general_accuracy", "routed_accuracy", "baseline_accuracy", "gen
                 "routed_nearest_accuracy", "routed_nearest_ci", "n_routed_nearest",
                 "routed_mixture_accuracy", "routed_mixture_ci",
                 "routed_mixture_minus_general_ci", "routed_mixture_minus_baseline_ci",
+                "routed_gated_accuracy", "routed_gated_ci",
+                "routed_gated_minus_general_ci", "routed_gated_minus_baseline_ci",
                 "threshold_rule")
 
 

@@ -320,6 +320,7 @@ SYSTEMS = (("general", "(a) general network", "#9a9a9a"),
            ("baseline", "(c) baseline: general trained longer", FIT_COLOURS[1]))
 NEAREST = ("routed_nearest", "(b') routed, reliable centre competing", FIT_COLOURS[3])
 MIXTURE = ("routed_mixture", "(d) mixture of specialists by distance", FIT_COLOURS[2])
+GATED = ("routed_gated", "(e) specialists where they won on validation", FIT_COLOURS[4])
 
 
 def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
@@ -332,7 +333,8 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
         with dark_theme():
             f = chart(13 + 0.45 * max(0, len(groups) - 5), 5.4)
             ax, ax2 = f.subplots(1, 2, width_ratios=[1, 1.5])
-            rows = SYSTEMS + tuple(r for r in (NEAREST, MIXTURE) if f"{r[0]}_accuracy" in e)
+            rows = SYSTEMS + tuple(r for r in (NEAREST, MIXTURE, GATED)
+                                   if f"{r[0]}_accuracy" in e)
             for i, (key, _, col) in enumerate(rows):
                 acc, (lo, hi) = e[f"{key}_accuracy"], e[f"{key}_ci"]
                 ax.errorbar(acc * 100, i, xerr=[[100 * (acc - lo)], [100 * (hi - acc)]],
@@ -365,7 +367,9 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
             names = [f"cluster {g}\n{_class_list(run, specs.get(int(g), {}).get('classes', []))}"
                      f"\nn = {e['groups'][g]['n']}" for g in groups]
             ax2.set_xticks(x, names, fontsize=8 if len(groups) <= 6 else 7)
-            ax2.set_ylim(floor, 100 + (100 - floor) * 0.25)  # headroom for the legend
+            high = max([100 * e["groups"][g][k] for g in groups for k, _, _ in SYSTEMS] or [100])
+            top = min(100.0, 5 * math.ceil((high + 1) / 5))  # zoomed above too
+            ax2.set_ylim(floor, top + (top - floor) * 0.25)  # headroom for the legend
             ax2.yaxis.set_major_locator(ticker.MaxNLocator(6))
             ax2.set_yticks([t for t in ax2.get_yticks() if floor <= t <= 100])
             ax2.set_ylabel("accuracy on the test cases routed there (%)")
@@ -388,11 +392,11 @@ def draw_experiment(run: Run, fig: FigureSpec, out: Path) -> list[Drawn]:
 
 def _class_list(run: Run, classes: list[int]) -> str:
     """A specialist's classes under its bars: '3/5/8' for digits, names one per line (at most
-    three, then '+N') for named classes."""
+    four, then '+N') for named classes."""
     if run.class_noun == "digit":
         return "/".join(map(str, classes))
     names = [run.class_name(c) for c in classes]
-    return "\n".join(names[:3] + ([f"+{len(names) - 3}"] if len(names) > 3 else []))
+    return "\n".join(names[:4] + ([f"+{len(names) - 4}"] if len(names) > 4 else []))
 
 
 def _experiment_caption(e: dict) -> str:
@@ -410,4 +414,16 @@ def _experiment_caption(e: dict) -> str:
             f"specialist of their nearest error-cluster centre; the rest kept the general "
             f"answer. Each specialist: the general network fine-tuned on its cluster's classes "
             f"plus its own cases; the baseline saw as many extra examples "
-            f"({e['extra_examples']:,}) from the whole training set." + mix)
+            f"({e['extra_examples']:,}) from the whole training set." + mix + _gated(e))
+
+
+def _gated(e: dict) -> str:
+    if "routed_gated_accuracy" not in e:
+        return ""
+    used = [s["cluster"] for s in e["specialists"] if s.get("gate", {}).get("used")]
+    g = e["routed_gated_minus_general_ci"]
+    return (f" (e) gated: a specialist answers only if it beat the general network on the "
+            f"validation cases routed to it ({len(used)} of {len(e['specialists'])} did"
+            + (f": clusters {', '.join(map(str, used))}" if used else "") + "): "
+            f"{e['routed_gated_accuracy']:.2%}, (e) - (a) [{g[0] * 100:+.2f}, "
+            f"{g[1] * 100:+.2f}] points.")

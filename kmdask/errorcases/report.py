@@ -36,6 +36,7 @@ def index_section(run: Run) -> str:
     head = ("<tr><th>experiment (fit)</th><th>K</th><th>routed test cases</th><th>(a) general"
             "</th><th>(b) routed</th><th>(c) baseline</th><th>(b)−(a)</th>"
             "<th>(b′) reliable centre competing</th><th>(d) mixture by distance</th>"
+            "<th>(e) gated on validation</th>"
             "<th>McNemar p (a) vs (b)</th><th>McNemar p (c) vs (b)</th></tr>")
     rows = []
     for fit, e in m.get("experiments", {}).items():
@@ -53,6 +54,9 @@ def index_section(run: Run) -> str:
                if e.get("routed_nearest_ci") else "<td></td>")
             + (f"<td class=n>{pct(e['routed_mixture_accuracy'])} "
                f"{_ci(e['routed_mixture_ci'])}</td>" if e.get("routed_mixture_ci")
+               else "<td></td>")
+            + (f"<td class=n>{pct(e['routed_gated_accuracy'])} "
+               f"{_ci(e['routed_gated_ci'])}</td>" if e.get("routed_gated_ci")
                else "<td></td>")
             + f"<td class=n>{e['p_general_vs_routed']:.3g}</td>"
             f"<td class=n>{e['p_baseline_vs_routed']:.3g}</td></tr>")

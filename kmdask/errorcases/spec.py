@@ -20,7 +20,7 @@ _CLASSIFIER_KEYS = {"hidden", "epochs", "batch", "learning_rate", "momentum", "w
                     "shift", "seed", "rows", "validation"}
 _EXPERIMENT_KEYS = {"fit", "k", "specialist", "bootstrap", "seed", "designs"}
 # routing designs beyond the nearest centre (which every experiment reports, with (b'))
-DESIGNS = ("mixture",)
+DESIGNS = ("mixture", "gated")
 _SPECIALIST_KEYS = {"epochs", "learning_rate", "member_weight", "class_share", "others"}
 
 
@@ -162,6 +162,11 @@ def experiments_section(c: Checker, raw: Any, key: str, job: Any) -> tuple[Exper
         raise c.fail(key, f"expected a list, got {show(raw)}")
     fits = {f.name: f for f in job.fits}
     exps = [experiment_spec(c, e, f"{key}[{i}]", fits, job.split) for i, e in enumerate(raw)]
+    clf = job.sections.get("classifier")  # parsed before this section
+    for i, e in enumerate(exps):
+        if "gated" in e.designs and not (clf and clf.validation):
+            raise c.fail(f"{key}[{i}].designs", "design gated decides on validation rows; set "
+                         "classifier.validation (rows held out of training)")
     for i, e in enumerate(exps):
         if any(o.fit == e.fit for o in exps[:i]):
             raise c.fail(f"{key}[{i}].fit", f"a second experiment on fit {e.fit!r}")
