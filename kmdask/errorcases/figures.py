@@ -124,7 +124,10 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
     header_rows = math.ceil(len(lines) / per_row)
     y_box = y_header + header_rows * 4 * LINE + 40
     y_bars = y_box + BOX_H + 60
-    y_samples = y_bars + BAR_H + 70
+    names = None if run.class_noun == "digit" else [run.class_name(c) for c in range(10)]
+    # named classes are written upright under the bars: room for the longest name
+    y_samples = y_bars + BAR_H + 70 + (int(max(text_width(n, 26) for n in names)) if names
+                                       else 0)
     height = y_samples + max(max_rows, 1) * (sample_px + GAP) - GAP + MARGIN
     title = fig.title or (algorithm_title(info["algorithm"], run.manifest["data"]["dataset"])
                           + ": error cases")
@@ -150,10 +153,11 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
                            color="black" if lum > 0.5 else "white")))
         texts.append((xc + BOX_W + 18, y_box + 8, f"cluster {j}", dict(fontsize=pt(44))))
         texts.append((xc + BOX_W + 18, y_box + 66, "reliable" if j == reliable
-                      else _top_classes(centers[j], run), dict(fontsize=pt(36), color=MUTED)))
+                      else _wrap(_top_classes(centers[j], run), col_w - BOX_W - 28, 36),
+                      dict(fontsize=pt(36), color=MUTED, va="top", linespacing=1.1)))
         ax = f.add_axes(((xc + 95) / width, 1 - (y_bars + BAR_H - 60) / height,
                          (col_w - 105) / width, (BAR_H - 80) / height))
-        _bars(ax, centers[j], lo, hi, vlabel if pos == 0 else None,
+        _bars(ax, centers[j], lo, hi, names, vlabel if pos == 0 else None,
               "mean \u2248 0\n(holds the zeroed cases)" if j == reliable and
               np.abs(centers[j]).max() < 0.01 * max(hi - lo, 1e-12) else None)
         for si, img in enumerate(samples[pos]):
@@ -176,8 +180,8 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
                   f"{reliable}) is drawn first in red. " if reliable is not None else "")
                + f"Samples: each cluster's first {cap} members "
                f"({DATASET_TITLES.get(run.manifest['data']['dataset'], 'the')} images)."
-               + ("" if run.class_noun == "digit" else " Bars: the network's probability of "
-                  "class " + ", ".join(f"{c} {run.class_name(c)}" for c in range(10)) + "."))
+               + ("" if names is None else " Bars: the mean of each class's component, "
+                  + ", ".join(f"{c} {n}" for c, n in enumerate(names)) + "."))
     return Drawn(path, caption, canvas)
 
 
@@ -186,6 +190,17 @@ def _bar_limits(centers: np.ndarray) -> tuple[float, float]:
     top = float(np.abs(centers).max()) if centers.size else 1.0
     top = top * 1.12 if top > 0 else 1.0
     return (-top, top) if centers.min() < 0 else (0.0, top)
+
+
+def _wrap(text: str, width: float, px: float) -> str:
+    """Break ``text`` at its ' / ' separators so that no line is wider than ``width``."""
+    lines: list[str] = []
+    for part in text.split(" / "):
+        if lines and text_width(f"{lines[-1]} / {part}", px) <= width:
+            lines[-1] = f"{lines[-1]} / {part}"
+        else:
+            lines.append(part if not lines else f"/ {part}")
+    return "\n".join(lines)
 
 
 def _top_classes(mean: np.ndarray, run: Run) -> str:
@@ -199,14 +214,18 @@ def _top_classes(mean: np.ndarray, run: Run) -> str:
     return "mostly " + " / ".join(run.class_name(c) for c in keep)
 
 
-def _bars(ax, mean: np.ndarray, lo: float, hi: float, ylabel: str | None, note: str | None
+def _bars(ax, mean: np.ndarray, lo: float, hi: float, names: list[str] | None,
+          ylabel: str | None, note: str | None
           ) -> None:
     ax.set_facecolor("#0b0b0b")
     ax.bar(range(10), mean, width=0.78, color=[hex_colour(c) for c in PALETTE],
            edgecolor="#d9d4bd", linewidth=0.8)  # the light edge keeps dark palette bars visible
     ax.set_ylim(lo, hi)
     ax.set_xlim(-0.6, 9.6)
-    ax.set_xticks(range(10), [str(d) for d in range(10)], fontsize=pt(38))
+    if names is None:
+        ax.set_xticks(range(10), [str(d) for d in range(10)], fontsize=pt(38))
+    else:
+        ax.set_xticks(range(10), names, fontsize=pt(26), rotation=90)
     ax.yaxis.set_major_locator(ticker.MaxNLocator(4))
     ax.tick_params(axis="y", labelsize=pt(30), colors=TEXT_HEX)
     ax.tick_params(axis="x", colors=TEXT_HEX, length=0, pad=6)
@@ -216,7 +235,8 @@ def _bars(ax, mean: np.ndarray, lo: float, hi: float, ylabel: str | None, note: 
     ax.set_axisbelow(True)
     if lo < 0:
         ax.axhline(0, color="#8a877a", linewidth=1)
-    ax.set_xlabel("class", fontsize=pt(30), color=TEXT_HEX, labelpad=2)
+    if names is None:  # named classes say what they are
+        ax.set_xlabel("class", fontsize=pt(30), color=TEXT_HEX, labelpad=2)
     if ylabel:
         ax.set_ylabel(f"mean {ylabel}", fontsize=pt(34), color=TEXT_HEX)
     if note:
