@@ -175,7 +175,7 @@ def cases_png(run: Run, fig: FigureSpec, fit: str, k: int, path: Path) -> Drawn:
         texts.append((MARGIN, y, label, dict(fontsize=pt(48), va=va, linespacing=1.15)))
     save_canvas(canvas, f, texts, path)  # the bar axes and texts over the canvas
     caption = (f"{fit}: K = {k}, {info['rows']} cases, vectors {vlabel}, ZeroOut "
-               f"{zero if zero is not None else 'none'}; "
+               f"{'none' if zero is None else f'{zero:.6g}'}; "
                + ("the reliable cluster (all zeroed cases; the algorithm's cluster "
                   f"{reliable}) is drawn first in red. " if reliable is not None else "")
                + f"Samples: each cluster's first {cap} members "
