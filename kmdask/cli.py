@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 
 from kmdask import __version__, log
-from kmdask.errors import KmdaskError
+from kmdask.errors import EXIT_CODES, STORAGE_ERRNOS, KmdaskError, StorageError
 
 logger = logging.getLogger("kmdask.cli")
-
-#: what the exit status of every command means
-EXIT_CODES = {
-    0: "done (or nothing to do: an unchanged job's complete run exists)",
-    1: "a bug in kmdask (a traceback follows; please report it)",
-    2: "bad input, configuration, or a failure kmdask reports in one line",
-    130: "interrupted (Ctrl-C); a rerun of the same command resumes",
-}
 
 
 def _positive_int(text: str) -> int:
@@ -357,14 +350,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log.setup(-1 if args.quiet else args.verbose, args.log_format)
+    # SIGTERM (a batch scheduler's time limit, systemd stop) ends a run as Ctrl-C does: the
+    # last finished Lloyd iteration is checkpointed already, so it stops at once (exit 130)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except KmdaskError as exc:
         logger.error("%s", exc)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise  # not the storage's fault: a bug, with its traceback
+        logger.error("%s", StorageError(f"storage failed: {exc}; files are replaced "
+                                        "atomically, so nothing is half-written: free space "
+                                        "or fix access and rerun to resume"))
+        return StorageError.exit_code
     except KeyboardInterrupt:
-        logger.error("interrupted; rerun the same command to resume")
+        logger.error("interrupted; progress is saved: rerun the same command to resume")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
             t.join()
         msg = str(ei.value)
         assert "\n" not in msg and "stopped in fit 'a'" in msg and "rerun" in msg
+        assert ei.value.exit_code == 3  # the cluster failed, progress saved
         assert list((tmp_path / "runs" / "flaky").glob(".*.partial/fits/a/checkpoint.npz"))
         c.wait_for_workers(2, timeout=60)
         resumed = run_job(job, profile, runs_dir=tmp_path / "runs")

@@ -95,10 +95,19 @@ def _long_job(workdir: Path, store: Path, name: str) -> Path:
          "trials": 2, "iterations": 40, "tol": 0.0}], figures=[])
 
 
-def test_resume_after_sigkill_is_bit_identical(workdir, mnist_store, tmp_path_factory):
+_LONG_REF: dict[str, subprocess.CompletedProcess] = {}  # one undisturbed run for both signals
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_resume_after_sigkill_is_bit_identical(sig, workdir, mnist_store, tmp_path_factory):
+    """SIGKILL of the driver and its cluster, or SIGTERM (a batch time limit) of the driver:
+    the rerun resumes from the last checkpoint and ends bit-identical. SIGTERM ends the run
+    at once with exit 130 and one line."""
     job = _long_job(workdir, mnist_store, "long.yaml")
-    ref_dir = tmp_path_factory.mktemp("ref")
-    ref = _kmdask(workdir, "run", str(job), "--runs-dir", str(ref_dir))
+    if "ref" not in _LONG_REF:
+        ref_dir = tmp_path_factory.mktemp("ref")
+        _LONG_REF["ref"] = _kmdask(workdir, "run", str(job), "--runs-dir", str(ref_dir))
+    ref = _LONG_REF["ref"]
     assert ref.returncode == 0, ref.stderr
 
     proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=workdir,
@@ -115,8 +124,19 @@ def test_resume_after_sigkill_is_bit_identical(workdir, mnist_store, tmp_path_fa
         time.sleep(0.05)
     else:
         pytest.fail("no checkpoint appeared")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its LocalCluster, mid-Lloyd
-    proc.wait()
+    if sig == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its LocalCluster, mid-Lloyd
+        proc.wait()
+    else:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # the driver only, as a time limit reaches it
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - t0 < 20
+        lines = err.decode().strip().splitlines()
+        assert lines[-1] == ("kmdask: error: interrupted; progress is saved: rerun the same "
+                             "command to resume"), lines[-3:]
+        assert "Traceback" not in err.decode()
     assert not list((workdir / "runs" / "long").glob("[!.]*/manifest.json"))
 
     resumed = _kmdask(workdir, "run", str(job))
@@ -139,7 +159,7 @@ def test_concurrent_reruns_one_runs_one_waits(workdir, mnist_store):
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
         time.sleep(0.05)
     busy = _kmdask(workdir, "run", str(job), "--no-wait")
-    assert busy.returncode != 0
+    assert busy.returncode == 4  # another run holds the lock
     assert busy.stderr.strip().count("\n") == 0
     assert "another run of job 'long' is in progress" in busy.stderr
     second = _kmdask(workdir, "run", str(job))  # waits for the lock, then finds the run done

@@ -36,7 +36,15 @@ from kmdask.batch.checkpoint import FileCheckpoint
 from kmdask.batch.fitkinds import FIT_KINDS, FitContext
 from kmdask.batch.spec import FitSpec, JobSpec
 from kmdask.data.location import Location, location, why_missing
-from kmdask.errors import ClusterStalled, ConfigError, DataError, KmdaskError
+from kmdask.errors import (
+    STORAGE_ERRNOS,
+    ClusterFailed,
+    ClusterStalled,
+    ConfigError,
+    DataError,
+    JobLocked,
+    KmdaskError,
+)
 from kmdask.log import fields
 
 log = logging.getLogger(__name__)
@@ -88,7 +96,7 @@ def job_lock(job_dir: Path, *, wait: bool) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "?"
             if not wait:
-                raise KmdaskError(f"another run of job {job_dir.name!r} is in progress "
+                raise JobLocked(f"another run of job {job_dir.name!r} is in progress "
                                   f"(pid {holder}); not waiting (--no-wait)") from None
             log.info("kmdask: waiting for another run of job %r (pid %s)", job_dir.name, holder)
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -389,7 +397,9 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], pro
                 # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is on
                 # disk, so say how to resume rather than dumping dask's traceback. Anything
                 # else is a bug and keeps its traceback.
-                raise KmdaskError(_interrupted(job, f.name, partial, exc)) from None
+                if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                    raise  # a full or read-only disk is not the cluster's fault (exit 5)
+                raise ClusterFailed(_interrupted(job, f.name, partial, exc)) from None
     return fits, cluster_info, t_conn
 
 

@@ -1,0 +1,96 @@
+"""Running unattended: the exit codes a scheduler acts on (`kmdask --help`), and a run whose
+disk fills up mid-run (a real tmpfs, mounted by the test as root)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_kmdask
+
+from kmdask.errors import EXIT_CODES
+
+
+def test_exit_codes_are_documented_in_help_and_docs():
+    out = run_kmdask("--help", cwd=Path.cwd()).stdout
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    for code, meaning in EXIT_CODES.items():
+        assert f"  {code:<4} {meaning}" in out
+        assert f"| {code} |" in docs, code
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str) -> Iterator[None]:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): "
+                    "needs root and mount rights; .ci/run has both")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _job(workdir: Path, store: Path, name: str, fits: list[dict]) -> Path:
+    p = workdir / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"job": "full", "data": {"store": str(store)}, "fits": fits}))
+    return p
+
+
+SMALL = [{"name": "a", "algorithm": "scalable", "rows": 2000, "k": [3], "trials": 1,
+          "iterations": 10}]
+BIGGER = [{"name": "a", "algorithm": "scalable", "rows": 30000, "k": [6, 7, 8], "trials": 2,
+           "iterations": 30, "tol": 0.0}]
+
+
+def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_store):
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({"default": "local", "profiles": {
+        "local": {"kind": "local", "n_workers": 2, "threads_per_worker": 1,
+                  "memory_limit": "2GiB"}}}))
+    ref = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)), "--runs-dir",
+                     str(tmp_path / "ref"), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    runs = tmp_path / "runs"
+    with _tmpfs(runs, "6m"):
+        first = run_kmdask("run", str(_job(tmp_path, mnist_store, "small", SMALL)), cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        latest = runs / "full" / "latest"
+        before = {p: p.read_bytes() for p in latest.resolve().rglob("*") if p.is_file()}
+        target = os.readlink(latest)
+        st = os.statvfs(runs)
+        filler = runs / "filler"
+        filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 400_000))
+
+        full = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)),
+                          cwd=tmp_path)
+        assert full.returncode == 5, full.stderr
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("kmdask: error: storage failed: [Errno 28] No space left"), last
+        assert "Traceback" not in full.stderr
+        # the previous complete run and `latest` are untouched; nothing new looks complete
+        assert os.readlink(latest) == target
+        assert {p: p.read_bytes() for p in latest.resolve().rglob("*") if p.is_file()} == before
+        done = [p.parent.name for p in (runs / "full").glob("[!.]*/manifest.json")
+                if not p.parent.is_symlink()]
+        assert done == [Path(target).name]
+
+        filler.unlink()
+        again = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)),
+                           cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        a, b = Path(tmp_path / ref.stdout.strip()), Path(tmp_path / again.stdout.strip())
+        assert a.name == b.name
+        for k in (6, 7, 8):
+            for f in ("centers.npy", "labels.npy"):
+                assert (a / "fits/a" / f"k{k}" / f).read_bytes() == \
+                    (b / "fits/a" / f"k{k}" / f).read_bytes()
+        m = json.loads((b / "manifest.json").read_text())
+        assert m["status"] == "complete"
