@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_kmdask
+from conftest import run_kmdask, unavailable
 
 from kmdask.batch.spec import load_job, parse_job
 from kmdask.errorcases.experiment import mixture_weights, route
@@ -19,9 +19,6 @@ from kmdask.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(
-    not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-    reason=f"{FASHION} absent (apt-get install dataset-fashion-mnist; .ci/run installs it)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +129,8 @@ def _small_jobs(jobs: Path) -> None:
 @pytest.fixture(scope="module")
 def fashion_sweep(tmp_path_factory) -> Path:
     if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"{FASHION} absent (apt-get install dataset-fashion-mnist)")
+        unavailable(f"{FASHION} absent (apt-get install dataset-fashion-mnist; .ci/run "
+                    "installs it)")
     work = tmp_path_factory.mktemp("fashion")
     (work / "cluster.yaml").write_text(yaml.safe_dump({"default": "local", "profiles": {
         "local": {"kind": "local", "n_workers": 2, "threads_per_worker": 1,
@@ -148,7 +146,6 @@ def _run(work: Path, job: str) -> Path:
     return (work / "runs" / job / "latest").resolve()
 
 
-@needs_fashion
 def test_fashion_sweep_names_garments(fashion_sweep):
     from kmdask.batch.rundir import open_run
 
@@ -170,7 +167,6 @@ def test_fashion_sweep_names_garments(fashion_sweep):
     assert names <= set(run.manifest["data"]["class_names"]) and len(names) >= 3
 
 
-@needs_fashion
 def test_fashion_error_cases_choose_on_validation_and_compare_designs(fashion_sweep):
     import zarr
 

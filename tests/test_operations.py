@@ -10,9 +10,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
-from conftest import run_kmdask
+from conftest import run_kmdask, unavailable
 
 from kmdask.errors import EXIT_CODES
 
@@ -31,7 +30,7 @@ def _tmpfs(path: Path, size: str) -> Iterator[None]:
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): "
+        unavailable(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): "
                     "needs root and mount rights; .ci/run has both")
     try:
         yield
