@@ -361,9 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
             raise  # not the storage's fault: a bug, with its traceback
-        logger.error("%s", StorageError(f"storage failed: {exc}; files are replaced "
-                                        "atomically, so nothing is half-written: free space "
-                                        "or fix access and rerun to resume"))
+        logger.error("storage failed: %s; files are replaced atomically, so nothing is "
+                     "half-written: free space or fix access and rerun to resume", exc)
         return StorageError.exit_code
     except KeyboardInterrupt:
         logger.error("interrupted; progress is saved: rerun the same command to resume")

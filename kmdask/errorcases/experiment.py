@@ -196,6 +196,18 @@ def evaluate(y: np.ndarray, general: np.ndarray, routed: np.ndarray, baseline: n
     }
 
 
+def _gate(net, shift: np.ndarray, x: np.ndarray, y: np.ndarray, probs: np.ndarray,
+          mask: np.ndarray) -> dict:
+    """Design ``gated``: does the specialist beat the general network on the validation cases
+    routed to its cluster (``mask``)? With none routed there, it is not used."""
+    n = int(mask.sum())
+    general = float(np.mean(np.argmax(probs[mask], axis=1) == y[mask])) if n else 1.0
+    special = (float(np.mean(np.argmax(net.logits(x[mask]) + shift, axis=1) == y[mask]))
+               if n else 0.0)
+    return {"validation_routed": n, "validation_general": general,
+            "validation_specialist": special, "used": special > general}
+
+
 def _fit_result(run: Path, fit: str, k: int) -> tuple[dict, np.ndarray, np.ndarray]:
     d = rundir.fit_dir(run, fit, k)
     res = json.loads((d / "result.json").read_text())
@@ -249,24 +261,19 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
         # label-shift correction: the neighbourhood over-represents the cluster's classes, so
         # its class frequencies are traded back for the training set's before the argmax
         shift = prior - np.log(np.bincount(y_tr[idx], minlength=10) + 1.0)
+        # every case a design routes is a low-confidence one: one forward pass serves them all
+        z = net.logits(x_te[low]) + shift
         m, mn = routes == j, routes_nearest == j
-        if m.any():
-            routed[m] = np.argmax(net.logits(x_te[m]) + shift, axis=1)
-        if mn.any():
-            nearest[mn] = np.argmax(net.logits(x_te[mn]) + shift, axis=1)
+        routed[m] = np.argmax(z[m[low]], axis=1)
+        nearest[mn] = np.argmax(z[mn[low]], axis=1)
         gate = None
         if "gated" in exp.designs:  # the specialist answers only where it won on validation
-            mv = routes_va == j
-            gen_va = float(np.mean(np.argmax(p_va[mv], axis=1) == y_va[mv])) if mv.any() else 1.0
-            spec_va = (float(np.mean(np.argmax(net.logits(x_va[mv]) + shift, axis=1)
-                                     == y_va[mv])) if mv.any() else 0.0)
-            gate = {"validation_routed": int(mv.sum()), "validation_general": gen_va,
-                    "validation_specialist": spec_va, "used": spec_va > gen_va}
+            gate = _gate(net, shift, x_va, y_va, p_va, routes_va == j)
             if gate["used"]:
                 gated[m] = routed[m]
-        if "mixture" in exp.designs and low.any():
+        if "mixture" in exp.designs:
             col = int(np.flatnonzero(mix_clusters == j)[0])
-            mix += mix_w[:, col:col + 1] * _softmax(net.logits(x_te[low]) + shift)
+            mix += mix_w[:, col:col + 1] * _softmax(z)
         clusters.append({"cluster": j, "train_cases": int(members.size), "classes": classes,
                          "neighbourhood": int(idx.shape[0]), "examples": hist["examples"],
                          "seconds": hist["seconds"], "test_routed": int(m.sum()),
