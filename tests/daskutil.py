@@ -54,11 +54,13 @@ def wait_port(port: int, procs: list[subprocess.Popen], timeout: float = 30.0) -
 
 @contextlib.contextmanager
 def dask_cluster(tmp: Path, n_workers: int, tls: dict[str, Path] | None = None,
-                 env: dict[str, str] | None = None, own_dirs: bool = False):
+                 env: dict[str, str] | None = None, own_dirs: bool = False,
+                 procs_out: list[subprocess.Popen] | None = None):
     """`dask scheduler` + n `dask worker` processes on 127.0.0.1; yields the address.
 
     With ``own_dirs`` each process runs in an empty directory of its own under ``tmp``;
-    ``env`` is added to their environment."""
+    ``env`` is added to their environment; ``procs_out`` receives the processes (the
+    scheduler first), for tests that kill one."""
     port = free_port()
     proto = "tls" if tls else "tcp"
     tls_args = ["--tls-ca-file", str(tls["ca"]), "--tls-cert", str(tls["cert"]),
@@ -71,7 +73,7 @@ def dask_cluster(tmp: Path, n_workers: int, tls: dict[str, Path] | None = None,
         d.mkdir()
         return d
 
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen] = [] if procs_out is None else procs_out
     try:
         procs.append(spawn(["distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                             "--port", str(port), "--protocol", proto,

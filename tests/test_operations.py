@@ -6,10 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import yaml
 from conftest import run_kmdask, unavailable
 
@@ -93,3 +97,62 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
                     (b / "fits/a" / f"k{k}" / f).read_bytes()
         m = json.loads((b / "manifest.json").read_text())
         assert m["status"] == "complete"
+
+
+LOST = [{"name": "sweep", "algorithm": "scalable", "rows": 30000, "k": [8, 10], "trials": 4,
+         "iterations": 40, "tol": 0.0}]
+
+
+def _checkpoint_iteration(part_glob: list[Path]) -> int:
+    for ck in part_glob:
+        try:
+            with np.load(ck) as z:
+                return max(m["n_iter"] for m in json.loads(str(z["meta"])))
+        except (OSError, ValueError, KeyError):
+            return 0
+    return 0
+
+
+def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mnist_store):
+    """`dask scheduler` + two `dask worker`s, the scheduler SIGKILLed mid-Lloyd: exit 3 and one
+    line within the profile's timeout; a new scheduler and workers, a rerun, and the result is
+    bit-identical to an undisturbed run."""
+    from daskutil import dask_cluster
+
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({"default": "sched", "profiles": {
+        "sched": {"kind": "address", "address": "tcp://127.0.0.1:1", "timeout": "10s"}}}))
+    job = _job(tmp_path, mnist_store, "lost", LOST)
+    (tmp_path / "a").mkdir()
+    procs: list[subprocess.Popen] = []
+    with dask_cluster(tmp_path / "a", 2, procs_out=procs) as address:
+        proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job), "--address",
+                                 address], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while _checkpoint_iteration(list(tmp_path.glob("runs/full/.*.partial/fits/sweep/"
+                                                       "checkpoint.npz"))) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 3, err
+    assert time.monotonic() - t0 < 30
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("kmdask: error: job 'full' stopped in fit 'sweep'"), lines[-3:]
+    assert "lost the connection to the dask scheduler" in lines[-1], lines[-1]
+    assert "rerun the same command to continue" in lines[-1]
+    (tmp_path / "b").mkdir()
+    with dask_cluster(tmp_path / "b", 2) as address:
+        again = run_kmdask("run", str(job), "--address", address, cwd=tmp_path)
+        ref = run_kmdask("run", str(job), "--address", address, "--runs-dir",
+                         str(tmp_path / "ref"), cwd=tmp_path)
+    assert again.returncode == 0 and ref.returncode == 0, again.stderr + ref.stderr
+    assert "resuming at iteration" in again.stderr
+    a, b = Path(tmp_path / ref.stdout.strip()), Path(tmp_path / again.stdout.strip())
+    assert a.name == b.name
+    for k in (8, 10):
+        for f in ("centers.npy", "labels.npy"):
+            assert (a / "fits/sweep" / f"k{k}" / f).read_bytes() == \
+                (b / "fits/sweep" / f"k{k}" / f).read_bytes()

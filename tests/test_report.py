@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from kmdask.batch import rundir
 from kmdask.errors import DataError
 
 JOB = {
@@ -202,6 +203,7 @@ def test_incomplete_run_is_refused(run_dir, tmp_path):
     m = json.loads(mf.read_text())
     del m["fits"]["mcc30"]
     mf.write_text(json.dumps(m))
+    rundir.seal(nofit)  # a hand-edited manifest, resealed: the check below is the figure's
     _report_fails(nofit, tmp_path / "out3", "figure 'demo' needs fit 'mcc30'")
 
     _report_fails(tmp_path / "nowhere", tmp_path / "out4", "no such run directory")
@@ -251,5 +253,6 @@ def test_figures_writing_the_same_file_are_refused(run_dir, tmp_path):
     m["spec"]["figures"] = [{"name": "K2", "kind": "timing", "fits": ["mcc"]},
                             {"name": "K", "kind": "clusters", "fits": ["scal"]}]
     mf.write_text(json.dumps(m))
+    rundir.seal(clash)
     _report_fails(clash, tmp_path / "out", "figures 'K2' and 'K' both write K2.png")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []

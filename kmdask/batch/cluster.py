@@ -265,7 +265,18 @@ def _address(profile: dict, address: str | None) -> Iterator[Any]:
                  f"dashboard {client.dashboard_link}")
         yield client
     finally:
+        _close_quietly(client)
+
+
+def _close_quietly(client: Any) -> None:
+    """Close ``client``. Closing one whose scheduler is gone cancels its reconnect loop, which
+    distributed logs at ERROR with a traceback: noise once kmdask has said, in one line, that
+    the scheduler was lost (exit 3), so logging is off while it closes."""
+    logging.disable(logging.CRITICAL)
+    try:
         client.close()
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _job_classes(kind: str) -> tuple[type, type]:

@@ -16,12 +16,19 @@ Job extensions add their own files (the error-case extension: ``classifier/``, `
 
 Runs are written under ``.<run-id>.partial/`` and renamed into place when complete; ``latest``
 (a symlink) is switched atomically afterwards. numpy + json only.
+
+Checksums: a complete run holds ``SHA256SUMS`` (the format of ``sha256sum``, so ``sha256sum -c
+SHA256SUMS`` checks it by hand) listing every file of the run, the manifest included; each
+finished fit of a partial run holds one of its own (``fits/<fit>/SHA256SUMS``), so a resume
+trusts only what still matches (see :func:`seal` and :func:`damaged`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,7 @@ from kmdask.batch.extensions import extensions
 from kmdask.errors import DataError
 
 MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
 MEMBERS_PER_CLUSTER = 105  # enough for every figure (the error-case figures show up to 105)
 
 
@@ -74,6 +82,71 @@ def write_npy(path: Path, arr: np.ndarray) -> None:
     with os.fdopen(fd, "wb") as f:
         np.save(f, arr, allow_pickle=False)
     os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    """The files under ``directory`` that a seal covers: all but the seal itself and hidden
+    names (temporary files of an interrupted atomic write)."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and p != directory / SUMS
+                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def seal(directory: Path) -> None:
+    """Write ``directory/SHA256SUMS``: the sha256 of every file under it (``sha256sum``'s
+    format, paths relative to ``directory``). Written atomically, after the files."""
+    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n"
+             for p in _files(directory)]
+    fd, tmp = _mkstemp(directory / SUMS)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, directory / SUMS)
+
+
+_SUM_LINE = re.compile(r"([0-9a-f]{64})  (\S.*)")
+
+
+def damaged(directory: Path, required: tuple[str, ...] = ()) -> list[tuple[Path, str]]:
+    """What under ``directory`` does not match its ``SHA256SUMS``: (file, why) per problem
+    (empty: intact). A missing or unreadable seal, a listed file that is missing or differs, a
+    file the seal does not list, and a ``required`` name it does not list are all problems: a
+    resume recomputes rather than trusting such a directory."""
+    sums = directory / SUMS
+    try:
+        text = sums.read_text()
+    except FileNotFoundError:
+        return [(sums, "missing (nothing to check the files against)")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [(sums, f"unreadable ({exc})")]
+    listed: dict[str, str] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        m = _SUM_LINE.fullmatch(line)
+        if m is None:
+            return [(sums, f"line {i} is not '<sha256>  <file>' (damaged)")]
+        listed[m.group(2)] = m.group(1)
+    problems = [(directory / name, f"not listed in {sums} (damaged seal)")
+                for name in required if name not in listed]
+    for name, digest in listed.items():
+        p = directory / name
+        if not p.is_file():
+            problems.append((p, f"missing (listed in {sums})"))
+        elif sha256_file(p) != digest:
+            problems.append((p, f"does not match its checksum in {sums} (damaged)"))
+    problems += [(p, f"not listed in {sums} (added, or a damaged seal)")
+                 for p in _files(directory) if p.relative_to(directory).as_posix() not in listed]
+    return problems
+
+
+def describe_damage(problems: list[tuple[Path, str]]) -> str:
+    """One line for what :func:`damaged` found: the first problem, and how many more."""
+    path, why = problems[0]
+    return f"{path}: {why}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def first_members(labels: np.ndarray, k: int, per_cluster: int = MEMBERS_PER_CLUSTER
@@ -240,6 +313,10 @@ def open_run(path: str | Path) -> Run:
         raise DataError(f"{mf}: not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("status") != "complete":
         raise DataError(f"{mf}: run is not marked complete")
+    problems = damaged(p, (MANIFEST,))
+    if problems:
+        raise DataError(f"{describe_damage(problems)}; refusing the run: rerun its job to "
+                        "recompute what is damaged")
     for fit, info in manifest.get("fits", {}).items():
         for k in info.get("results", {}):
             d = fit_dir(p, fit, int(k))

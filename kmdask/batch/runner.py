@@ -230,16 +230,22 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray | N
     fdir = run / "fits" / fit.name
     done = fdir / "done.json"
     if done.exists():
-        log.info("  %s: already done in this partial run, skipping", fit.name)
-        return json.loads(done.read_text())
+        problems = rundir.damaged(fdir, (done.name,))
+        if not problems:
+            log.info("  %s: already done in this partial run, skipping", fit.name)
+            return json.loads(done.read_text())
+        log.warning("%s: fit %r is computed again", rundir.describe_damage(problems),
+                    fit.name)
+        shutil.rmtree(fdir)
     started_before = fdir.exists()  # a previous attempt got this far
     fdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ck = FileCheckpoint(fdir / "checkpoint.npz") if kind.resumes else None
-    if ck is not None and ck.path.exists():
+    if ck is not None and ck.load() is not None:
         log.info("  %s: resuming at iteration %d", fit.name, ck.iteration)
     elif ck is not None and started_before:
-        log.info("  %s: no checkpoint yet (stopped during seeding): seeding again", fit.name)
+        log.info("  %s: no checkpoint to resume from (stopped during seeding, or damaged): "
+                 "seeding again", fit.name)
 
     def show(p: dict) -> None:
         extra = f", shift {p['shift']:.3g}" if "shift" in p else ""
@@ -267,13 +273,14 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray | N
                  result["inertia"], ", ".join(map(str, result["counts"])), result["seconds"],
                  **fields(fit=fit.name, k=rec.k, inertia=result["inertia"]))
     if ck is not None:
-        ck.path.unlink(missing_ok=True)
+        ck.remove()
     section = {"algorithm": fit.algorithm, "rows": int(X.shape[0]), "ks": list(fit.ks),
                **{k: _plain(v) for k, v in fit.extras.items()},
                "iterations": fit.iterations, "trials": fit.trials, "seed": fit.seed,
                "init": fit.init, "tol": fit.tol, "seconds": time.perf_counter() - t0,
                "results": results}
     rundir.write_json(done, section)
+    rundir.seal(fdir)  # a resume reuses this fit only while its files match
     return section
 
 
@@ -319,12 +326,16 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
     job_dir = runs_dir / job.name
     final = job_dir / run_id
     with job_lock(job_dir, wait=wait):
-        if (final / rundir.MANIFEST).exists():
+        partial = job_dir / f".{run_id}.partial"
+        problems = rundir.damaged(final, (rundir.MANIFEST,)) \
+            if (final / rundir.MANIFEST).exists() else None
+        if problems:
+            _reopen_damaged(final, partial, problems)
+        elif problems == []:
             log.info("kmdask: job %r unchanged (fingerprint %s); complete run at %s, nothing "
                      "to do", job.name, run_id, final, **fields(job=job.name, run=run_id))
             _point_latest(job_dir, run_id)
             return RunOutcome(final, True, time.perf_counter() - t0, fp)
-        partial = job_dir / f".{run_id}.partial"
         if partial.exists():
             done = sorted(p.parent.name for p in partial.glob("fits/*/done.json"))
             log.info("kmdask: resuming interrupted run %s (%d of %d fit(s) already done%s)",
@@ -344,6 +355,7 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
         manifest = _manifest(job, data, profile, cluster_info, fits, fp, extra,
                              {**timings, "total": time.perf_counter() - t0})
         rundir.write_json(partial / rundir.MANIFEST, manifest)
+        rundir.seal(partial)
         if final.exists():  # a damaged leftover without manifest: replace it
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -351,6 +363,25 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
     log.info("kmdask: job %r complete in %.1f s: %s", job.name, time.perf_counter() - t0,
              final, **fields(job=job.name, run=run_id))
     return RunOutcome(final, False, time.perf_counter() - t0, fp)
+
+
+def _reopen_damaged(final: Path, partial: Path, problems: list[tuple[Path, str]]) -> None:
+    """Turn a complete run whose files do not match their checksums back into a partial run
+    that keeps only what still matches: fits and experiments keep their own seals, so the
+    resume recomputes the damaged ones; the inputs and the extensions' other files are
+    written again by every attempt anyway."""
+    log.warning("%s: recomputing what it affects", rundir.describe_damage(problems))
+    if partial.exists():
+        shutil.rmtree(partial)
+    os.replace(final, partial)
+    for name in (rundir.MANIFEST, rundir.SUMS):
+        (partial / name).unlink(missing_ok=True)
+    for path, _ in problems:
+        rel = path.relative_to(final).parts if path.is_relative_to(final) else ()
+        if len(rel) > 2 and rel[0] in ("fits", "experiments"):
+            continue  # its fit's (experiment's) own seal decides
+        if len(rel) > 0 and rel[0] not in ("fits", "experiments"):
+            (partial.joinpath(*rel)).unlink(missing_ok=True)
 
 
 def _write_inputs(partial: Path, job: JobSpec, data: _Data) -> np.ndarray | None:
@@ -376,30 +407,32 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], pro
 
     t0 = time.perf_counter()
     fits: dict[str, dict] = {}
-    with connect(profile, address=address) as client:
-        t_conn = time.perf_counter() - t0
-        cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
-        truth = _write_inputs(partial, job, data)
-        for i, f in enumerate(job.fits, 1):
-            rows = f.rows or data.n
-            log.info("[%d/%d] %s: %s, K=%s, rows=%d, iterations=%d, trials=%d", i,
-                     len(job.fits), f.name, f.algorithm, list(f.ks), rows, f.iterations,
-                     f.trials, **fields(job=job.name, fit=f.name))
-            X = images = data.images[:rows]
-            for h in hooks:
-                got = h.fit_rows(f, rows)
-                X = X if got is None else got
-            try:
+    current = job.fits[0].name
+    try:
+        with connect(profile, address=address) as client:
+            t_conn = time.perf_counter() - t0
+            cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
+            truth = _write_inputs(partial, job, data)
+            for i, f in enumerate(job.fits, 1):
+                current = f.name
+                rows = f.rows or data.n
+                log.info("[%d/%d] %s: %s, K=%s, rows=%d, iterations=%d, trials=%d", i,
+                         len(job.fits), f.name, f.algorithm, list(f.ks), rows, f.iterations,
+                         f.trials, **fields(job=job.name, fit=f.name))
+                X = images = data.images[:rows]
+                for h in hooks:
+                    got = h.fit_rows(f, rows)
+                    X = X if got is None else got
                 fits[f.name] = _run_fit(partial, f, X, images,
                                         None if truth is None else truth[:rows], hooks,
                                         data.divisor)
-            except _cluster_failures() as exc:
-                # Lost workers (KilledWorker), a vanished scheduler, ...: what finished is on
-                # disk, so say how to resume rather than dumping dask's traceback. Anything
-                # else is a bug and keeps its traceback.
-                if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-                    raise  # a full or read-only disk is not the cluster's fault (exit 5)
-                raise ClusterFailed(_interrupted(job, f.name, partial, exc)) from None
+    except _cluster_failures() as exc:
+        # Lost workers (KilledWorker), a vanished scheduler (its futures cancelled), ...: what
+        # finished is on disk, so say how to resume rather than dumping dask's traceback.
+        # Anything else is a bug and keeps its traceback.
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            raise  # a full or read-only disk is not the cluster's fault (exit 5)
+        raise ClusterFailed(_interrupted(job, current, partial, exc)) from None
     return fits, cluster_info, t_conn
 
 
@@ -442,17 +475,16 @@ def _cluster_failures() -> tuple[type[BaseException], ...]:
     """The exceptions that mean the cluster failed (not a bug); built on first failure, so that
     importing the runner does not import distributed."""
     import asyncio
+    import concurrent.futures
 
     from distributed import KilledWorker
     from distributed.comm.core import CommClosedError
 
     kinds: list[type[BaseException]] = [KilledWorker, CommClosedError, OSError, TimeoutError,
-                                         asyncio.CancelledError, ClusterStalled]
-    try:  # the name of distributed's "your future was cancelled" error varies by version
-        from distributed.client import FutureCancelledError
-        kinds.append(FutureCancelledError)
-    except ImportError:
-        pass
+                                         asyncio.CancelledError, ClusterStalled,
+                                         # distributed's Future(s)CancelledError, e.g. when
+                                         # the scheduler connection is lost
+                                         concurrent.futures.CancelledError]
     return tuple(kinds)
 
 
@@ -460,8 +492,10 @@ def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:
     ck = FileCheckpoint(partial / "fits" / fit / "checkpoint.npz")
     where = f"iteration {ck.iteration}" if ck.path.exists() else "its start"
     detail = str(exc).splitlines()[0] if str(exc) else ""
-    return (f"job {job.name!r} stopped in fit {fit!r}: {type(exc).__name__}"
-            f"{': ' + detail[:200] if detail else ''}; progress is saved in {partial} "
+    what = type(exc).__name__ + (": " + detail[:200] if detail else "")
+    if "scheduler-connection-lost" in str(exc):  # distributed cancelled every future
+        what = "lost the connection to the dask scheduler"
+    return (f"job {job.name!r} stopped in fit {fit!r}: {what}; progress is saved in {partial} "
             f"(fit {fit!r} resumes at {where}): rerun the same command to continue")
 
 

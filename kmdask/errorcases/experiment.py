@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -314,6 +315,7 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
              route=routes, top=p_te.max(axis=1), routed_nearest=nearest,
              route_nearest=routes_nearest, **{f"routed_{n}": a for n, a in designs.items()})
     rundir.write_json(d / "experiment.json", out)
+    rundir.seal(d)  # a resume reuses the experiment only while its files match
     log.info("  experiment %s: general %.2f%%, routed %.2f%%, baseline %.2f%% (%d routed; "
              "McNemar p %.3g / %.3g)", exp.fit, 100 * out["general_accuracy"],
              100 * out["routed_accuracy"], 100 * out["baseline_accuracy"], out["n_routed"],
@@ -338,12 +340,17 @@ def run_experiments(run: Path, job: JobSpec, cases: CaseData) -> dict:
     ``experiment.json`` = the first experiment's numbers + all of them under ``experiments``."""
     done: dict[str, dict] = {}
     for exp in job.experiments:
-        path = run / "experiments" / exp.fit / "experiment.json"
-        if path.is_file():
+        d = run / "experiments" / exp.fit
+        problems = rundir.damaged(d, ("experiment.json",)) if d.is_dir() else None
+        if problems == []:
             log.info(f"  experiment {exp.fit}: already done in this partial run")
-            done[exp.fit] = json.loads(path.read_text())
-        else:
-            done[exp.fit] = run_experiment(run, job, exp, cases)
+            done[exp.fit] = json.loads((d / "experiment.json").read_text())
+            continue
+        if problems:
+            log.warning("%s: experiment %s is run again", rundir.describe_damage(
+                problems), exp.fit)
+            shutil.rmtree(d)
+        done[exp.fit] = run_experiment(run, job, exp, cases)
     first = done[job.experiments[0].fit]
     rundir.write_json(run / "experiment.json",
                       {**first, "headline_fit": job.experiments[0].fit, "experiments": done})
