@@ -74,11 +74,24 @@ def _profile(args: argparse.Namespace) -> dict:
     return load_profile(args.profile, args.cluster_file)
 
 
+def _print_plan(args: argparse.Namespace, doc: dict, text: str) -> int:
+    """A dry run's plan on stdout: one JSON document with --log-format json, else ``text``."""
+    import json
+
+    print(json.dumps(doc, indent=2, default=str) if args.log_format == "json" else text)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from kmdask.batch.runner import run_job
     from kmdask.batch.spec import load_job
 
     job = load_job(args.job)
+    if args.dry_run:
+        from kmdask.batch.plan import format_plan, plan_job
+
+        plan = plan_job(job, _profile(args), runs_dir=args.runs_dir, address=args.address)
+        return _print_plan(args, plan, format_plan(plan))
     out = run_job(job, _profile(args), runs_dir=args.runs_dir, address=args.address,
                   wait=not args.no_wait)
     print(out.path)
@@ -91,6 +104,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     profile = _profile(args)
     jobs, out = SWEEPS[args.dataset]
+    if args.dry_run:
+        from kmdask.batch.plan import format_sweep, plan_job
+
+        report = args.out or out
+        sweep = {"plans": [plan_job(load_job(p), profile, runs_dir=args.runs_dir,
+                                    address=args.address) for p in args.jobs or jobs],
+                 "report": str(report), "index": str(Path(report) / "index.html")}
+        return _print_plan(args, sweep, format_sweep(sweep))
     runs = []
     for path in args.jobs or jobs:
         job = load_job(path)
@@ -127,6 +148,12 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from kmdask.batch.submit import submit_job
 
+    if args.dry_run:
+        from kmdask.batch.plan import format_submission, plan_submission
+
+        plan = plan_submission(Path(args.job), _profile(args), runs_dir=args.runs_dir,
+                               extra_args=list(args.scheduler_args))
+        return _print_plan(args, plan, format_submission(plan))
     job_id = submit_job(Path(args.job), _profile(args), runs_dir=args.runs_dir,
                         extra_args=list(args.scheduler_args))
     print(job_id)
@@ -154,6 +181,19 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true",
                    help="exit with an error instead of waiting when another run of the same "
                         "job holds its lock")
+
+
+_DRY_RUN = ("print what {what} would do, and do none of it: the data it would open and its "
+            "fingerprint, each fit (K, rows, iterations, trials), whether the run would be a "
+            "no-op, a resume (from which fit and iteration) or fresh, and the cluster profile "
+            "with the dask settings it changes{more}. Computes nothing, starts no cluster, "
+            "stages no data and writes nothing under --runs-dir; with --log-format json the "
+            "plan is one JSON document on stdout")
+
+
+def _add_dry_run(p: argparse.ArgumentParser, what: str, more: str = "") -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help=_DRY_RUN.format(what=what, more=more))
 
 
 def _add_log_args(p: argparse.ArgumentParser) -> None:
@@ -250,10 +290,12 @@ def _add_run(sub) -> None:
         description=(
             "Run a declarative job (jobs/*.yaml) on the chosen cluster profile and print the run "
             "directory. A rerun of an unchanged job (same data, spec and kmdask version) is a "
-            "no-op; an interrupted run resumes from its last checkpoint."),
+            "no-op; an interrupted run resumes from its last checkpoint. --dry-run says which "
+            "of these a run would be, and with what data, fits and profile."),
     )
     p.add_argument("job", help="job file, or a NAME under jobs/")
     _add_cluster_args(p)
+    _add_dry_run(p, "the run")
     p.set_defaults(func=_cmd_run)
 
 
@@ -286,6 +328,7 @@ def _add_sweep(sub) -> None:
                    help="report directory (default: report/, report/fashion-mnist/ for "
                         "Fashion-MNIST)")
     _add_cluster_args(p)
+    _add_dry_run(p, "each job's run", ", then the report directory it would write")
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -309,6 +352,10 @@ def _add_submit(sub) -> None:
                    help="extra options for sbatch/qsub, after '--' "
                         "(e.g. -- --begin=now+1hour)")
     _add_cluster_args(p)
+    _add_dry_run(p, "the batch job's run",
+                 ", and the exact batch script with the sbatch/qsub command that would "
+                 "submit it (the script is not written, nothing is submitted, and sbatch/qsub "
+                 "need not be installed)")
     p.set_defaults(func=_cmd_submit)
 
 

@@ -52,9 +52,11 @@ log = logging.getLogger(__name__)
 HEAD_ROWS_DEFAULT = 100
 
 
-def resolve_store(job: JobSpec, storage_options: dict | None = None) -> Location:
+def resolve_store(job: JobSpec, storage_options: dict | None = None, *,
+                  stage: bool = True) -> Location:
     """The job's zarr store (a path or an object-storage URL); the default
-    ``data/<dataset>.zarr`` is staged when missing."""
+    ``data/<dataset>.zarr`` is staged when missing (``stage=False``, a dry run: returned
+    staged or not)."""
     from kmdask.data.staging import stage_dataset
     from kmdask.data.store import is_store
 
@@ -67,7 +69,7 @@ def resolve_store(job: JobSpec, storage_options: dict | None = None) -> Location
                             "data.array")
         return p
     p = location(Path("data") / f"{job.dataset}.zarr")
-    if not is_store(p):
+    if stage and not is_store(p):
         stage_dataset(job.dataset, out=p.url)
     return p
 
@@ -156,35 +158,41 @@ class _Data:
     name: str  # the data set's name: a store's, or the array's file name
     is_store: bool = True
     verified: bool | None = None  # a store's files matched known checksums (None: an array)
+    fingerprint_computed: bool = False  # an array's, hashed now (its cache had none)
 
     @property
     def n(self) -> int:
         return int(self.images.shape[0])
 
 
-def _open_data(job: JobSpec, profile: dict, runs_dir: Path) -> _Data:
+def _open_data(job: JobSpec, profile: dict, runs_dir: Path, *,
+               dry_run: bool = False) -> _Data | None:
+    """The job's data, checked against its fits. ``dry_run``: stage nothing and write no
+    fingerprint cache; None when the job's default store is not staged yet."""
     from kmdask.data import arrays, store
 
     opts = profile.get("storage_options")
     if job.array:
         src = arrays.open_array(job.array, job.labels, storage_options=opts,
                                 cache_dir=runs_dir / "_fingerprints",
-                                image_shape=job.image_shape)
+                                image_shape=job.image_shape, write_cache=not dry_run)
         x = src.images
         side = int(round(np.sqrt(x.shape[1])))
         shape = job.image_shape or ((side, side) if side * side == x.shape[1] else None)
         divisor = job.divisor or (255.0 if x.dtype == np.uint8 else 1.0)
         data = _Data(src.location, x, src.labels, src.fingerprint, shape, divisor,
-                     src.location.name, False)
+                     src.location.name, False, fingerprint_computed=src.computed)
     else:
-        loc = resolve_store(job, opts)
+        loc = resolve_store(job, opts, stage=not dry_run)
+        if dry_run and not job.store and not store.is_store(loc):
+            return None  # a real run stages it first
         info = store.store_info(loc)
         shape = job.image_shape or store.image_shape(info)
         data = _Data(loc, store.open_images(loc, job.split), store.open_labels(loc, job.split),
                      store.data_fingerprint(loc, job.split), shape, 255.0, info["dataset"],
                      verified=bool(info.get("verified", True)))
         if not data.verified:
-            log.warning("kmdask: %s holds %s, staged without known checksums (unverified)",
+            log.warning("%s holds %s, staged without known checksums (unverified)",
                         loc, info["dataset"])
     d = int(data.images.shape[1])
     if data.image_shape is not None and data.image_shape[0] * data.image_shape[1] != d:

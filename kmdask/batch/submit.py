@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kmdask.batch.cluster import profile_dask_config
@@ -188,6 +189,16 @@ def _scheduler_message(text: str) -> str:
     return (lines[-1] if lines else "no message")[:300]
 
 
+def submit_command(kind: str, script: Path, *, out: Path | None = None,
+                   extra_args: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The sbatch/qsub command line that submits ``script`` (no I/O)."""
+    exe = _SCHEDULERS[kind][0]
+    cmd = [exe, "--parsable"] if kind == "slurm" else [exe]
+    if kind == "pbs" and out is not None:
+        cmd += ["-o", str(out), "-j", "oe"]
+    return [*cmd, *extra_args, str(script)]
+
+
 def submit_script(script: Path, kind: str, *, out: Path | None = None,
                   extra_args: list[str] | tuple[str, ...] = (), cwd: Path | None = None,
                   timeout: float = 60.0) -> str:
@@ -197,10 +208,7 @@ def submit_script(script: Path, kind: str, *, out: Path | None = None,
     ``out`` is passed as ``-o`` to qsub (SLURM's qsub emulation ignores ``#PBS -o``).
     """
     exe = _require(kind)
-    cmd = [exe, "--parsable"] if kind == "slurm" else [exe]
-    if kind == "pbs" and out is not None:
-        cmd += ["-o", str(out), "-j", "oe"]
-    cmd += [*extra_args, str(script)]
+    cmd = submit_command(kind, script, out=out, extra_args=extra_args)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
@@ -224,11 +232,32 @@ def _relative_to(path: Path, base: Path) -> Path:
         return path
 
 
-def write_batch_script(job_path: Path, profile: dict, *, runs_dir: Path,
-                       extra_run_args: list[str] | None = None) -> tuple[Path, Path]:
-    """Write ``<runs_dir>/<job>/submit/<job>-<stamp>.{sbatch,pbs}``; returns (script, output).
+@dataclass(frozen=True)
+class BatchScript:
+    """A batch script as :func:`write_batch_script` would write it: where, its scheduler
+    output file, and its text."""
 
-    Needs no scheduler command: the script can be written anywhere and inspected."""
+    path: Path
+    output: Path
+    text: str
+
+
+def batch_script(job_path: Path, profile: dict, *, runs_dir: Path,
+                 extra_run_args: list[str] | None = None) -> BatchScript:
+    """The batch script for ``job_path``, rendered but not written (``kmdask submit
+    --dry-run``). Reads the job spec only: a bad one fails here, before anything is written.
+
+    Parameters
+    ----------
+    job_path : Path
+        The job spec.
+    profile : dict
+        A ``slurm`` or ``pbs`` profile; its ``submit:`` mapping gives the batch options.
+    runs_dir : Path
+        Where the job's run directory goes; the script goes to ``<runs_dir>/<job>/submit/``.
+    extra_run_args : list of str, optional
+        Further arguments of the ``kmdask run`` inside the job.
+    """
     from kmdask.batch.spec import load_job
 
     kind = _kind(profile)
@@ -238,7 +267,6 @@ def write_batch_script(job_path: Path, profile: dict, *, runs_dir: Path,
     job_file = _relative_to(Path(spec.source).resolve(), cwd)
     runs_dir = Path(runs_dir).resolve()
     submit_dir = runs_dir / spec.name / "submit"
-    submit_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     stem = submit_dir / f"{spec.name}-{stamp}"
     script = stem.with_suffix(".sbatch" if kind == "slurm" else ".pbs")
@@ -253,9 +281,19 @@ def write_batch_script(job_path: Path, profile: dict, *, runs_dir: Path,
         run_args=[str(job_file), "--runs-dir", str(_relative_to(runs_dir, cwd)),
                   *(extra_run_args or [])],
         python=str(opts.get("python") or sys.executable), config=config, header=header)
-    script.write_text(text)
-    script.chmod(0o755)
-    return script, out
+    return BatchScript(script, out, text)
+
+
+def write_batch_script(job_path: Path, profile: dict, *, runs_dir: Path,
+                       extra_run_args: list[str] | None = None) -> tuple[Path, Path]:
+    """Write ``<runs_dir>/<job>/submit/<job>-<stamp>.{sbatch,pbs}``; returns (script, output).
+
+    Needs no scheduler command: the script can be written anywhere and inspected."""
+    script = batch_script(job_path, profile, runs_dir=runs_dir, extra_run_args=extra_run_args)
+    script.path.parent.mkdir(parents=True, exist_ok=True)
+    script.path.write_text(script.text)
+    script.path.chmod(0o755)
+    return script.path, script.output
 
 
 def submit_job(job_path: Path, profile: dict, *, runs_dir: Path,

@@ -241,6 +241,7 @@ class ArraySource:
     fingerprint: str  # of the rows (and the labels): content, not location
     location: Location
     chunk_rows: int
+    computed: bool = False  # the fingerprint was hashed now: no cache held it
 
 
 def _verified(reader: Reader, chunk_rows: int, crcs: list[int]):
@@ -257,8 +258,10 @@ def _verified(reader: Reader, chunk_rows: int, crcs: list[int]):
     return da.concatenate(parts, axis=0)
 
 
-def fingerprinted(reader: Reader, chunk_rows: int, cache_dir: Path | None) -> dict:
-    """The array's fingerprint and per-chunk crc32s: from the cache, or by reading it once."""
+def fingerprinted(reader: Reader, chunk_rows: int, cache_dir: Path | None,
+                  write: bool = True) -> dict:
+    """The array's fingerprint and per-chunk crc32s: from the cache, or by reading it once
+    (then cached, unless ``write`` is False; the record then says ``"computed": True``)."""
     import dask
 
     key = {"version": CACHE_VERSION, "url": reader.loc.url, "kind": reader.kind,
@@ -270,7 +273,8 @@ def fingerprinted(reader: Reader, chunk_rows: int, cache_dir: Path | None) -> di
     if cached is not None:
         return cached
     n = reader.shape[0]
-    log.info("kmdask: fingerprinting %s (%d rows, read once; cached beside it)", reader.loc, n)
+    log.info("kmdask: fingerprinting %s (%d rows, read once; %s)", reader.loc, n,
+             "cached beside it" if write else "not cached: a dry run writes nothing")
     tasks = [dask.delayed(_digest)(reader, s, min(s + chunk_rows, n))
              for s in range(0, n, chunk_rows)]
     got = dask.compute(*tasks, scheduler="threads")
@@ -279,14 +283,15 @@ def fingerprinted(reader: Reader, chunk_rows: int, cache_dir: Path | None) -> di
     for sha, _ in got:
         whole.update(bytes.fromhex(sha))
     record = {"key": key, "fingerprint": whole.hexdigest()[:16], "crc32": [c for _, c in got]}
-    _write_cache(where, record)
-    return record
+    if write:
+        _write_cache(where, record)
+    return {**record, "computed": True}
 
 
 def open_array(where: str | Path | Location, labels: str | Path | Location | None = None, *,
                storage_options: dict | None = None, cache_dir: Path | None = None,
-               chunk_rows: int = 10_000,
-               image_shape: tuple[int, int] | None = None) -> ArraySource:
+               chunk_rows: int = 10_000, image_shape: tuple[int, int] | None = None,
+               write_cache: bool = True) -> ArraySource:
     """Open an existing zarr array or ``.npy`` file of rows (and labels) for clustering.
 
     Parameters
@@ -303,6 +308,8 @@ def open_array(where: str | Path | Location, labels: str | Path | Location | Non
         About how many rows per chunk.
     image_shape : (height, width), optional
         When the rows are images: checked against the row length.
+    write_cache : bool
+        False (a dry run): read a fingerprint cache where there is one, never write one.
 
     Raises
     ------
@@ -332,12 +339,14 @@ def open_array(where: str | Path | Location, labels: str | Path | Location | Non
                             f"{lreader.shape}")
         if np.dtype(lreader.dtype).kind not in "iu":
             raise DataError(f"{lloc}: expected integer labels, got {np.dtype(lreader.dtype)}")
-    record = fingerprinted(reader, rows, cache_dir)
+    record = fingerprinted(reader, rows, cache_dir, write_cache)
     images = _verified(reader, rows, record["crc32"])
     fp = record["fingerprint"]
+    computed = bool(record.get("computed"))
     lab = None
     if lreader is not None:
-        lrec = fingerprinted(lreader, rows, cache_dir)
+        lrec = fingerprinted(lreader, rows, cache_dir, write_cache)
         lab = _verified(lreader, rows, lrec["crc32"])
         fp = hashlib.sha256(f"{fp}:{lrec['fingerprint']}".encode()).hexdigest()[:16]
-    return ArraySource(images, lab, fp, loc, rows)
+        computed = computed or bool(lrec.get("computed"))
+    return ArraySource(images, lab, fp, loc, rows, computed)
