@@ -44,6 +44,7 @@ from kmdask.errors import (
     DataError,
     JobLocked,
     KmdaskError,
+    StorageError,
 )
 from kmdask.log import fields
 
@@ -434,6 +435,8 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], pro
                 fits[f.name] = _run_fit(partial, f, X, images,
                                         None if truth is None else truth[:rows], hooks,
                                         data.divisor)
+    except StorageError as exc:  # an object store that stayed down (exit 5)
+        raise StorageError(_interrupted(job, current, partial, exc)) from None
     except _cluster_failures() as exc:
         # Lost workers (KilledWorker), a vanished scheduler (its futures cancelled), ...: what
         # finished is on disk, so say how to resume rather than dumping dask's traceback.
@@ -500,7 +503,8 @@ def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:
     ck = FileCheckpoint(partial / "fits" / fit / "checkpoint.npz")
     where = f"iteration {ck.iteration}" if ck.path.exists() else "its start"
     detail = str(exc).splitlines()[0] if str(exc) else ""
-    what = type(exc).__name__ + (": " + detail[:200] if detail else "")
+    what = detail if isinstance(exc, KmdaskError) else \
+        type(exc).__name__ + (": " + detail[:200] if detail else "")
     if "scheduler-connection-lost" in str(exc):  # distributed cancelled every future
         what = "lost the connection to the dask scheduler"
     return (f"job {job.name!r} stopped in fit {fit!r}: {what}; progress is saved in {partial} "

@@ -9,16 +9,28 @@ messages or in run manifests, which name the URL only.
 
 Object storage goes through fsspec (s3fs, gcsfs) and zarr's ``FsspecStore``: zarr's own store
 for fsspec filesystems, with the async s3fs client doing concurrent chunk reads.
+
+An object store that throttles, answers 5xx or cannot be reached is retried with exponential
+backoff (:func:`retrying`) for up to ``$KMDASK_STORAGE_RETRY_SECONDS`` (default 60) on top of
+botocore's and s3fs's own few quick retries, which give up within seconds; a store still
+failing then is a :class:`~kmdask.errors.StorageError` (exit 5, progress saved).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from kmdask.errors import DataError
+from kmdask.errors import DataError, StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: URL schemes kmdask opens, and the package each needs
 SCHEMES = {"file": None, "s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
@@ -189,11 +201,79 @@ def bucket_exists(loc: Location) -> bool:
     return True
 
 
-def remote_call(loc: Location, what: str, call):
-    """Run ``call`` (which reaches ``loc``) and turn its errors into one-line DataErrors; a
-    missing object stays a FileNotFoundError for the caller to word."""
+RETRY_SECONDS_DEFAULT = 60.0
+# errnos s3fs gives throttling and server errors (SlowDown, ServiceUnavailable: EBUSY;
+# InternalError: EREMOTEIO), and those of failed connections
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO, errno.EAGAIN, errno.ETIMEDOUT,
+                               errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED})
+# botocore's, aiohttp's and fsspec's names for a request that failed on the way (named, not
+# imported: a local store needs none of those packages)
+_TRANSIENT_NAMES = frozenset({"HTTPClientError", "EndpointConnectionError",
+                              "ConnectionClosedError", "ReadTimeoutError",
+                              "ConnectTimeoutError", "ClientPayloadError",
+                              "ClientConnectionError", "ServerDisconnectedError",
+                              "FSTimeoutError", "IncompleteRead", "ResponseParserError"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error may pass by itself: throttling, a server error, a connection
+    refused, reset or timed out (in ``exc`` or what caused it). Missing objects and denied
+    access are not."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # the error, and what it was raised from
+        if seen is None:
+            return False
+        if isinstance(seen, (FileNotFoundError, PermissionError)):
+            return False
+        if isinstance(seen, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(seen, OSError) and seen.errno in _TRANSIENT_ERRNOS:
+            return True
+        if _TRANSIENT_NAMES & {c.__name__ for c in type(seen).__mro__}:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retry_seconds() -> float:
+    """How long a failing object store is retried (``$KMDASK_STORAGE_RETRY_SECONDS``)."""
     try:
-        return call()
+        return max(0.0, float(os.environ.get("KMDASK_STORAGE_RETRY_SECONDS",
+                                             RETRY_SECONDS_DEFAULT)))
+    except ValueError:
+        return RETRY_SECONDS_DEFAULT
+
+
+def retrying(loc: Location, what: str, call: Callable[[], T]) -> T:
+    """``call()``, retried with exponential backoff (0.25 s doubling to 8 s) while it fails
+    transiently (:func:`is_transient`) and ``loc`` is remote, for up to :func:`retry_seconds`;
+    then a one-line StorageError. Other errors pass through untouched."""
+    t0 = time.monotonic()
+    delay, attempt = 0.25, 1
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if loc.local or not is_transient(exc):
+                raise
+            waited = time.monotonic() - t0
+            if waited + delay > retry_seconds():
+                raise StorageError(
+                    f"{loc}: cannot {what}: the object store kept failing for {waited:.0f} s "
+                    f"({attempt} attempts; last: {type(exc).__name__}: {_first_line(exc)})"
+                ) from None
+            log.warning("%s: cannot %s (%s: %s); retrying in %.2g s", loc, what,
+                        type(exc).__name__, _first_line(exc), delay)
+            time.sleep(delay)
+            delay, attempt = min(2 * delay, 8.0), attempt + 1
+
+
+def remote_call(loc: Location, what: str, call):
+    """Run ``call`` (which reaches ``loc``), retried while the store fails transiently, and
+    turn its other errors into one-line DataErrors; a missing object stays a
+    FileNotFoundError for the caller to word."""
+    try:
+        return retrying(loc, what, call)
     except FileNotFoundError:
         raise
     except PermissionError as exc:

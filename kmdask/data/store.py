@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from kmdask.data.location import Location, location
-from kmdask.errors import DataError
+from kmdask.data.location import Location, location, retrying
+from kmdask.errors import DataError, StorageError
 
 #: value of the ``kmdask_store`` group attribute; bump when the store layout changes
 STORE_FORMAT = 1
@@ -97,9 +97,15 @@ def read_chunk(path: Location, split: str, kind: str, i: int, rows: int,
     error deep inside zarr) becomes a one-line DataError naming the store and the chunk.
     """
     where = f"{path}/{split}/{kind}"
-    try:
+
+    def read() -> np.ndarray:
         arr = _open_cached(path, f"{split}/{kind}")
-        block = np.ascontiguousarray(arr[i * rows : (i + 1) * rows])
+        return np.ascontiguousarray(arr[i * rows : (i + 1) * rows])
+
+    try:
+        block = retrying(path, f"read {split}/{kind} chunk {i}", read)
+    except StorageError:
+        raise
     except Exception as exc:  # codec/IO errors surface as many different types
         raise DataError(f"{where}: chunk {i} unreadable ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
