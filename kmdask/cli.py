@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from kmdask import __version__, log
@@ -348,9 +349,11 @@ def _add_submit(sub) -> None:
                     "submit it with the profile's scheduler, and print the job id.",
     )
     p.add_argument("job", help="job file, or a NAME under jobs/")
+    # what follows '--' is split off by main() before parsing (argparse alone would refuse
+    # kmdask's own options between the job and '--'); shown here for --help
     p.add_argument("scheduler_args", nargs="*", metavar="-- SBATCH/QSUB ARGS",
-                   help="extra options for sbatch/qsub, after '--' "
-                        "(e.g. -- --begin=now+1hour)")
+                   help="extra options for sbatch/qsub, after '--', last "
+                        "(e.g. kmdask submit sweep --profile slurm -- --begin=now+1hour)")
     _add_cluster_args(p)
     _add_dry_run(p, "the batch job's run",
                  ", and the exact batch script with the sbatch/qsub command that would "
@@ -395,7 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passed: list[str] = []
+    if "--" in argv:  # everything after it is sbatch's/qsub's (kmdask submit ... -- ARGS)
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if passed:
+        if args.command != "submit":
+            parser.error(f"kmdask {args.command}: '-- {' '.join(passed)}': only kmdask submit "
+                         "passes options after '--' (to sbatch/qsub)")
+        args.scheduler_args = [*args.scheduler_args, *passed]
     log.setup(-1 if args.quiet else args.verbose, args.log_format)
     # SIGTERM (a batch scheduler's time limit, systemd stop) ends a run as Ctrl-C does: the
     # last finished Lloyd iteration is checkpointed already, so it stops at once (exit 130)

@@ -227,6 +227,11 @@ def test_submit_dry_run_prints_the_exact_script_and_writes_nothing(work, capsys,
     code, text, _ = _dry(capsys, "submit", *args, "dry.yaml")
     assert stamp.sub("T", written.read_text()).rstrip() in stamp.sub("T", text)
     assert "sbatch is not on PATH here" in text
+    # kmdask's options may follow the job file; what follows '--' is sbatch's
+    code, out, err = _dry(capsys, "submit", "dry.yaml", *args, "--log-format", "json", "--",
+                          "--begin=now+1hour", "--dry-run")
+    assert code == 0, err
+    assert json.loads(out)["script"]["command"][2:4] == ["--begin=now+1hour", "--dry-run"]
 
 
 def test_default_store_is_not_staged_by_a_dry_run(tmp_path, monkeypatch, capsys):
