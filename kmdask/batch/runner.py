@@ -503,7 +503,7 @@ def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:
     ck = FileCheckpoint(partial / "fits" / fit / "checkpoint.npz")
     where = f"iteration {ck.iteration}" if ck.path.exists() else "its start"
     detail = str(exc).splitlines()[0] if str(exc) else ""
-    what = detail if isinstance(exc, KmdaskError) else \
+    what = detail if isinstance(exc, StorageError) else \
         type(exc).__name__ + (": " + detail[:200] if detail else "")
     if "scheduler-connection-lost" in str(exc):  # distributed cancelled every future
         what = "lost the connection to the dask scheduler"
