@@ -187,11 +187,22 @@ def save_canvas(canvas: np.ndarray, fig: Figure, texts: list, path: Path) -> Non
     if rgba.shape[:2] != (h, w):
         raise ValueError(f"figure renders {rgba.shape[1]}x{rgba.shape[0]} px, the canvas is "
                          f"{w}x{h}")
-    alpha = rgba[..., 3:4].astype(np.float32) / np.float32(255)
-    out = np.rint(canvas * (1 - alpha) + rgba[..., :3] * alpha).astype(np.uint8)
+    # blend only the pixels the artists touch (text is a few percent of a canvas of tens of
+    # millions of pixels), in integers: (c (255 - a) + t a) / 255, rounded
+    ys, xs = np.nonzero(rgba[..., 3])
+    out = canvas.copy()
+    a = rgba[ys, xs, 3:4].astype(np.uint16)
+    out[ys, xs] = ((canvas[ys, xs].astype(np.uint16) * (255 - a)
+                    + rgba[ys, xs, :3].astype(np.uint16) * a + 127) // 255).astype(np.uint8)
+    write_png(out, path)
+
+
+def write_png(rgb: np.ndarray, path: Path) -> None:
+    """Write an (H, W, 3) uint8 image as PNG at zlib level 4: on these mostly flat canvases it
+    is faster than the default 6 and no bigger (levels 1-3 make files 40% bigger)."""
     from PIL import Image  # matplotlib's own PNG writer
 
-    Image.fromarray(out).save(path, format="PNG")
+    Image.fromarray(rgb).save(path, format="PNG", compress_level=4)
 
 
 def canvas_figure(canvas: np.ndarray) -> Figure:
