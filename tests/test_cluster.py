@@ -119,6 +119,29 @@ def test_local_workers_malloc_environment(limit, tuned):
         assert env["MALLOC_MMAP_THRESHOLD_"] is None and env["MALLOC_TRIM_THRESHOLD_"] == "65536"
 
 
+def _loaded_kernels() -> dict[str, int]:
+    """In a worker: how many compiled signatures each of the engine's kernels holds."""
+    import sys
+
+    from numba.core.registry import CPUDispatcher
+
+    mods = [m for name, m in list(sys.modules.items()) if name.startswith("kmdask.")]
+    return {f"{m.__name__}.{n}": len(f.signatures) for m in mods
+            for n, f in vars(m).items() if isinstance(f, CPUDispatcher)}
+
+
+def test_local_workers_start_with_the_engine_warm():
+    """LocalCluster workers are forked from a server that warmed the engine: before any task,
+    the kernels a fit calls already hold compiled code (no first-fit tax)."""
+    with connect(_profile("local")) as client:
+        loaded = client.run(_loaded_kernels)
+    for worker, kernels in loaded.items():
+        assert kernels.get("kmdask.engine.kernels._assign_block", 0) >= 1, (worker, kernels)
+        assert kernels.get("kmdask.engine.kernels._row_sq_norms_u8", 0) >= 1
+        warm = sum(1 for v in kernels.values() if v)
+        assert warm >= 10, kernels  # uint8 and float paths, seeding, the original's kernels
+
+
 # ------------------------------------------------------------------------------------------
 # address: a scheduler and workers started here
 

@@ -196,6 +196,51 @@ def worker_environment(memory_limit: Any = None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+_FORKSERVER_ENV: dict[str, str] | None = None  # what this process's forkserver started with
+
+
+@contextlib.contextmanager
+def _warm_forkserver() -> Iterator[None]:
+    """Start the LocalCluster's worker processes from a forkserver that has imported and warmed
+    kmdask's engine (:mod:`kmdask.engine.preload`), so that a fit on fresh workers does not pay
+    about a second per worker to load its compiled kernels before its first pass: the server
+    pays it once, while the nannies start.
+
+    A forked worker keeps the environment the server started with, and numpy sizes its BLAS
+    threads at import: the server is started with the nannies' pre-spawn environment (one BLAS
+    thread, malloc settings) already in ``os.environ``. A server already running with another
+    environment (another LocalCluster of this process) is not reused: workers are spawned.
+    """
+    global _FORKSERVER_ENV
+    from multiprocessing import forkserver
+
+    import distributed.utils
+
+    env = {k: str(v) for k, v in
+           dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()}
+    running = getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
+    if running and env != _FORKSERVER_ENV:
+        yield  # spawn, as dask does by default
+        return
+    if not running:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+                ctx = distributed.utils.get_mp_context()  # sets distributed's own preloads
+            ctx.set_forkserver_preload(["distributed", "kmdask.engine.preload"])
+            forkserver.ensure_running()
+            _FORKSERVER_ENV = env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        yield
+
+
 @contextlib.contextmanager
 def _local(profile: dict) -> Iterator[Any]:
     from distributed import Client, LocalCluster
@@ -214,8 +259,8 @@ def _local(profile: dict) -> Iterator[Any]:
         silence_logs=logging.CRITICAL,
     )
     t0 = time.perf_counter()
-    with worker_environment(kwargs["memory_limit"]), LocalCluster(**kwargs) as cluster, \
-            Client(cluster) as client:
+    with worker_environment(kwargs["memory_limit"]), _warm_forkserver(), \
+            LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         client.wait_for_workers(1)
         info = _record(client, profile, t0)
         client.wait_for_workers(n)
