@@ -33,8 +33,12 @@ MODELS = [("a", 6), ("a", 7), ("b", 3), ("c", 4)]
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, mnist_store) -> dict:
-    """A working directory with the job and a LocalCluster profile, and one undisturbed run."""
+def work(tmp_path_factory, mnist_store, client) -> dict:
+    """A working directory with the job and a LocalCluster profile, and one undisturbed run
+    (on the session's cluster: results do not depend on the cluster)."""
+    from kmdask.batch.runner import run_job
+    from kmdask.batch.spec import load_job
+
     wd = tmp_path_factory.mktemp("damaged")
     (wd / "cluster.yaml").write_text(yaml.safe_dump({"default": "local", "profiles": {
         "local": {"kind": "local", "n_workers": 2, "threads_per_worker": 1,
@@ -42,9 +46,9 @@ def work(tmp_path_factory, mnist_store) -> dict:
     job = wd / "dmg.yaml"
     job.write_text(yaml.safe_dump({"job": "dmg", "data": {"store": str(mnist_store)},
                                    "fits": FITS}))
-    ref = run_kmdask("run", str(job), "--runs-dir", str(wd / "ref"), cwd=wd)
-    assert ref.returncode == 0, ref.stderr
-    return {"dir": wd, "job": job, "ref": wd / ref.stdout.strip()}
+    ref = run_job(load_job(job), {"name": "t", "kind": "address", "timeout": 30,
+                                  "address": client.scheduler.address}, runs_dir=wd / "ref")
+    return {"dir": wd, "job": job, "ref": ref.path}
 
 
 def _same_models(a: Path, b: Path) -> None:
