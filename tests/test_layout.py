@@ -27,7 +27,7 @@ RULES = {
     # batch reaches algorithms only through the fit-kind registry; label scores are numpy
     "kmdask.batch": ("kmdask", *LEAVES, "kmdask.data", "kmdask.batch", "kmdask.engine.metrics"),
     "kmdask.batch.fitkinds": ("kmdask", *LEAVES, "kmdask.batch", "kmdask.engine.estimator",
-                              "kmdask.mccaffrey.fit"),
+                              "kmdask.engine.criteria", "kmdask.mccaffrey.fit"),
     "kmdask.report": ("kmdask", *LEAVES, "kmdask.report", "kmdask.batch.rundir",
                       "kmdask.batch.spec", "kmdask.batch.extensions"),
     "kmdask.errorcases": ("*",),  # may use everything; reached only by registration

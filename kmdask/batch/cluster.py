@@ -202,7 +202,7 @@ _FORKSERVER_ENV: dict[str, str] | None = None  # what this process's forkserver 
 @contextlib.contextmanager
 def _warm_forkserver() -> Iterator[None]:
     """Start the LocalCluster's worker processes from a forkserver that has imported and warmed
-    kmdask's engine (:mod:`kmdask.engine.preload`), so that a fit on fresh workers does not pay
+    kmdask's engine (:mod:`kmdask.batch.preload`), so that a fit on fresh workers does not pay
     about a second per worker to load its compiled kernels before its first pass: the server
     pays it once, while the nannies start.
 
@@ -228,7 +228,7 @@ def _warm_forkserver() -> Iterator[None]:
         try:
             with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
                 ctx = distributed.utils.get_mp_context()  # sets distributed's own preloads
-            ctx.set_forkserver_preload(["distributed", "kmdask.engine.preload"])
+            ctx.set_forkserver_preload(["distributed", "kmdask.batch.preload"])
             forkserver.ensure_running()
             _FORKSERVER_ENV = env
         finally:

@@ -132,5 +132,51 @@ class McCaffrey:
         return out
 
 
+def choosing_k(X: Any, records: list[ModelRecord], spec: Any, ctx: FitContext) -> dict | None:
+    """The choosing-K criteria of a fit's final models (any kind), computed on the workers by
+    :func:`kmdask.engine.criteria.choosing_k`; None for a fit of one K or ``criteria: false``.
+
+    Returns
+    -------
+    dict or None
+        ``per_k`` (K -> criteria values), ``profiles`` (K -> silhouette quantiles per
+        cluster), ``choices`` (criterion -> K), ``settings`` and ``seconds``.
+    """
+    if spec.criteria is None or len(records) < 2:
+        return None
+    from kmdask.engine.criteria import choosing_k as compute
+
+    got = compute(X, [r.labels for r in records], [r.k for r in records],
+                  [float(r.result["inertia"]) for r in records], divisor=ctx.divisor,
+                  silhouette_sample=spec.criteria.silhouette_sample,
+                  gap_references=spec.criteria.gap_references,
+                  gap_rows=spec.criteria.gap_rows, seed=spec.seed)
+    log.info("  %s: choosing K in %.1f s (%s): %s", spec.name, got.seconds,
+             ", ".join(f"{k} {v:.1f} s" for k, v in got.timings.items()),
+             ", ".join(f"{k} {v}" for k, v in got.choices.items()))
+    return {"per_k": got.per_k, "profiles": got.profiles, "choices": got.choices,
+            "settings": got.settings, "seconds": got.seconds, "timings": got.timings}
+
+
 #: every fit kind, by the name a job's ``algorithm:`` gives (the first is the default)
 FIT_KINDS: dict[str, FitKind] = {k.name: k for k in (Scalable(), McCaffrey())}
+
+
+def warm() -> None:
+    """Load every compiled kernel the fit kinds call, in this process (about a second).
+
+    numba loads each kernel from its on-disk cache at first call, and the first load in a
+    process also initialises numba's compiler (~0.25 s): about a second per worker process
+    before a first fit's first pass. Tiny fits of each kind on each data kind (uint8 pixels,
+    float32 and float64 rows), run here without a cluster, pay it ahead of time;
+    :mod:`kmdask.batch.preload` runs this in the server LocalCluster's workers are forked from.
+    """
+    from kmdask.engine.estimator import fit_models
+    from kmdask.mccaffrey.fit import fit_mccaffrey
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(64, 16), dtype=np.uint8)
+    for x in (pixels, pixels.astype(np.float32) / 255, pixels.astype(np.float64) / 255):
+        # k-means|| seeding and pruned incremental passes, as a real fit runs them
+        fit_models(x, [2, 3], n_init=2, max_iter=4, tol=0.0, random_state=0)
+    for x in (pixels, pixels.astype(np.float64) / 255):
+        fit_mccaffrey(x, 2, max_iter=3, n_init=2, seed=0)

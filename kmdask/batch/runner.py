@@ -33,7 +33,7 @@ import numpy as np
 from kmdask import __version__
 from kmdask.batch import extensions, rundir
 from kmdask.batch.checkpoint import FileCheckpoint
-from kmdask.batch.fitkinds import FIT_KINDS, FitContext
+from kmdask.batch.fitkinds import FIT_KINDS, FitContext, choosing_k
 from kmdask.batch.spec import FitSpec, JobSpec
 from kmdask.data.location import Location, location, why_missing
 from kmdask.errors import (
@@ -264,7 +264,9 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray | N
                  **fields(fit=fit.name, **{k: p[k] for k in ("iteration", "models", "inertia",
                                                               "seconds")}))
 
-    records = kind.fit(X, fit, FitContext(checkpoint=ck, progress=show, divisor=divisor))
+    ctx = FitContext(checkpoint=ck, progress=show, divisor=divisor)
+    records = kind.fit(X, fit, ctx)
+    crit = choosing_k(X, records, fit, ctx)  # on the final models, before they are written
     results: dict[str, dict] = {}
     for rec in records:
         labels, centres, extra = rec.labels, rec.centres, {}
@@ -276,6 +278,9 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray | N
         scores = {} if truth is None else {"nmi": metrics.nmi(truth, labels),
                                            "ari": metrics.ari(truth, labels)}
         result = {"k": rec.k, "counts": counts.tolist(), **scores, **rec.result, **extra}
+        if crit is not None:
+            result["criteria"] = crit["per_k"][rec.k]
+            result["silhouette_profile"] = crit["profiles"][rec.k]
         rundir.write_model(run, fit.name, rec.k, centres, labels, idx, members, result)
         results[str(rec.k)] = result
         log.info("  %s K=%d: inertia %.6g, counts %s (%.1f s)", fit.name, rec.k,
@@ -288,6 +293,9 @@ def _run_fit(run: Path, fit: FitSpec, X: Any, images: Any, truth: np.ndarray | N
                "iterations": fit.iterations, "trials": fit.trials, "seed": fit.seed,
                "init": fit.init, "tol": fit.tol, "seconds": time.perf_counter() - t0,
                "results": results}
+    if crit is not None:
+        section["criteria"] = {"choices": crit["choices"], **crit["settings"],
+                               "seconds": crit["seconds"], "timings": crit["timings"]}
     rundir.write_json(done, section)
     rundir.seal(fdir)  # a resume reuses this fit only while its files match
     return section

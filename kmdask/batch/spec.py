@@ -23,7 +23,8 @@ from kmdask.batch import extensions, fitkinds
 from kmdask.batch.checks import Checker, load_yaml, show
 from kmdask.data.registry import REGISTRY
 
-__all__ = ["FIGURE_KINDS", "FigureSpec", "FitSpec", "JobSpec", "load_job", "parse_job"]
+__all__ = ["FIGURE_KINDS", "CriteriaSpec", "FigureSpec", "FitSpec", "JobSpec", "load_job",
+           "parse_job"]
 
 INITS = ("k-means||", "k-means++")
 SPLITS = ("train", "test")
@@ -33,10 +34,20 @@ SPLITS = ("train", "test")
 FIGURE_KINDS: dict[str, Callable | None] = {
     "clusters": None, "elbow": None, "composition": None, "scores": None,
     "convergence": None, "timing": None,
+    "choosing_k": lambda c, key, kind, fit, job: _check_choosing(c, key, fit),
 }
 
+
+def _check_choosing(c: Checker, key: str, fit: FitSpec) -> None:
+    """A choosing-K figure needs a fit of two or more K whose criteria are computed."""
+    if len(fit.ks) < 2:
+        raise c.fail(key, f"fit {fit.name!r} has one K; choosing_k needs two or more")
+    if fit.criteria is None:
+        raise c.fail(key, f"fit {fit.name!r} sets criteria: false; choosing_k draws them")
+
 _FIT_KEYS = {"name", "algorithm", "rows", "k", "iterations", "trials", "seed", "init", "tol",
-             "oversampling_factor", "init_rounds", "persist"}
+             "oversampling_factor", "init_rounds", "persist", "criteria"}
+_CRITERIA_KEYS = {"silhouette_sample", "gap_references", "gap_rows"}
 _FIG_KEYS = {"name", "kind", "fits", "samples", "per_cluster", "threshold", "title"}
 _JOB_KEYS = {"job", "description", "data", "defaults", "fits", "figures"}
 _DATA_KEYS = {"dataset", "store", "split", "array", "labels", "divisor", "image_shape"}
@@ -81,7 +92,40 @@ class FitSpec(_Extras):
     oversampling_factor: float
     init_rounds: int
     persist: bool | str
+    # choosing K (a fit of two or more K); None: not computed (``criteria: false``)
+    criteria: CriteriaSpec | None = None
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class CriteriaSpec:
+    """A fit's ``criteria:`` settings: the choosing-K criteria computed after its models are
+    final (:mod:`kmdask.engine.criteria`). ``true`` (or no key, for a fit that a
+    ``choosing_k`` figure draws) gives these defaults."""
+
+    silhouette_sample: int = 10_000  # rows of the seeded silhouette (and gap) sample
+    gap_references: int = 10  # B, the gap statistic's reference sets (0: no gap statistic)
+    gap_rows: int = 2_000  # rows of the gap sample (a seeded subset of the silhouette sample)
+
+
+def _criteria(c: Checker, value: Any, key: str, drawn: bool) -> CriteriaSpec | None:
+    """``criteria:`` of a fit; unset, they are computed only for a fit a ``choosing_k`` figure
+    draws (they cost a silhouette sample's pairwise distances and the gap's reference fits)."""
+    if value is False or (value is None and not drawn):
+        return None
+    if value is True or value is None:
+        return CriteriaSpec()
+    if not isinstance(value, dict):
+        raise c.fail(key, "expected true, false or a mapping of "
+                     f"{', '.join(sorted(_CRITERIA_KEYS))}, got {show(value)}")
+    c.mapping(value, key, _CRITERIA_KEYS)
+    d = CriteriaSpec()
+    return CriteriaSpec(
+        silhouette_sample=c.integer(value.get("silhouette_sample", d.silhouette_sample),
+                                    f"{key}.silhouette_sample", 2, 100_000),
+        gap_references=c.integer(value.get("gap_references", d.gap_references),
+                                 f"{key}.gap_references", 0, 100),
+        gap_rows=c.integer(value.get("gap_rows", d.gap_rows), f"{key}.gap_rows", 2, 100_000))
 
 
 @dataclass(frozen=True)
@@ -131,7 +175,8 @@ def _fit_keys() -> dict[str, Callable]:
     return {k: p for e in extensions.extensions() for k, p in e.fit_keys.items()}
 
 
-def _fit_spec(c: Checker, raw: Any, key: str, defaults: dict, ext_keys: dict) -> FitSpec:
+def _fit_spec(c: Checker, raw: Any, key: str, defaults: dict, ext_keys: dict,
+              drawn: frozenset[str] = frozenset()) -> FitSpec:
     c.mapping(raw, key, _FIT_KEYS | set(ext_keys))
     v = {**defaults, **raw}
     for k in ext_keys:  # a fit refines a mapping given in defaults
@@ -160,6 +205,7 @@ def _fit_spec(c: Checker, raw: Any, key: str, defaults: dict, ext_keys: dict) ->
                                      1e-9),
         init_rounds=c.integer(v["init_rounds"], f"{key}.init_rounds", 1, 100),
         persist=persist,
+        criteria=_criteria(c, v.get("criteria"), f"{key}.criteria", name in drawn),
         extras={k: parse(c, v[k], f"{key}.{k}") for k, parse in ext_keys.items()
                 if v.get(k) is not None},
     )
@@ -268,7 +314,12 @@ def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
     fits_raw = raw.get("fits")
     if not isinstance(fits_raw, list) or not fits_raw:
         raise c.fail("fits", f"expected a non-empty list of fits, got {show(fits_raw)}")
-    fits = [_fit_spec(c, f, f"fits[{i}]", defaults, ext_fit_keys)
+    figs_raw = raw.get("figures", []) or []
+    # the fits a choosing_k figure draws: their criteria are computed unless switched off
+    drawn = frozenset(n for f in (figs_raw if isinstance(figs_raw, list) else [])
+                      if isinstance(f, dict) and f.get("kind") == "choosing_k"
+                      for n in (f.get("fits") or []) if isinstance(n, str))
+    fits = [_fit_spec(c, f, f"fits[{i}]", defaults, ext_fit_keys, drawn)
             for i, f in enumerate(fits_raw)]
     seen: set[str] = set()
     for i, f in enumerate(fits):
@@ -280,7 +331,6 @@ def parse_job(raw: Any, source: str | Path = "<job>") -> JobSpec:
                   raw=copy.deepcopy(raw), array=array, **extra)
     for key, parse in job_keys.items():  # in order: a section's parser sees those before it
         job.sections[key] = parse(c, raw.get(key), key, job)
-    figs_raw = raw.get("figures", []) or []
     if not isinstance(figs_raw, list):
         raise c.fail("figures", f"expected a list, got {show(figs_raw)}")
     kinds = figure_kinds()

@@ -1,7 +1,8 @@
 """Figure kinds by name: what the report can draw, and what extensions add to it.
 
 A :class:`FigureKind` draws one figure spec of a run into PNG files and describes it for the
-page. The built-in kinds live in :mod:`kmdask.report.clusters` and :mod:`kmdask.report.charts`;
+page. The built-in kinds live in :mod:`kmdask.report.clusters`, :mod:`kmdask.report.charts` and
+:mod:`kmdask.report.choosing`;
 a job extension adds kinds (and a section of the page) through its :class:`ReportPart`, found
 by :mod:`kmdask.batch.extensions`. The job spec's list of kind names
 (:func:`kmdask.batch.spec.figure_kinds`) and this registry always agree (tested).
@@ -55,9 +56,9 @@ def text(description: str) -> Callable[[Any], str]:
 def figure_kinds() -> dict[str, FigureKind]:
     """Every figure kind by name: the built-in ones, then those of every extension (built once
     per process)."""
-    from kmdask.report import charts, clusters
+    from kmdask.report import charts, choosing, clusters
 
-    out = {k.name: k for k in (clusters.KIND, *charts.KINDS)}
+    out = {k.name: k for k in (clusters.KIND, *charts.KINDS, choosing.KIND)}
     for part in parts(extensions.extensions()):
         out.update({k.name: k for k in part.kinds})
     return out
