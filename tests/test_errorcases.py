@@ -407,7 +407,7 @@ def test_cases_job_experiment_and_report(cases_run, tmp_path):
     assert e["baseline"]["examples"] == e["extra_examples"] > 0
     out = tmp_path / "report"
     index = write_report([run], out)
-    pngs = {p.name for p in (out / "cases").iterdir()}
+    pngs = {p.name for p in (out / "cases").iterdir() if p.is_file()}
     assert pngs == {"ec_mcc.png", "ec_scal.png", "conf.png", "exp.png"}
     page = index.read_text()
     assert "Specialist experiments" in page and "General network" in page

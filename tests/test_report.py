@@ -3,6 +3,7 @@ means, and refusal of incomplete run directories (one-line error, nothing writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import unavailable
 
 from kmdask.batch import rundir
 from kmdask.errors import DataError
@@ -81,16 +83,31 @@ def test_report_writes_every_figure_and_links_resolve(run_dir, tmp_path):
     out = tmp_path / "report"
     index = write_report([run_dir], out)
     assert index == out / "index.html" and index.is_file()
-    assert {p.name for p in (out / "rep").iterdir()} == PNGS
+    assert {p.name for p in (out / "rep").iterdir() if p.is_file()} == PNGS
+    assert {p.name for p in (out / "rep").iterdir() if p.is_dir()} == {"thumbs", "models"}
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp left
     page = index.read_text()
     links = re.findall(r'(?:src|href)="([^"]+)"', page)
     files = [u for u in links if not u.startswith("#")]
-    assert {Path(u).name for u in files} == PNGS
+    assert {Path(u).name for u in files if u.count("/") == 1} == PNGS  # the full figures
+    assert {Path(u).name for u in files if "/models/" in u} == {
+        "scal-k2.html", "scal-k3.html", "mcc-k3.html", "mcc30-k3.html"}
     for u in files:
         assert not re.match(r"^[a-z]+:|^/", u), u  # relative, no external assets
         with open(out / u, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n", u
+            head = f.read(15)
+            assert head.startswith(b"\x89PNG\r\n\x1a\n" if u.endswith(".png")
+                                   else b"<!DOCTYPE html>"), u
+    from PIL import Image
+
+    for png in PNGS:  # the index shows a thumbnail of every figure wider than 1600 px
+        with Image.open(out / "rep" / png) as im:
+            wide = im.width > 1600
+        thumb = out / "rep" / "thumbs" / png
+        assert thumb.is_file() == wide and (f'src="rep/thumbs/{png}"' in page) == wide, png
+        if wide:
+            with Image.open(thumb) as im:
+                assert 800 <= im.width <= 1600, png
     anchors = set(re.findall(r'id="([^"]+)"', page))
     assert {u[1:] for u in links if u.startswith("#")} <= anchors
     m = json.loads((run_dir / "manifest.json").read_text())
@@ -106,8 +123,8 @@ def test_report_writes_every_figure_and_links_resolve(run_dir, tmp_path):
     page = index.read_text()
     assert page.count('<section>') == 2
     for sub in subs[1:]:
-        assert {p.name for p in (out / sub).iterdir()} == PNGS
-        assert f'src="{sub}/demo.png"' in page
+        assert {p.name for p in (out / sub).iterdir() if p.is_file()} == PNGS
+        assert f'href="{sub}/demo.png"' in page
 
 
 def _data_means(store: Path, labels: np.ndarray, k: int) -> np.ndarray:
@@ -256,3 +273,73 @@ def test_figures_writing_the_same_file_are_refused(run_dir, tmp_path):
     rundir.seal(clash)
     _report_fails(clash, tmp_path / "out", "figures 'K2' and 'K' both write K2.png")
     assert [p.name for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_truncated_result_json_is_refused_naming_it(run_dir, tmp_path):
+    from kmdask.report.build import write_report
+
+    out = tmp_path / "report"
+    write_report([run_dir], out)
+    before = (out / "index.html").read_bytes()
+    for reseal in (False, True):  # caught by the seal, or (resealed by hand) when read
+        bad = _copy(run_dir, tmp_path / f"truncated{int(reseal)}")
+        res = rundir.fit_dir(bad, "scal", 3) / "result.json"
+        res.write_text(res.read_text()[:40])
+        if reseal:
+            rundir.seal(bad)
+        with pytest.raises(DataError, match=r"fits/scal/k3/result\.json") as exc:
+            write_report([bad], out)
+        assert "\n" not in str(exc.value)
+        assert (out / "index.html").read_bytes() == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+@contextlib.contextmanager
+def _mounted(*args: str):
+    """``mount ARGS`` (root and mount rights: .ci/run has both), unmounted afterwards; the
+    last argument is the mount point."""
+    target = args[-1]
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        unavailable(f"cannot mount here ({r.stderr.strip() or r.returncode}): needs root and "
+                    "mount rights; .ci/run has both")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+def test_unwritable_report_directory_is_one_line_and_keeps_the_old_report(run_dir, tmp_path):
+    from kmdask.errors import KmdaskError
+    from kmdask.report.build import write_report
+
+    # a file where the report directory should be
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    with pytest.raises(KmdaskError, match="blocker: cannot write the report") as exc:
+        write_report([run_dir], blocker)
+    assert "\n" not in str(exc.value)
+
+    out = tmp_path / "report"
+    out.mkdir()
+    with _mounted("-t", "tmpfs", "-o", "size=32m", "tmpfs", str(out)):
+        write_report([run_dir], out)
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        # a full disk: the second report fails writing some file, and says which
+        st = os.statvfs(out)
+        filler = out / "filler"
+        filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 300_000))
+        with pytest.raises(KmdaskError, match=f"{out}/.*No space left") as exc:
+            write_report([run_dir], out)
+        assert "\n" not in str(exc.value)
+        filler.unlink()
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        # a read-only report directory
+        subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
+        try:
+            with pytest.raises(KmdaskError, match=f"{out}: cannot write the report there "
+                               r"\(Read-only file system\)"):
+                write_report([run_dir], out)
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(out)], check=True)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

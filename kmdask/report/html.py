@@ -1,13 +1,17 @@
-"""The report's page: ``index.html``, one static file (no script, no server, no network).
+"""The report's page: ``index.html``, a static file (inline style and script, no server, no
+network).
 
-Per run: its parameters, its fits table, what extensions add (their :class:`ReportPart`
-``html``), then its figures with their captions.
+Per run: its parameters, its fits table (sortable; a link to each model's drill-down page,
+:mod:`kmdask.report.pages`), what extensions add (their :class:`ReportPart` ``html``), then its
+figures as thumbnails linking to the full PNGs, a figure with several PNGs behind a selector.
+Without script everything is shown; the script only sorts and switches.
 """
 
 from __future__ import annotations
 
 import html
 import time
+from urllib.parse import quote
 
 from kmdask.batch.rundir import Run
 from kmdask.batch.spec import JobSpec
@@ -22,13 +26,52 @@ table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}
 td,th{border:1px solid #2e2d28;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#15140f;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .kv th{width:11em}.muted{color:#8a877a}code{font-size:12px}
+code,.kv td{overflow-wrap:anywhere}td.n{white-space:nowrap}
 figure{margin:.6em 0 1.4em}figure img{max-width:100%;max-height:92vh;width:auto;height:auto;
  border:1px solid #26251f;background:#000}
 figcaption{color:#a8a48f;font-size:13px;max-width:70em;margin-top:.3em}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:1em}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(600px,100%),1fr));gap:1em}
 .grid figure{margin:0}.sw{display:inline-block;width:.9em;height:.9em;margin-right:.25em;
  vertical-align:-.1em;border:1px solid #000}
 nav ul{margin:.2em 0;padding-left:1.2em}
+.scroll{overflow-x:auto;max-width:100%}.scroll table{margin-top:0}caption{text-align:left;
+ color:#a8a48f;padding:.2em 0}
+a:focus-visible,button:focus-visible{outline:3px solid #ffb400;outline-offset:2px}
+button{font:inherit;color:inherit;background:#15140f;border:1px solid #46443c;cursor:pointer}
+th button{border:0;padding:0;font-weight:600;background:none;text-align:left}
+th[aria-sort=ascending] button::after{content:" \\25b2"}
+th[aria-sort=descending] button::after{content:" \\25bc"}
+.picker{display:flex;flex-wrap:wrap;gap:.3em;margin:.4em 0}.picker button{padding:2px 10px}
+.picker button[aria-pressed=true]{background:#ffb400;color:#000}
+.js .pick .grid{display:block}.js .pick figure[data-off]{display:none}
+img.px{image-rendering:pixelated;max-width:100%;height:auto}
+td.top{color:#ffb400;font-weight:600}.pair{display:flex;flex-wrap:wrap;gap:1.5em;
+ align-items:flex-start}.pair figure{margin:.3em 0;flex:0 0 auto;max-width:100%}
+section.cluster{margin-bottom:2em}
+"""
+
+# Vanilla script, inline (pages open from file:// with no network): sort tables, switch figures.
+JS = """document.documentElement.classList.add('js');
+document.querySelectorAll('table.sortable').forEach(function(t){
+ t.querySelectorAll('th button').forEach(function(b){b.addEventListener('click',function(){
+  var th=b.parentNode,col=Array.prototype.indexOf.call(th.parentNode.children,th);
+  var asc=th.getAttribute('aria-sort')!=='ascending',body=t.tBodies[0];
+  th.parentNode.querySelectorAll('th').forEach(function(h){h.removeAttribute('aria-sort');});
+  th.setAttribute('aria-sort',asc?'ascending':'descending');
+  var rows=Array.prototype.slice.call(body.rows);
+  function key(r){var c=r.cells[col],v=c?(c.getAttribute('data-v')||c.textContent):'';
+   var n=parseFloat(v);return isNaN(n)||v===''?[1,v]:[0,n];}
+  rows.sort(function(a,b){var x=key(a),y=key(b);
+   var d=x[0]-y[0]||(x[1]<y[1]?-1:x[1]>y[1]?1:0);return asc?d:-d;});
+  rows.forEach(function(r){body.appendChild(r);});});});});
+document.querySelectorAll('.pick').forEach(function(p){
+ var bar=p.querySelector('.picker'),figs=p.querySelectorAll('figure');bar.hidden=false;
+ function show(i){figs.forEach(function(f,j){if(j===i){f.removeAttribute('data-off');}
+  else{f.setAttribute('data-off','');}});
+  bar.querySelectorAll('button').forEach(function(b,j){b.setAttribute('aria-pressed',
+   j===i?'true':'false');});}
+ bar.querySelectorAll('button').forEach(function(b,j){b.addEventListener('click',
+  function(){show(j);});});show(0);});
 """
 
 
@@ -108,38 +151,61 @@ def _counts_html(counts: list[int], result: dict | None = None) -> str:
         for pos, j in enumerate(order))
 
 
-def _fits_table(run: Run, job: JobSpec) -> str:
-    head = ("<tr><th>fit</th><th>algorithm</th><th>rows</th><th>iterations \u00d7 trials</th>"
-            "<th>seed</th><th>seconds</th><th>K</th><th>WCSS</th><th>iterations run</th>"
-            "<th>best trial</th><th>NMI</th><th>ARI</th><th>counts (cluster order)</th></tr>")
-    body = []
+def _cell(value, text: str | None = None, cls: str = "n") -> str:
+    """A table cell sorted by ``value`` (``data-v``), showing ``text`` (or the value)."""
+    v = "" if value is None else esc(value)
+    shown = esc(value) if text is None else text
+    return f'<td class={cls} data-v="{v}">{shown}</td>' if cls else f'<td data-v="{v}">{shown}</td>'
+
+
+def _fits_table(run: Run, job: JobSpec, pages=None) -> str:
+    """One row per model (fit, K), sortable by any column (vanilla script); the choosing-K
+    criteria as columns where any model's result holds them."""
     fits = run.manifest.get("fits", {})
     named = [f.name for f in job.fits]
     order = [n for n in named if n in fits] + [n for n in fits if n not in named]
-    for name in order:
+    results = {} if pages is None else pages.results
+    models = [(name, int(k), {**fits[name]["results"][k], **results.get((name, int(k)), {})})
+              for name in order for k in sorted(fits[name].get("results", {}), key=int)]
+    # older runs have no criteria: the columns appear only for names some model holds
+    crit = sorted({c for _, _, r in models for c, v in (r.get("criteria") or {}).items()
+                   if isinstance(v, int | float)})
+    cols = (["fit", "algorithm", "rows", "iterations \u00d7 trials", "seed", "seconds", "K",
+             "WCSS", "iterations run", "best trial", "NMI", "ARI"] + crit
+            + ["counts (cluster order)", "clusters"])
+    head = "".join(f"<th scope=col><button type=button>{esc(c)}</button></th>" for c in cols)
+    body = []
+    for name, k, r in models:
         info = fits[name]
-        ks = sorted(info.get("results", {}), key=int)
-        for i, k in enumerate(ks):
-            r = info["results"][k]
-            lead = ""
-            if i == 0:
-                span = f' rowspan="{len(ks)}"'
-                lead = (f"<td{span}><b>{esc(name)}</b></td><td{span}>{esc(info.get('algorithm'))}"
-                        f"</td><td{span} class=n>{esc(info.get('rows'))}</td><td{span} class=n>"
-                        f"{esc(info.get('iterations'))} \u00d7 {esc(info.get('trials'))}</td>"
-                        f"<td{span} class=n>{esc(info.get('seed'))}</td><td{span} class=n>"
-                        f"{num(info.get('seconds'), '{:.1f}')}</td>")
-            body.append(
-                f"<tr>{lead}<td class=n>{esc(k)}</td><td class=n>{num(r.get('inertia'))}</td>"
-                f"<td class=n>{esc(r.get('n_iter', ''))}</td>"
-                f"<td class=n>{esc(r.get('best_trial', ''))}</td>"
-                f"<td class=n>{num(r.get('nmi'), '{:.3f}')}</td>"
-                f"<td class=n>{num(r.get('ari'), '{:.3f}')}</td>"
-                f"<td>{_counts_html(r.get('counts', []), r)}</td></tr>")
-    return f"<table>{head}{''.join(body)}</table>"
+        link = ""
+        if pages is not None and (name, k) in pages.models:
+            link = f'<a href="{esc(pages.models[(name, k)])}">{esc(name)} K={k}</a>'
+        cv = r.get("criteria") or {}
+        body.append(
+            "<tr>" + _cell(name, f"<b>{esc(name)}</b>", "")
+            + _cell(info.get("algorithm"), cls="")
+            + _cell(info.get("rows"))
+            + _cell(info.get("iterations"), f"{esc(info.get('iterations'))} \u00d7 "
+                                            f"{esc(info.get('trials'))}")
+            + _cell(info.get("seed")) + _cell(info.get("seconds"),
+                                              num(info.get("seconds"), "{:.1f}"))
+            + _cell(k) + _cell(r.get("inertia"), num(r.get("inertia")))
+            + _cell(r.get("n_iter")) + _cell(r.get("best_trial"))
+            + _cell(r.get("nmi"), num(r.get("nmi"), "{:.3f}"))
+            + _cell(r.get("ari"), num(r.get("ari"), "{:.3f}"))
+            + "".join(_cell(cv.get(c), num(cv.get(c), "{:.4g}")) for c in crit)
+            + f"<td>{_counts_html(r.get('counts', []), r)}</td><td>{link}</td></tr>")
+    return (f'<div class=scroll><table class=sortable><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def _figure_html(sub: str, fig, desc: str, pngs) -> str:
+def _label(fig, stem: str) -> str:
+    """A selector button's label: what distinguishes this PNG of the figure (K = 3, a fit)."""
+    rest = stem[len(fig.name):].lstrip("_") if stem.startswith(fig.name) else stem
+    return f"K = {rest}" if rest.isdigit() else (rest or stem)
+
+
+def _figure_html(sub: str, fig, desc: str, pngs, thumbs: dict[str, str] | None = None) -> str:
     anchor = f"{sub}-{fig.name}"
     fits = ", ".join(fig.fits)
     parts = [f'<h3 id="{esc(anchor)}">{esc(fig.name)} <span class=muted>({esc(fig.kind)}; fits '
@@ -147,22 +213,42 @@ def _figure_html(sub: str, fig, desc: str, pngs) -> str:
     parts.append(f"<p>{esc(desc)}</p>")
     grid = len(pngs) > 1
     if grid:
-        parts.append('<div class="grid">')
+        # every PNG stays in the page (visible without script); the script shows one at a time
+        buttons = "".join(f"<button type=button aria-pressed=false>{esc(_label(fig, p.path.stem))}"
+                          "</button>" for p in pngs)
+        parts.append(f'<div class=pick><div class=picker role=group aria-label="'
+                     f'{esc(fig.name)}: choose which to show" hidden>{buttons}</div>'
+                     '<div class="grid">')
     for p in pngs:
-        rel = f"{sub}/{p.path.name}"
+        rel = f"{quote(sub)}/{quote(p.path.name)}"
+        src = (thumbs or {}).get(p.path.name, rel)
         cap = (f"<b>{esc(p.path.name)}</b>: " if grid else "") + esc(p.caption)
-        parts.append(f'<figure><a href="{esc(rel)}"><img src="{esc(rel)}" alt="{esc(p.path.stem)}"'
+        alt = f"{fig.name} ({fig.kind}) figure {p.path.stem}: {p.caption}"
+        parts.append(f'<figure><a href="{esc(rel)}"><img src="{esc(src)}" alt="{esc(alt)}"'
                      f' loading="lazy"></a><figcaption>{cap}</figcaption></figure>')
     if grid:
-        parts.append("</div>")
+        parts.append("</div></div>")
     return "\n".join(parts)
 
 
-def render_index(sections) -> str:
+def render_index(sections, pages: dict | None = None) -> str:
     """The page: a table of contents, then per run its parameters, fits and figures.
 
-    ``sections``: per run ``(run, job, sub, drawn, extra)`` where ``sub`` is the run's folder,
-    ``drawn`` its ``(figure spec, description, PNGs)`` and ``extra`` the extensions' HTML."""
+    Parameters
+    ----------
+    sections : list
+        Per run ``(run, job, sub, drawn, extra)`` where ``sub`` is the run's folder, ``drawn``
+        its ``(figure spec, description, PNGs)`` and ``extra`` the extensions' HTML.
+    pages : dict, optional
+        ``sub -> RunPages`` (:mod:`kmdask.report.pages`): thumbnails, drill-down pages and
+        results read from the models' files; without it figures are shown full size.
+
+    Returns
+    -------
+    str
+        The HTML of ``index.html``.
+    """
+    pages = pages or {}
     toc, body = [], []
     for run, job, sub, drawn, extra in sections:
         m = run.manifest
@@ -174,12 +260,14 @@ def render_index(sections) -> str:
         body.append(f'<section><h2 id="{esc(rid)}">Run {esc(m.get("job"))} '
                     f'<code>{esc(m.get("run_id"))}</code></h2>')
         body.append(_params_table(run, job))
-        body.append("<h3>Fits</h3>" + _fits_table(run, job))
-        body.extend(extra)
+        rp = pages.get(sub)
+        body.append(f'<h3 id="{esc(sub)}-fits">Fits</h3>' + _fits_table(run, job, rp))
+        # extensions' sections hold wide tables: they scroll in their own box, not the page
+        body.extend(f"<div class=scroll>{x}</div>" for x in extra if x)
         if not drawn:
             body.append("<p class=muted>This job asks for no figures.</p>")
         for fig, desc, pngs in drawn:
-            body.append(_figure_html(sub, fig, desc, pngs))
+            body.append(_figure_html(sub, fig, desc, pngs, rp.thumbs if rp else None))
         body.append("</section>")
     when = time.strftime("%Y-%m-%d %H:%M:%S %z")
     return (
@@ -188,5 +276,6 @@ def render_index(sections) -> str:
         f"<title>kmdask report</title><style>{CSS}</style></head><body>\n"
         "<h1>kmdask report</h1>"
         f"<p class=muted>K-Means++ on dask; figures drawn from run directories only. "
-        f"Written {esc(when)}. Click a figure for full size.</p>"
-        f"<nav><ul>{''.join(toc)}</ul></nav>\n" + "\n".join(body) + "\n</body></html>\n")
+        f"Written {esc(when)}. Click a figure for full size, a model in a fits table for its "
+        f"clusters.</p><nav><ul>{''.join(toc)}</ul></nav>\n" + "\n".join(body)
+        + f"\n<script>{JS}</script></body></html>\n")
