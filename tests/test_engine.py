@@ -160,10 +160,11 @@ def test_determinism_across_workers_and_threads(mnist_train):
 def test_mnist_60k_inertia_within_1pct_of_sklearn(mnist_train, client):
     xf = mnist_train.astype(np.float32) / np.float32(255)
     X = mnist_train  # in memory: cut into 10,000-row chunks and sent to the workers once
-    ours, theirs = [], []
-    for seed in range(3):  # medians over 3 seeds: ours 0.997 x theirs (5 seeds: 0.997)
-        ours.append(KMeans(10, random_state=seed).fit(X).inertia_)
-        theirs.append(SKKMeans(10, n_init=1, random_state=seed).fit(xf).inertia_)
+    # medians over 3 trials each: ours 0.997 x theirs (5: 0.997); our 3 trials are fitted in
+    # the same passes, each to its own convergence
+    ours = KMeans(10, n_init=3, random_state=0).fit(X).trial_inertia_
+    theirs = [SKKMeans(10, n_init=1, random_state=seed).fit(xf).inertia_ for seed in range(3)]
+    assert len(ours) == 3 and len(set(ours)) == 3
     assert np.median(ours) <= 1.01 * np.median(theirs)
 
 

@@ -111,7 +111,7 @@ def test_report_writes_every_figure_and_links_resolve(run_dir, tmp_path):
     anchors = set(re.findall(r'id="([^"]+)"', page))
     assert {u[1:] for u in links if u.startswith("#")} <= anchors
     m = json.loads((run_dir / "manifest.json").read_text())
-    for needle in (m["run_id"], m["fingerprint"], "</span>66 ", "4,185.25",
+    for needle in (m["run_id"], m["fingerprint"], "</span>66</span> ", "4,185.25",
                    m["versions"]["dask"], "connect"):
         assert needle in page
     # a second report into the same directory replaces the first one; two runs of one job

@@ -34,6 +34,7 @@ figcaption{color:#a8a48f;font-size:13px;max-width:70em;margin-top:.3em}
 .grid figure{margin:0}.sw{display:inline-block;width:.9em;height:.9em;margin-right:.25em;
  vertical-align:-.1em;border:1px solid #000}
 nav ul{margin:.2em 0;padding-left:1.2em}
+.cnt{white-space:nowrap;margin-right:.35em}td.counts{min-width:24em}.nw{white-space:nowrap}
 .scroll{overflow-x:auto;max-width:100%}.scroll table{margin-top:0}caption{text-align:left;
  color:#a8a48f;padding:.2em 0}
 a:focus-visible,button:focus-visible{outline:3px solid #ffb400;outline-offset:2px}
@@ -142,13 +143,22 @@ def _counts_html(counts: list[int], result: dict | None = None) -> str:
     its figure), each with the algorithm's cluster index."""
     order = (result or {}).get("display_order")
     if not order:
-        return " ".join(f'<span class=sw style="background:rgb{cluster_colour(j)}"></span>{c}'
+        return " ".join(f'<span class=cnt><span class=sw style="background:'
+                        f'rgb{cluster_colour(j)}"></span>{c}</span>'
                         for j, c in enumerate(counts))
     rel = result.get("reliable_cluster")
     return " ".join(
-        f'<span class=sw style="background:rgb{cluster_colour(pos)}"></span>{counts[j]}'
-        f'<span class=muted>{"=reliable" if j == rel else f"=#{j}"}</span>'
+        f'<span class=cnt><span class=sw style="background:rgb{cluster_colour(pos)}"></span>'
+        f'{counts[j]}<span class=muted>{"=reliable" if j == rel else f"=#{j}"}</span></span>'
         for pos, j in enumerate(order))
+
+
+# the criteria's column headers (the full name shows as the header's tooltip)
+SHORT = {"calinski_harabasz": "CH", "davies_bouldin": "DB", "gap_sk": "gap s_k"}
+
+
+def _title(col: str) -> str:
+    return f' title="{esc(col.replace("_", " "))}"' if col in SHORT else ""
 
 
 def _cell(value, text: str | None = None, cls: str = "n") -> str:
@@ -173,7 +183,8 @@ def _fits_table(run: Run, job: JobSpec, pages=None) -> str:
     cols = (["fit", "algorithm", "rows", "iterations \u00d7 trials", "seed", "seconds", "K",
              "WCSS", "iterations run", "best trial", "NMI", "ARI"] + crit
             + ["counts (cluster order)", "clusters"])
-    head = "".join(f"<th scope=col><button type=button>{esc(c)}</button></th>" for c in cols)
+    head = "".join(f"<th scope=col{_title(c)}><button type=button>{esc(SHORT.get(c, c))}"
+                   "</button></th>" for c in cols)
     body = []
     for name, k, r in models:
         info = fits[name]
@@ -194,7 +205,8 @@ def _fits_table(run: Run, job: JobSpec, pages=None) -> str:
             + _cell(r.get("nmi"), num(r.get("nmi"), "{:.3f}"))
             + _cell(r.get("ari"), num(r.get("ari"), "{:.3f}"))
             + "".join(_cell(cv.get(c), num(cv.get(c), "{:.4g}")) for c in crit)
-            + f"<td>{_counts_html(r.get('counts', []), r)}</td><td>{link}</td></tr>")
+            + f"<td class=counts>{_counts_html(r.get('counts', []), r)}</td>"
+            + f"<td class=nw>{link}</td></tr>")
     return (f'<div class=scroll><table class=sortable><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
