@@ -105,15 +105,19 @@ def test_shipped_fashion_jobs_and_sweep_command():
 # kmdask sweep --dataset fashion-mnist, on small versions of the two jobs
 
 
+# the choosing_k figure's criteria, cheaper (tests/test_criteria.py checks them in full)
+SMALL_CRITERIA = {"silhouette_sample": 1000, "gap_references": 2, "gap_rows": 500}
+
+
 def _small_jobs(jobs: Path) -> None:
     jobs.mkdir()
     suite = yaml.safe_load((REPO / "jobs" / "fashion.yaml").read_text())
     suite["fits"] = [
         {"name": "main", "rows": 2000, "k": 10, "iterations": 5, "trials": 2},
         {"name": "series", "rows": 2000, "k": {"from": 2, "to": 4}, "iterations": 5,
-         "trials": 2},
+         "trials": 2, "criteria": SMALL_CRITERIA},
         {"name": "scalable", "algorithm": "scalable", "rows": 2000, "k": {"from": 2, "to": 4},
-         "iterations": 20, "trials": 1}]
+         "iterations": 20, "trials": 1, "criteria": SMALL_CRITERIA}]
     (jobs / "fashion.yaml").write_text(yaml.safe_dump(suite))
     ec = yaml.safe_load((REPO / "jobs" / "errorcases-fashion.yaml").read_text())
     ec["classifier"].update(hidden=[32], epochs=1, rows=6000, validation=1000)
