@@ -53,7 +53,12 @@ test: $(VENV)/.stamp-test
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 
+# Spark MLlib needs a Java 17 runtime: installed from the system packages where `java` is missing
+# (as .ci/run installs its apt packages); if that fails the bench says so and leaves Spark out.
 bench: $(VENV)/.stamp-bench
+	@command -v java >/dev/null || { apt-get update -qq && \
+		apt-get install -y -qq openjdk-17-jre-headless >/dev/null; } || \
+		echo "make bench: could not install openjdk-17-jre-headless; Spark MLlib will be left out"
 	$(KMDASK) stage --dataset mnist -q
 	$(KMDASK) stage --dataset mnist --augment 16 -q
 	$(PY) -m kmdask.bench --store data/mnist.zarr --big-store data/mnist-aug16.zarr

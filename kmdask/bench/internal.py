@@ -1,9 +1,10 @@
-"""Benchmarks against scikit-learn and dask-ml: ``python -m kmdask.bench`` (``make bench``).
+"""kmdask's own figures: ``python -m kmdask.bench internal`` (not part of ``make bench``).
 
 Same process, same data (MNIST-60k train scaled to [0, 1]), same 2-worker x 1-thread
 LocalCluster for the dask-based fits. Each figure is repeated; min and median are reported with
 the ratio kmdask / peer. Inertia is always recomputed here from labels and centres (dask-ml's
-``inertia_`` is a sum of unsquared distances). Writes bench/results.json and bench/results.md.
+``inertia_`` is a sum of unsquared distances). Writes bench/internal.json and bench/internal.md
+(``make bench`` compares the peers, each in its own process: :mod:`kmdask.bench.peers`).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def _table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kmdask.bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m kmdask.bench internal", description=__doc__)
     ap.add_argument("--store", type=Path, default=Path("data/mnist.zarr"))
     ap.add_argument("--big-store", type=Path, default=None,
                     help="a >= 1M-row store (kmdask stage --augment 16) for the out-of-core row")
@@ -283,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                 Client(cluster) as client:
             results["out_of_core"] = bench_out_of_core(args.big_store, client, 10)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "internal.json").write_text(json.dumps(results, indent=2))
     table = _table(results)
-    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "internal.md").write_text(table + "\n")
     print(table)
     return 0
 

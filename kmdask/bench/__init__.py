@@ -1,0 +1,19 @@
+"""Benchmarks: ``python -m kmdask.bench`` (``make bench``) runs :mod:`kmdask.bench.peers`, kmdask
+against scikit-learn, scikit-learn-intelex, faiss-cpu, dask-ml and Spark MLlib, each fit in its own
+process; ``python -m kmdask.bench internal`` runs kmdask's own figures
+(:mod:`kmdask.bench.internal`: per-iteration costs, streamed vs persisted, the fused sweep)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["internal"]:
+        from kmdask.bench.internal import main as internal
+
+        return internal(argv[1:])
+    from kmdask.bench.peers import main as peers
+
+    return peers(argv)

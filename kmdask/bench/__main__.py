@@ -1,0 +1,3 @@
+from kmdask.bench import main
+
+raise SystemExit(main())
