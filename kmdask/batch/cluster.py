@@ -241,6 +241,19 @@ def _warm_forkserver() -> Iterator[None]:
         yield
 
 
+def prestart(profile: dict, *, address: str | None = None) -> None:
+    """Start warming a ``local`` profile's worker server now (see :func:`_warm_forkserver`):
+    it imports and warms the engine in its own process while the caller does other work
+    (opening the data, an extension's preparation), and :func:`connect` forks the workers from
+    it, warm. Returns at once; does nothing for other kinds or with ``address``."""
+    if address or profile.get("kind") != "local":
+        return
+    n = int(profile.get("n_workers", 2))
+    with worker_environment(_memory_limit(profile.get("memory_limit"), n)), \
+            _warm_forkserver():
+        pass
+
+
 @contextlib.contextmanager
 def _local(profile: dict) -> Iterator[Any]:
     from distributed import Client, LocalCluster

@@ -332,7 +332,10 @@ def run_job(job: JobSpec, profile: dict, *, runs_dir: Path = Path("runs"),
     wait : bool
         Wait for another run of the same job to finish (False: raise at once).
     """
+    from kmdask.batch.cluster import prestart
+
     t0 = time.perf_counter()
+    prestart(profile, address=address)  # the workers' warm-up overlaps what comes before them
     data = _open_data(job, profile, runs_dir)
     hooks = [_Hooks(e.hooks()) for e in extensions.used_by(job)]
     extra_fp = {}
