@@ -163,7 +163,9 @@ def test_mnist_60k_inertia_within_1pct_of_sklearn(mnist_train, client):
     # medians over 3 trials each: ours 0.997 x theirs (5: 0.997); our 3 trials are fitted in
     # the same passes, each to its own convergence
     ours = KMeans(10, n_init=3, random_state=0).fit(X).trial_inertia_
-    theirs = [SKKMeans(10, n_init=1, random_state=seed).fit(xf).inertia_ for seed in range(3)]
+    # elkan: scikit-learn's exact Lloyd with bounds (the same result as lloyd, faster here)
+    theirs = [SKKMeans(10, n_init=1, random_state=seed, algorithm="elkan").fit(xf).inertia_
+              for seed in range(3)]
     assert len(ours) == 3 and len(set(ours)) == 3
     assert np.median(ours) <= 1.01 * np.median(theirs)
 

@@ -97,17 +97,17 @@ def test_object_store_faults(staged, s3, tmp_path, client):
         proc = _start(wd)
         _wait_iteration(proc, wd / "runs", 2)
         proxy.mode = "error"
-        time.sleep(4)
+        time.sleep(3)
         proxy.mode = "slow"
-        time.sleep(1.5)
+        time.sleep(1)
         proxy.mode = "ok"
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        assert proxy.counts["error"] >= 6 and proxy.counts["slow"] >= 1, proxy.counts
+        assert proxy.counts["error"] >= 5 and proxy.counts["slow"] >= 1, proxy.counts
         assert _models(wd / out.strip()) == want
 
         wd = _workdir(tmp_path / "down", s3, staged, proxy.url, quick)
-        proc = _start(wd, {"KMDASK_STORAGE_RETRY_SECONDS": "4"})
+        proc = _start(wd, {"KMDASK_STORAGE_RETRY_SECONDS": "3"})
         _wait_iteration(proc, wd / "runs", 2)
         proxy.mode = "down"
         t0 = time.monotonic()

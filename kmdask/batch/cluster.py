@@ -326,6 +326,23 @@ def _address(profile: dict, address: str | None) -> Iterator[Any]:
         _close_quietly(client)
 
 
+def scheduler_lost(client: Any) -> bool:
+    """Whether ``client`` has lost its scheduler: the client says so, or nothing listens at
+    the scheduler's address any more (asked right after a failure, before the client notices).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if client.status != "running":
+        return True
+    try:
+        where = urlsplit(client.scheduler.address)
+        with socket.create_connection((where.hostname, where.port), timeout=2):
+            return False
+    except (OSError, ValueError, TypeError):
+        return True
+
+
 def _close_quietly(client: Any) -> None:
     """Close ``client``. Closing one whose scheduler is gone cancels its reconnect loop, which
     distributed logs at ERROR with a traceback: noise once kmdask has said, in one line, that

@@ -423,29 +423,36 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], pro
     """Connect, write the run's inputs, then every fit in turn: (manifest sections, cluster
     record, connect time). The workers read the data (the driver may share no file system
     with them)."""
-    from kmdask.batch.cluster import connect
+    from kmdask.batch.cluster import connect, scheduler_lost
 
     t0 = time.perf_counter()
     fits: dict[str, dict] = {}
     current = job.fits[0].name
+    lost = False  # the failure came with the scheduler connection gone
     try:
         with connect(profile, address=address) as client:
             t_conn = time.perf_counter() - t0
             cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
-            truth = _write_inputs(partial, job, data)
-            for i, f in enumerate(job.fits, 1):
-                current = f.name
-                rows = f.rows or data.n
-                log.info("[%d/%d] %s: %s, K=%s, rows=%d, iterations=%d, trials=%d", i,
-                         len(job.fits), f.name, f.algorithm, list(f.ks), rows, f.iterations,
-                         f.trials, **fields(job=job.name, fit=f.name))
-                X = images = data.images[:rows]
-                for h in hooks:
-                    got = h.fit_rows(f, rows)
-                    X = X if got is None else got
-                fits[f.name] = _run_fit(partial, f, X, images,
-                                        None if truth is None else truth[:rows], hooks,
-                                        data.divisor)
+            try:
+                truth = _write_inputs(partial, job, data)
+                for i, f in enumerate(job.fits, 1):
+                    current = f.name
+                    rows = f.rows or data.n
+                    log.info("[%d/%d] %s: %s, K=%s, rows=%d, iterations=%d, trials=%d", i,
+                             len(job.fits), f.name, f.algorithm, list(f.ks), rows,
+                             f.iterations, f.trials, **fields(job=job.name, fit=f.name))
+                    X = images = data.images[:rows]
+                    for h in hooks:
+                        got = h.fit_rows(f, rows)
+                        X = X if got is None else got
+                    fits[f.name] = _run_fit(partial, f, X, images,
+                                            None if truth is None else truth[:rows], hooks,
+                                            data.divisor)
+            except _cluster_failures():
+                # which error surfaces depends on what was in flight (cancelled futures, a
+                # closed stream, ...): ask whether the scheduler itself is gone
+                lost = scheduler_lost(client)
+                raise
     except StorageError as exc:  # an object store that stayed down (exit 5)
         raise StorageError(_interrupted(job, current, partial, exc)) from None
     except _cluster_failures() as exc:
@@ -454,7 +461,7 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], pro
         # Anything else is a bug and keeps its traceback.
         if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
             raise  # a full or read-only disk is not the cluster's fault (exit 5)
-        raise ClusterFailed(_interrupted(job, current, partial, exc)) from None
+        raise ClusterFailed(_interrupted(job, current, partial, exc, lost)) from None
     return fits, cluster_info, t_conn
 
 
@@ -510,13 +517,14 @@ def _cluster_failures() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
-def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception) -> str:
+def _interrupted(job: JobSpec, fit: str, partial: Path, exc: Exception,
+                 scheduler_lost: bool = False) -> str:
     ck = FileCheckpoint(partial / "fits" / fit / "checkpoint.npz")
     where = f"iteration {ck.iteration}" if ck.path.exists() else "its start"
     detail = str(exc).splitlines()[0] if str(exc) else ""
     what = detail if isinstance(exc, StorageError) else \
         type(exc).__name__ + (": " + detail[:200] if detail else "")
-    if "scheduler-connection-lost" in str(exc):  # distributed cancelled every future
+    if scheduler_lost or "scheduler-connection-lost" in str(exc):
         what = "lost the connection to the dask scheduler"
     return (f"job {job.name!r} stopped in fit {fit!r}: {what}; progress is saved in {partial} "
             f"(fit {fit!r} resumes at {where}): rerun the same command to continue")
