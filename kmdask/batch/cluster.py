@@ -183,11 +183,18 @@ def worker_environment(memory_limit: Any = None) -> Iterator[None]:
     env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_MALLOC_ENV}
     # A nanny copies its settings into this process's os.environ before spawning, and values
     # found there beat the config: set ours there too, and put back what was there after.
-    saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
-    os.environ.update({k: str(v) for k, v in _MALLOC_ENV.items()})
+    with _environ({k: str(v) for k, v in _MALLOC_ENV.items()}), \
+            dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        yield
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set inside the block, as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-            yield
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -223,20 +230,12 @@ def _warm_forkserver() -> Iterator[None]:
         yield  # spawn, as dask does by default
         return
     if not running:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-                ctx = distributed.utils.get_mp_context()  # sets distributed's own preloads
+        with _environ(env), \
+                dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+            ctx = distributed.utils.get_mp_context()  # sets distributed's own preloads
             ctx.set_forkserver_preload(["distributed", "kmdask.batch.preload"])
             forkserver.ensure_running()
             _FORKSERVER_ENV = env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         yield
 
