@@ -121,6 +121,18 @@ def client():
     cluster.close()
 
 
+def checkpoint_iteration(ck: Path) -> int:
+    """The Lloyd iteration a run's ``checkpoint.npz`` holds (0 while it is missing or being
+    replaced)."""
+    import json
+
+    try:
+        with np.load(ck) as z:
+            return max(m["n_iter"] for m in json.loads(str(z["meta"])))
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def run_kmdask(*args: str, cwd: Path, timeout: float = 600,
                **kwargs) -> subprocess.CompletedProcess:
     """``python -m kmdask ARGS`` in ``cwd``, as a user runs it (text output captured)."""

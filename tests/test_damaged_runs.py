@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_kmdask
+from conftest import checkpoint_iteration, run_kmdask
 
 from kmdask.batch import rundir
 from kmdask.batch.checkpoint import FileCheckpoint
@@ -93,14 +93,6 @@ def test_checkpoint_with_a_bad_checksum_falls_back_to_the_one_before(tmp_path, c
     assert not ck.path.exists() and not ck.previous.exists()
 
 
-def _iteration(ck: Path) -> int:
-    try:
-        with np.load(ck) as z:
-            return max(m["n_iter"] for m in json.loads(str(z["meta"])))
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def test_truncated_checkpoint_resumes_from_the_one_before_bit_identical(work):
     wd, runs = work["dir"], work["dir"] / "runs-ck"
     proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(work["job"]),
@@ -109,7 +101,8 @@ def test_truncated_checkpoint_resumes_from_the_one_before_bit_identical(work):
     deadline = time.monotonic() + 120
     while True:
         cks = list(runs.glob("dmg/.*.partial/fits/a/checkpoint.npz"))
-        if cks and _iteration(cks[0]) >= 3 and cks[0].with_name("checkpoint.prev.npz").exists():
+        if cks and checkpoint_iteration(cks[0]) >= 3 and \
+                cks[0].with_name("checkpoint.prev.npz").exists():
             break
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
@@ -117,7 +110,7 @@ def test_truncated_checkpoint_resumes_from_the_one_before_bit_identical(work):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     ck = cks[0]
-    before = _iteration(ck.with_name("checkpoint.prev.npz"))
+    before = checkpoint_iteration(ck.with_name("checkpoint.prev.npz"))
     _truncate(ck)
     r = run_kmdask("run", str(work["job"]), "--runs-dir", str(runs), cwd=wd)
     assert r.returncode == 0, r.stderr

@@ -13,9 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import yaml
-from conftest import run_kmdask, unavailable
+from conftest import checkpoint_iteration, run_kmdask, unavailable
 
 from kmdask.errors import EXIT_CODES
 
@@ -108,13 +107,7 @@ LOST = [{"name": "sweep", "algorithm": "scalable", "rows": 30000, "k": [8, 10], 
 
 
 def _checkpoint_iteration(part_glob: list[Path]) -> int:
-    for ck in part_glob:
-        try:
-            with np.load(ck) as z:
-                return max(m["n_iter"] for m in json.loads(str(z["meta"])))
-        except (OSError, ValueError, KeyError):
-            return 0
-    return 0
+    return next((checkpoint_iteration(ck) for ck in part_glob), 0)
 
 
 def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mnist_store):

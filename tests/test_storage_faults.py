@@ -4,17 +4,15 @@ every connection, reached by the real LocalCluster workers over real sockets."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from conftest import run_kmdask
+from conftest import checkpoint_iteration, run_kmdask
 from s3proxy import FaultProxy
 
 pytestmark = pytest.mark.mnist
@@ -48,13 +46,8 @@ def _workdir(tmp: Path, s3, url: str, endpoint: str, extra: dict | None = None) 
 
 
 def _iteration(runs: Path) -> int:
-    for ck in runs.glob("remote/.*.partial/fits/a/checkpoint.npz"):
-        try:
-            with np.load(ck) as z:
-                return max(m["n_iter"] for m in json.loads(str(z["meta"])))
-        except (OSError, ValueError, KeyError):
-            return 0
-    return 0
+    return next((checkpoint_iteration(ck) for ck in
+                 runs.glob("remote/.*.partial/fits/a/checkpoint.npz")), 0)
 
 
 def _start(wd: Path, env: dict | None = None) -> subprocess.Popen:

@@ -5,7 +5,14 @@ process; ``python -m kmdask.bench internal`` runs kmdask's own figures
 
 from __future__ import annotations
 
+import statistics
 import sys
+
+
+def summary(values: list[float]) -> dict:
+    """min, median, count and the values of repeated measurements (every bench table's cell)."""
+    return {"min": min(values), "median": statistics.median(values), "n": len(values),
+            "values": values}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kmdask.bench import summary
+
 
 def _inertia(xf: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> float:
     total = 0.0
@@ -25,11 +27,6 @@ def _inertia(xf: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> float:
         d = xf[s : s + 10_000].astype(np.float64) - centres[labels[s : s + 10_000]]
         total += float(np.einsum("ij,ij->", d, d))
     return total
-
-
-def _stat(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "n": len(values),
-            "values": values}
 
 
 class _PeakRSS:
@@ -81,7 +78,7 @@ def bench_end_to_end(X, xf, seeds) -> dict:
                                  np.asarray(dm.labels_)))
         print(f"  seed {seed}: kmdask {ours_t[-1]:.2f} s (inertia {ours_i[-1]:.6g}), "
               f"dask-ml {theirs_t[-1]:.2f} s (inertia {theirs_i[-1]:.6g})", flush=True)
-    return {"kmdask_s": _stat(ours_t), "dask_ml_s": _stat(theirs_t),
+    return {"kmdask_s": summary(ours_t), "dask_ml_s": summary(theirs_t),
             "kmdask_inertia_median": statistics.median(ours_i),
             "dask_ml_inertia_median": statistics.median(theirs_i),
             "ratio_median": statistics.median(ours_t) / statistics.median(theirs_t)}
@@ -121,8 +118,8 @@ def bench_per_iteration(X, Xz, xf, iters: int, reps: int) -> dict:
                          tol=0.0).fit(xf)
             sk.append((time.perf_counter() - t) / m.n_iter_)
     return {
-        "kmdask_persisted_s": _stat(pers), "kmdask_streamed_s": _stat(stream),
-        "sklearn_s": _stat(sk),
+        "kmdask_persisted_s": summary(pers), "kmdask_streamed_s": summary(stream),
+        "sklearn_s": summary(sk),
         "ratio_persisted_vs_sklearn": statistics.median(p / q for p, q in zip(pers, sk,
                                                                               strict=True)),
         "ratio_streamed_vs_persisted": statistics.median(p / q for p, q in zip(stream, pers,
@@ -150,7 +147,7 @@ def bench_n_init(X, xf, reps: int) -> dict:
         sk_i.append(sk.inertia_)
         print(f"  seed {seed}: kmdask {ours_t[-1]:.2f} s ({ours_i[-1]:.6g}), "
               f"scikit-learn {sk_t[-1]:.2f} s ({sk_i[-1]:.6g})", flush=True)
-    return {"kmdask_s": _stat(ours_t), "sklearn_s": _stat(sk_t),
+    return {"kmdask_s": summary(ours_t), "sklearn_s": summary(sk_t),
             "kmdask_inertia_median": statistics.median(ours_i),
             "sklearn_inertia_median": statistics.median(sk_i),
             "ratio_median": statistics.median(ours_t) / statistics.median(sk_t)}
@@ -172,7 +169,7 @@ def bench_sweep(X, iters: int, reps: int) -> dict:
         sweep += _per_iteration(lambda cb: fit_models(
             X, list(range(2, 11)), n_init=3, random_state=0, max_iter=iters, tol=0.0,
             persist=True, progress=cb))
-    return {"single_k10_s": _stat(single), "sweep_27_models_s": _stat(sweep),
+    return {"single_k10_s": summary(single), "sweep_27_models_s": summary(sweep),
             "ratio_median": statistics.median(sweep) / statistics.median(single)}
 
 

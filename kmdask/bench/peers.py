@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from kmdask.bench import summary
 
 K = 10
 THREADS = 2
@@ -282,11 +283,6 @@ def inertia64(x8: np.ndarray, centres: np.ndarray, block: int = 20_000) -> float
     return total
 
 
-def _stat(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "n": len(values),
-            "values": values}
-
-
 class Runner:
     def __init__(self, work: Path, timeout: float, log):
         self.work, self.timeout, self.log = work, timeout, log
@@ -378,12 +374,12 @@ def run_regime(runner: Runner, name: str, size: str, libs: list[str], base: dict
         if not rs:
             continue
         out["libs"][lib] = {
-            "fit_s": _stat([r["fit_s"] for r in rs]),
-            "load_s": _stat([r.get("load_s", 0.0) for r in rs]),
-            "setup_s": _stat([r.get("setup_s", 0.0) for r in rs]),
-            "import_s": _stat([r.get("import_s", 0.0) for r in rs]),
-            "process_wall_s": _stat([r["process_wall_s"] for r in rs]),
-            "inertia": _stat([r["inertia"] for r in rs]),
+            "fit_s": summary([r["fit_s"] for r in rs]),
+            "load_s": summary([r.get("load_s", 0.0) for r in rs]),
+            "setup_s": summary([r.get("setup_s", 0.0) for r in rs]),
+            "import_s": summary([r.get("import_s", 0.0) for r in rs]),
+            "process_wall_s": summary([r["process_wall_s"] for r in rs]),
+            "inertia": summary([r["inertia"] for r in rs]),
             "n_iter": [r["n_iter"] for r in rs],
             "runs": rs,
         }
