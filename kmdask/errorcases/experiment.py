@@ -46,6 +46,7 @@ from kmdask.batch.spec import JobSpec
 from kmdask.errorcases.classifier import train
 from kmdask.errorcases.spec import ClassifierSpec, ExperimentSpec
 from kmdask.errorcases.vectors import CaseData, transform
+from kmdask.report.build import processes
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,53 @@ def _fit_result(run: Path, fit: str, k: int) -> tuple[dict, np.ndarray, np.ndarr
     return res, np.load(d / "centers.npy"), np.load(d / "labels.npy")
 
 
+#: what the forked training processes read (set before the fork, so nothing is pickled)
+_SHARED: tuple = ()
+
+
+def _train_one(task: tuple) -> tuple:
+    """One training of :func:`train_many`, in this process (one BLAS thread in a pool's)."""
+    x, y, clf, init, lr = _SHARED
+    idx, examples, seed = task
+    xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+    return train(xs, ys, clf, init=init, examples=examples, learning_rate=lr, seed=seed)
+
+
+def _one_thread() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # stays set in this process: one core a training
+
+
+def train_many(x: np.ndarray, y: np.ndarray, clf: ClassifierSpec, init, lr: float,
+               tasks: list[tuple]) -> list[tuple]:
+    """Fine-tune ``init`` once per task ``(rows or None for all, examples, seed)``; the
+    (network, history) of each, in task order.
+
+    The trainings are independent and small-matrix GEMMs scale poorly over BLAS threads (on 2
+    cores two one-thread trainings at once do 1.5x the work of one two-thread training), so a
+    pool of forked processes with one BLAS thread each runs them, biggest first.
+    ``KMDASK_EXPERIMENT_PROCESSES`` sets their number (default one per core; 1: here, in turn,
+    with the BLAS threads of this process). Each result depends on its task only.
+    """
+    global _SHARED
+    n = min(processes("KMDASK_EXPERIMENT_PROCESSES"), len(tasks))
+    _SHARED = (x, y, clf, init, lr)
+    try:
+        if n <= 1:
+            return [_train_one(t) for t in tasks]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        order = sorted(range(len(tasks)), key=lambda i: -tasks[i][1])
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_one_thread) as pool:
+            futs = {i: pool.submit(_train_one, tasks[i]) for i in order}
+            return [futs[i].result() for i in range(len(tasks))]
+    finally:
+        _SHARED = ()
+
+
 def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData) -> dict:
     """Train the specialists and the baseline, route, evaluate; returns experiment.json."""
     t0 = time.perf_counter()
@@ -243,7 +291,9 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
     mix_clusters, mix_w = mixture_weights(p_te[low], centres, reliable, fit.cases.power)
     mix = np.zeros((int(low.sum()), p_te.shape[1]))  # the mixture design's probabilities
     prior = np.log(np.bincount(y_tr, minlength=10) + 1.0)
-    clusters, budget = [], 0
+    # The neighbourhoods first (the random draws in cluster order, as before), then every
+    # training at once: the baseline's budget is known from them without training them.
+    plans = []
     for j in range(exp.k):
         if j == reliable:
             continue
@@ -255,10 +305,15 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
         rest = np.flatnonzero(~inside)
         idx = np.concatenate([np.flatnonzero(inside), np.repeat(members, sp.member_weight),
                               rest[rng.random(rest.size) < sp.others]])
-        net, hist = train(x_tr[idx], y_tr[idx], clf, init=cases.network,
-                          examples=sp.epochs * idx.shape[0], learning_rate=sp.learning_rate,
-                          seed=exp.seed + 1 + j)
-        budget += hist["examples"]
+        plans.append((j, members, classes, idx))
+    budget = sum(max(1, sp.epochs * idx.shape[0]) for *_, idx in plans)
+    trained = train_many(x_tr, y_tr, clf, cases.network, sp.learning_rate,
+                         [(None, max(budget, 1), exp.seed)] +
+                         [(idx, sp.epochs * idx.shape[0], exp.seed + 1 + j)
+                          for j, _, _, idx in plans])
+    (base_net, base_hist), trained = trained[0], trained[1:]
+    clusters = []
+    for (j, members, classes, idx), (net, hist) in zip(plans, trained, strict=True):
         # label-shift correction: the neighbourhood over-represents the cluster's classes, so
         # its class frequencies are traded back for the training set's before the argmax
         shift = prior - np.log(np.bincount(y_tr[idx], minlength=10) + 1.0)
@@ -282,8 +337,6 @@ def run_experiment(run: Path, job: JobSpec, exp: ExperimentSpec, cases: CaseData
         log.info(f"  experiment {exp.fit}: specialist {j} on classes {classes}: "
                  f"{members.size} cases, neighbourhood {idx.shape[0]}, {m.sum()} test cases "
                  f"routed ({hist['seconds']:.1f} s)")
-    base_net, base_hist = train(x_tr, y_tr, clf, init=cases.network, examples=max(budget, 1),
-                                learning_rate=sp.learning_rate, seed=exp.seed)
     baseline = np.argmax(base_net.logits(x_te), axis=1)
     designs = {}
     if "mixture" in exp.designs:

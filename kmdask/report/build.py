@@ -181,7 +181,7 @@ def _draw_figures(todo: list) -> list[tuple[list, float]]:
     core; 1 draws here, one after the other).
     """
     global _TODO
-    n = min(_report_processes(), len(todo))
+    n = min(processes("KMDASK_REPORT_PROCESSES"), len(todo))
     if n <= 1:
         return [_draw(*t) for t in todo]
     import multiprocessing
@@ -195,10 +195,11 @@ def _draw_figures(todo: list) -> list[tuple[list, float]]:
         _TODO = []
 
 
-def _report_processes() -> int:
+def processes(var: str) -> int:
+    """How many processes a pool of CPU-bound work gets: ``$var`` if set (and a number),
+    else one per core this process may use."""
     try:
-        return max(1, int(os.environ.get("KMDASK_REPORT_PROCESSES", "0")) or
-                   len(os.sched_getaffinity(0)))
+        return max(1, int(os.environ.get(var, "0")) or len(os.sched_getaffinity(0)))
     except ValueError:
         return 1
 
