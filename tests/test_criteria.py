@@ -119,6 +119,41 @@ def test_reference_sets_lie_in_the_bounding_box():
     assert len(refs) == 3 and all(r.shape == x.shape for r in refs)
     assert all((r >= x.min(0)).all() and (r <= x.max(0)).all() for r in refs)
     assert np.array_equal(refs[1], cr.reference_sets(x, 3, seed=5)[1])
+    pixels = np.random.default_rng(3).integers(20, 200, size=(300, 5), dtype=np.uint8)
+    pixels[:, 4] = 7  # a constant column stays constant
+    got = cr.reference_sets(pixels, 2, seed=5)
+    assert all(r.dtype == np.uint8 and r.shape == pixels.shape for r in got)
+    assert all((r >= pixels.min(0)).all() and (r <= pixels.max(0)).all() for r in got)
+    assert (got[0][:, 4] == 7).all() and set(np.unique(got[0][:, 0])) >= {
+        pixels[:, 0].min(), pixels[:, 0].max()}  # both ends of the box are drawn
+
+
+def test_reference_sets_in_the_fit_s_passes_equal_fitting_them_alone(client, rows):
+    """The gap's reference sets as extra row groups of a fit: the fit's own models are
+    unchanged, and every reference model is bit-identical to fitting its set alone."""
+    from kmdask.engine.estimator import fit_models, fit_sets
+
+    x = rows[0][:1500]
+    X = da.from_array(x, chunks=(500, 784))
+    ks = [2, 4]
+    refs, inits = cr.gap_references(X, ks, silhouette_sample=800, gap_references=2,
+                                    gap_rows=300, seed=1)
+    fused = fit_models(X, ks, n_init=2, max_iter=30, random_state=0,
+                       also=list(zip(refs, inits, strict=True)))
+    plain = fit_models(X, ks, n_init=2, max_iter=30, random_state=0)
+    for a, b in zip(fused.results, plain.results, strict=True):
+        assert np.array_equal(a.centres, b.centres) and a.inertia == b.inertia
+        assert np.array_equal(np.concatenate(a.labels), np.concatenate(b.labels))
+    alone = fit_sets(refs, inits, max_iter=30, divisor=255.0)
+    one = fit_models(refs[1], [4], init=inits[1][1], max_iter=30, divisor=255.0).results[0]
+    assert np.array_equal(alone[1][1].centres, one.centres) and alone[1][1].n_iter == one.n_iter
+    for got_set, want_set in zip(fused.also, alone, strict=True):
+        for a, b in zip(got_set, want_set, strict=True):
+            assert np.array_equal(a.centres, b.centres) and a.n_iter == b.n_iter
+            assert np.array_equal(np.concatenate(a.labels), np.concatenate(b.labels))
+            assert a.inertia == b.inertia
+    assert np.array_equal(cr.reference_log_w_of(refs, ks, fused.also, 255.0),
+                          cr.reference_log_w(refs, ks, seed=1, max_iter=30))
 
 
 def test_kneedle_on_known_curves():
@@ -140,7 +175,7 @@ def test_choosing_k_end_to_end_with_the_gap(client, rows):
     xs = x[:600][idx] / 255.0
     g = cr.sample_rows(400, 250, 4)  # the gap sample: positions in the silhouette sample
     log_w = np.log([cr.wcss(xs[g], v[:600][idx][g], k) for v, k in zip(labs, ks, strict=True)])
-    ref = cr.reference_log_w(cr.reference_sets(xs[g], 2, 3), ks, seed=3, max_iter=5)
+    ref = cr.reference_log_w(cr.reference_sets(x[:600][idx][g], 2, 3), ks, seed=3, max_iter=5)
     gap, sk = cr.gap_statistic(log_w, ref)
     for j, k in enumerate(ks):
         v = got.per_k[k]

@@ -45,6 +45,8 @@ class FitContext:
     checkpoint: Any = None  # a Checkpoint (load/save of model states) for kinds that resume
     progress: Callable[[dict], None] | None = None  # one call per Lloyd iteration
     divisor: float = 255.0  # uint8 rows are divided by it (float rows are used as they are)
+    # log W* of the gap statistic's reference sets where the fit fitted them in its own passes
+    fitted_references: np.ndarray | None = None
 
 
 class FitKind(Protocol):
@@ -73,14 +75,26 @@ class Scalable:
         pass  # every key of a fit applies
 
     def fit(self, X: Any, spec: Any, ctx: FitContext) -> list[ModelRecord]:
+        from kmdask.engine import criteria
         from kmdask.engine.estimator import fit_models
 
+        refs, inits, c = [], [], spec.criteria
+        if c is not None and c.gap_references > 0 and len(spec.ks) > 1:
+            # the gap statistic's reference sets ride along in this fit's passes
+            refs, inits = criteria.gap_references(
+                X, spec.ks, silhouette_sample=c.silhouette_sample,
+                gap_references=c.gap_references, gap_rows=c.gap_rows, seed=spec.seed,
+                divisor=ctx.divisor)
         res = fit_models(X, spec.ks, n_init=spec.trials, init=spec.init,
                          max_iter=spec.iterations, tol=spec.tol, random_state=spec.seed,
                          oversampling_factor=spec.oversampling_factor,
                          init_rounds=spec.init_rounds, persist=spec.persist,
                          progress=ctx.progress, checkpoint=ctx.checkpoint,
-                         divisor=ctx.divisor if X.dtype == np.uint8 else None)
+                         divisor=ctx.divisor if X.dtype == np.uint8 else None,
+                         also=list(zip(refs, inits, strict=True)))
+        if refs:
+            ctx.fitted_references = criteria.reference_log_w_of(
+                refs, sorted(spec.ks), res.also, ctx.divisor)
         out = []
         for k in spec.ks:
             trial, best = res.best(k)
@@ -150,7 +164,10 @@ def choosing_k(X: Any, records: list[ModelRecord], spec: Any, ctx: FitContext) -
                   [float(r.result["inertia"]) for r in records], divisor=ctx.divisor,
                   silhouette_sample=spec.criteria.silhouette_sample,
                   gap_references=spec.criteria.gap_references,
-                  gap_rows=spec.criteria.gap_rows, seed=spec.seed)
+                  gap_rows=spec.criteria.gap_rows, seed=spec.seed,
+                  fitted_references=ctx.fitted_references,
+                  **({"gap_iterations": spec.iterations}
+                     if ctx.fitted_references is not None else {}))
     log.info("  %s: choosing K in %.1f s (%s): %s", spec.name, got.seconds,
              ", ".join(f"{k} {v:.1f} s" for k, v in got.timings.items()),
              ", ".join(f"{k} {v}" for k, v in got.choices.items()))

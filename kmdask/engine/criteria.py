@@ -14,11 +14,14 @@ Given a fit's rows and the final labels of every K, :func:`choosing_k` computes
   tasks, with per-cluster quantiles of the silhouette values for the figures;
 * the gap statistic (Tibshirani et al. 2001) with B reference sets drawn uniformly in the
   bounding box of a seeded gap sample (a subset of the silhouette sample, 2,000 rows by
-  default). Simplification: the reference sets are not fitted in the passes of the real fit
-  (the engine fuses models over one data set only); each is fitted with kmdask's engine
-  (:func:`kmdask.engine.estimator.fit_models`, every K in the same passes, one trial, to
-  convergence or ``gap_iterations``) on the same cluster, with as many rows as the gap
-  sample, and the real data's W_K is the WCSS of the gap sample's rows under the fit's labels;
+  default; uint8 pixels as uniform integers, so the sets keep the data's dtype), each with as
+  many rows as the gap sample, every (set, K) model seeded by k-means++ on its set. The
+  engine's fits (``algorithm: scalable``) fit them in their own passes: the sets are extra
+  row groups of the fit's data (:func:`gap_references`, then ``fit_models(..., also=...)``),
+  so the gap costs no pass of its own. For fits of other algorithms :func:`reference_log_w`
+  fits every set and K in the same passes on the cluster (the same result for the same
+  iterations and tol: each model is fitted to its own set alone either way). The real
+  data's W_K is the WCSS of the gap sample's rows under the fit's labels;
 * the knee of the elbow (kneedle, :func:`kneedle`).
 
 Everything is on pixel scale (uint8 rows divided by the run's divisor), in float64, so that the
@@ -349,26 +352,79 @@ def kneedle(ks: Sequence[int], values: Sequence[float]) -> int:
     return int(x[int(np.argmax(diff))])
 
 
-def reference_sets(xs: np.ndarray, b: int, seed: int) -> list[np.ndarray]:
-    """``b`` data sets of ``xs``'s shape drawn uniformly in its bounding box (seeded)."""
-    lo, hi = xs.min(axis=0), xs.max(axis=0)
+def reference_sets(raw: np.ndarray, b: int, seed: int) -> list[np.ndarray]:
+    """``b`` data sets of ``raw``'s shape and dtype drawn uniformly in its bounding box
+    (seeded): uint8 pixels as integers uniform in each column's [min, max], float rows as
+    reals uniform in it. The integer draw keeps the references in the data's own dtype, so
+    that they can share the fit's passes."""
+    lo, hi = raw.min(axis=0), raw.max(axis=0)
     rng = np.random.default_rng([seed, 1])
-    return [lo + (hi - lo) * rng.random(xs.shape) for _ in range(b)]
+    if raw.dtype == np.uint8:
+        return [rng.integers(lo, hi, size=raw.shape, dtype=np.uint8, endpoint=True)
+                for _ in range(b)]
+    lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+    return [(lo + (hi - lo) * rng.random(raw.shape)).astype(raw.dtype) for _ in range(b)]
+
+
+def reference_inits(refs: Sequence[np.ndarray], ks: Sequence[int], seed: int,
+                    divisor: float) -> list[list[np.ndarray]]:
+    """Initial centres of every reference set's models, one per K (scaled units): k-means++ on
+    the set's rows, seeded by (seed, set, K). A set is small (the gap sample's rows), so it is
+    seeded here, not in passes over the data."""
+    from kmdask.engine.kernels import weighted_kmeanspp
+    from kmdask.rng import keyed_rng
+
+    out = []
+    for b, r in enumerate(refs):
+        xs = to_float(r, divisor)
+        ones = np.ones(xs.shape[0])
+        out.append([xs[weighted_kmeanspp(xs, ones, int(k), keyed_rng(seed, 7, b, int(k)))]
+                    for k in ks])
+    return out
+
+
+def reference_log_w_of(refs: Sequence[np.ndarray], ks: Sequence[int], fitted: Sequence,
+                       divisor: float) -> np.ndarray:
+    """log W*_Kb, (B, n_k): the WCSS of each reference set under its fitted models' labels
+    (``fitted[b][j]``: set b's model for ``ks[j]``, a :class:`~kmdask.engine.lloyd.ModelResult`)."""
+    out = np.empty((len(refs), len(ks)))
+    for b, r in enumerate(refs):
+        xs = to_float(r, divisor)
+        for j, k in enumerate(ks):
+            out[b, j] = math.log(wcss(xs, np.concatenate(fitted[b][j].labels), int(k)))
+    return out
 
 
 def reference_log_w(refs: Sequence[np.ndarray], ks: Sequence[int], *, seed: int,
-                    max_iter: int) -> np.ndarray:
-    """log W*_Kb of every reference set and K, (B, n_k): each set clustered by kmdask's engine
-    on the current cluster, every K in the same passes (one trial, k-means||, reference ``b``
-    seeded ``seed + b``), W the WCSS of its labels."""
-    from kmdask.engine.estimator import fit_models
+                    max_iter: int, divisor: float = 255.0) -> np.ndarray:
+    """log W*_Kb of every reference set and K, (B, n_k), with every set and K fitted in the
+    same passes (:func:`kmdask.engine.estimator.fit_sets`) on the current cluster, each from
+    :func:`reference_inits`."""
+    from kmdask.engine.estimator import fit_sets
 
-    out = np.empty((len(refs), len(ks)))
-    for i, r in enumerate(refs):  # in turn: running them at once saved nothing on 2 cores
-        res = fit_models(r, ks, n_init=1, max_iter=max_iter, random_state=seed + i)
-        for j, k in enumerate(ks):
-            out[i, j] = math.log(wcss(r, np.concatenate(res.best(int(k))[1].labels), int(k)))
-    return out
+    fitted = fit_sets(refs, reference_inits(refs, ks, seed, divisor), max_iter=max_iter,
+                      divisor=divisor if refs[0].dtype == np.uint8 else None)
+    return reference_log_w_of(refs, ks, fitted, divisor)
+
+
+def gap_references(X: Any, ks: Sequence[int], *, silhouette_sample: int = SILHOUETTE_SAMPLE,
+                   gap_references: int = GAP_REFERENCES, gap_rows: int = GAP_ROWS,
+                   seed: int = 0, divisor: float = 255.0
+                   ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """The reference sets :func:`choosing_k` draws for a fit's rows ``X`` (same arguments), and
+    their models' initial centres (for ``sorted(ks)``): for fitting them in the fit's own passes
+    (``fit_models(..., also=zip(refs, inits))``), then :func:`reference_log_w_of`."""
+    _, raw_g = _samples(X, silhouette_sample, gap_rows, seed)
+    refs = reference_sets(raw_g, gap_references, seed)
+    return refs, reference_inits(refs, sorted(int(k) for k in ks), seed, divisor)
+
+
+def _samples(X: Any, silhouette_sample: int, gap_rows: int, seed: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the silhouette sample in X, the gap sample's raw rows)."""
+    idx = sample_rows(int(X.shape[0]), silhouette_sample, seed)
+    raw = np.asarray(X[idx].compute() if hasattr(X, "compute") else X[idx])
+    return idx, raw[sample_rows(idx.size, gap_rows, seed + 1)]
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -390,7 +446,8 @@ class Criteria:
 def choosing_k(X: Any, labels: Sequence[np.ndarray], ks: Sequence[int], inertia: Sequence[float],
                *, divisor: float = 255.0, silhouette_sample: int = SILHOUETTE_SAMPLE,
                gap_references: int = GAP_REFERENCES, gap_rows: int = GAP_ROWS, seed: int = 0,
-               gap_iterations: int = GAP_ITERATIONS) -> Criteria:
+               gap_iterations: int = GAP_ITERATIONS,
+               fitted_references: np.ndarray | None = None) -> Criteria:
     """Every criterion of a sweep's final models.
 
     Parameters
@@ -417,6 +474,9 @@ def choosing_k(X: Any, labels: Sequence[np.ndarray], ks: Sequence[int], inertia:
         Seeds the sample and the reference sets.
     gap_iterations : int
         Lloyd iterations at most for the reference fits.
+    fitted_references : (B, n_k) array, optional
+        log W*_Kb already fitted (in the fit's own passes, from :func:`gap_references`, K
+        increasing); else the reference sets are fitted here, all in the same passes.
 
     Returns
     -------
@@ -435,7 +495,8 @@ def choosing_k(X: Any, labels: Sequence[np.ndarray], ks: Sequence[int], inertia:
     per_k = {k: {"calinski_harabasz": calinski_harabasz(s), "davies_bouldin": davies_bouldin(s)}
              for k, s in zip(ks, sums, strict=True)}
     idx = sample_rows(n, silhouette_sample, seed)
-    xs = to_float(np.asarray(X[idx].compute() if hasattr(X, "compute") else X[idx]), divisor)
+    raw = np.asarray(X[idx].compute() if hasattr(X, "compute") else X[idx])
+    xs = to_float(raw, divisor)
     lab_s = [np.asarray(v)[idx] for v in labels]
     t_sample = time.perf_counter()
     sil = silhouettes(xs, lab_s, ks)
@@ -453,8 +514,13 @@ def choosing_k(X: Any, labels: Sequence[np.ndarray], ks: Sequence[int], inertia:
         xg = xs[gap_idx]
         log_w = np.array([math.log(wcss(xg, v[gap_idx], k))
                           for v, k in zip(lab_s, ks, strict=True)])
-        ref = reference_log_w(reference_sets(xg, gap_references, seed), ks, seed=seed,
-                              max_iter=gap_iterations)
+        ref = fitted_references
+        if ref is None:
+            ref = reference_log_w(reference_sets(raw[gap_idx], gap_references, seed), ks,
+                                  seed=seed, max_iter=gap_iterations, divisor=divisor)
+        elif ref.shape != (gap_references, len(ks)):
+            raise ValueError(f"fitted_references has shape {ref.shape}, expected "
+                             f"({gap_references}, {len(ks)})")
         gap, sk = gap_statistic(log_w, ref)
         for j, k in enumerate(ks):
             per_k[k]["gap"], per_k[k]["gap_sk"] = float(gap[j]), float(sk[j])
@@ -465,7 +531,9 @@ def choosing_k(X: Any, labels: Sequence[np.ndarray], ks: Sequence[int], inertia:
                 "gap_rows": int(gap_idx.size) if gap_references else 0,
                 "gap_sample": "default_rng(seed + 1).choice(silhouette sample, gap_rows, "
                               "replace=False)",
-                "gap_iterations": gap_iterations}
+                "gap_iterations": gap_iterations,
+                "gap_fit": ("in the fit's own passes" if fitted_references is not None else
+                            "all reference sets and K in the same passes")}
     t_end = time.perf_counter()
     timings = {"ch_db": t_sums - t0, "sample": t_sample - t_sums, "silhouette": t_sil - t_sample,
                "gap": t_end - t_sil}

@@ -21,7 +21,7 @@ import numpy as np
 
 from kmdask.engine import kernels
 from kmdask.engine.executor import DEFAULT_CHUNK_ROWS, ChunkedRows
-from kmdask.engine.lloyd import ModelResult, ModelState, lloyd, pack_states, unpack_states
+from kmdask.engine.lloyd import Groups, ModelResult, ModelState, lloyd, pack_states, unpack_states
 from kmdask.engine.params import ParamsMixin
 from kmdask.engine.seeding import kmeans_parallel, kmeans_plusplus
 from kmdask.errors import ConfigError, NotFittedError
@@ -75,6 +75,7 @@ class FitResult:
     n_passes: int
     timings: dict[str, float] = field(default_factory=dict)
     persisted: bool = False
+    also: list[list[ModelResult]] = field(default_factory=list)  # per extra row set
 
     def best(self, k: int) -> tuple[int, ModelResult]:
         """(trial, result) of the lowest-inertia trial for ``k`` (earliest trial wins ties)."""
@@ -102,18 +103,34 @@ def _progress_logger(verbose: int) -> Callable[[dict], None] | None:
     return show
 
 
+def _tolerances(stats: list, groups: list[list[int]], tol: float) -> list[float]:
+    """``tol`` times the mean feature variance (scikit-learn's rule), per group of chunks."""
+    out = []
+    for chunks in groups:
+        n = sum(stats[i][0] for i in chunks)
+        s1 = np.sum([stats[i][1] for i in chunks], axis=0)
+        s2 = np.sum([stats[i][2] for i in chunks], axis=0)
+        var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
+        out.append(float(var.mean() * tol))
+    return out
+
+
 def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_iter: int = 300,
                tol: float = 1e-4, random_state: int | None = None,
                oversampling_factor: float = 2.0, init_rounds: int = 5,
                persist: bool | str = "auto", verbose: int = 0,
                progress: Callable[[dict], None] | None = None,
-               checkpoint: Checkpoint | None = None, divisor: float | None = None) -> FitResult:
+               checkpoint: Checkpoint | None = None, divisor: float | None = None,
+               also: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]] = ()) -> FitResult:
     """Fit every (k in ks) x (trial in n_init) model with shared passes over ``X``.
 
     Parameters are those of :class:`KMeans` (``ks`` a list of ``n_clusters``); ``progress``
     receives a dict per Lloyd iteration; uint8 rows are divided by ``divisor`` (default 255).
     With a ``checkpoint``, the seeded centres and every Lloyd iteration's model states are saved,
     and a fit that finds a saved state resumes from it (ending bit-identical).
+    ``also``: more row sets, each ``(rows, initial centres of its models)`` (rows of ``X``'s
+    width and dtype, in memory), whose models are fitted to those rows alone in the same passes
+    as ``X``'s (e.g. the gap statistic's reference sets); their results are ``FitResult.also``.
 
     Returns
     -------
@@ -124,46 +141,84 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
     ks = [int(k) for k in ks]
     _check_params(ks, n, n_init, max_iter, tol, init, d, oversampling_factor, init_rounds)
     t0 = time.perf_counter()
-    data = ChunkedRows(X, persist=persist, divisor=divisor)
+    data = ChunkedRows(X, persist=persist, divisor=divisor, also=[a for a, _ in also])
+    n_x = data.n_chunks - len(also)
     # One pass: feature variance (for tol, as scikit-learn) and a finiteness check.
     stats = data.map(kernels.chunk_stats)
     if not all(s[3] for s in stats):
         raise ConfigError("X contains NaN or infinity")
-    s1 = np.sum([s[1] for s in stats], axis=0)
-    s2 = np.sum([s[2] for s in stats], axis=0)
-    var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
-    tol_abs = float(var.mean() * tol)
+    tols = _tolerances(stats, [list(range(n_x))] + [[n_x + j] for j in range(len(also))], tol)
     t_stats = time.perf_counter()
 
     seeds = trial_seeds(random_state, n_init)
     models = [(k, t) for k in ks for t in range(n_init)]
     specs = [(k, seeds[t]) for k, t in models]
+    extra = [np.asarray(c, dtype=np.float64) for _, inits in also for c in inits]
+    groups = Groups(tuple([0] * n_x + list(range(1, len(also) + 1))),
+                    tuple([0] * len(models) + [j + 1 for j, (_, inits) in enumerate(also)
+                                               for _ in inits]))
     saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None and len(saved[1]) != len(groups.model):
+        log.warning("checkpoint: %d saved model state(s) for %d models: starting afresh",
+                    len(saved[1]), len(groups.model))
+        saved = None
     save = None if checkpoint is None else (lambda st: checkpoint.save(*pack_states(st)))
     if saved is not None:
         states = unpack_states(*saved)
     else:
+        x_only = data.head(n_x)  # X's models are seeded from X's rows alone
         if isinstance(init, str) and init == "k-means||":
-            centres = kmeans_parallel(data, specs, oversampling_factor, init_rounds)
+            centres = kmeans_parallel(x_only, specs, oversampling_factor, init_rounds)
         elif isinstance(init, str) and init == "k-means++":
-            centres = kmeans_plusplus(data, specs)
+            centres = kmeans_plusplus(x_only, specs)
         else:
             centres = [np.asarray(init, dtype=np.float64)] * len(specs)
-        states = [ModelState(centres=c.copy()) for c in centres]
+        states = [ModelState(centres=c.copy()) for c in [*centres, *extra]]
         if save is not None:
             save(states)
     t_init = time.perf_counter()
     progress = progress or _progress_logger(verbose)
-    results = lloyd(data, states, max_iter=max_iter, tol=tol_abs, progress=progress,
-                    on_iteration=save)
+    results = lloyd(data, states, max_iter=max_iter,
+                    tol=[tols[g] for g in groups.model], progress=progress,
+                    on_iteration=save, groups=groups)
     t_end = time.perf_counter()
     out = FitResult(
-        models=models, results=results, chunks=tuple(data.row_chunks), n_passes=data.passes,
-        persisted=data.persisted,
+        models=models, results=results[: len(models)], chunks=tuple(data.row_chunks[:n_x]),
+        n_passes=data.passes, persisted=data.persisted,
         timings={"prepare": t_stats - t0, "init": t_init - t_stats, "lloyd": t_end - t_init,
                  "total": t_end - t0},
     )
+    rest = results[len(models):]
+    for _, inits in also:
+        out.also.append(rest[: len(inits)])
+        rest = rest[len(inits):]
     data.release()
+    return out
+
+
+def fit_sets(sets: Sequence[np.ndarray], inits: Sequence[Sequence[np.ndarray]], *,
+             max_iter: int = 300, tol: float = 1e-4, divisor: float | None = None
+             ) -> list[list[ModelResult]]:
+    """Fit models to several row sets of one shape in the same passes: set ``b``'s models start
+    from the centres ``inits[b]`` and are fitted to ``sets[b]`` alone, each as
+    :func:`fit_models` would fit it from those centres (``tol`` relative to the set's own
+    feature variance). Returns each set's results, in the order of its ``inits``."""
+    shapes = {(s.shape, s.dtype) for s in sets}
+    if len(shapes) != 1:
+        raise ConfigError(f"fit_sets needs row sets of one shape and dtype, got {shapes}")
+    data = ChunkedRows(np.concatenate(sets), chunk_rows=sets[0].shape[0], divisor=divisor)
+    stats = data.map(kernels.chunk_stats)
+    tols = _tolerances(stats, [[b] for b in range(len(sets))], tol)
+    states = [ModelState(centres=np.asarray(c, dtype=np.float64).copy())
+              for cs in inits for c in cs]
+    groups = Groups(tuple(range(len(sets))), tuple(b for b, cs in enumerate(inits) for _ in cs))
+    results = lloyd(data, states, max_iter=max_iter, tol=[tols[g] for g in groups.model],
+                    groups=groups)
+    data.release()
+    out, at = [], 0
+    for cs in inits:
+        out.append(results[at : at + len(cs)])
+        at += len(cs)
     return out
 
 

@@ -22,7 +22,8 @@ local scheduler. Waits never hang (:mod:`kmdask.engine.waits`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,10 +83,15 @@ class ChunkedRows:
         Rows per chunk of an in-memory ``X``.
     divisor : float, optional
         uint8 rows are divided by it (default 255: pixels in [0, 1]); float rows use 1.
+    also : sequence of numpy arrays
+        More rows (of ``X``'s width and dtype) after ``X``'s, one chunk per array, sent to the
+        workers once; spread over the workers as a segment of their own (so that ``X``'s
+        chunks stay evenly spread). :meth:`head` is ``X`` alone.
     """
 
     def __init__(self, X: Any, persist: bool | str = "auto", prepare: Callable | None = None,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, divisor: float | None = None):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, divisor: float | None = None,
+                 also: Sequence[np.ndarray] = ()):
         memory = not isinstance(X, da.Array)
         if memory:
             X = np.ascontiguousarray(X)
@@ -98,12 +104,23 @@ class ChunkedRows:
                 X = X.rechunk({1: -1})
             blocks = list(X.to_delayed().ravel())
             self.row_chunks = X.chunks[0]
-        self.shape, self.dtype = X.shape, X.dtype
+        # ``also``: in-memory row sets after X's rows, a chunk each (e.g. the gap statistic's
+        # reference sets, fitted in the same passes as X); placed as a segment of their own
+        self.segments = (len(blocks),) + ((len(also),) if len(also) else ())
+        self._memory = [memory] * len(blocks) + [True] * len(also)
+        for a in also:
+            if a.ndim != 2 or a.shape[1] != X.shape[1] or a.dtype != X.dtype:
+                raise ValueError(f"an extra row set must be ({X.shape[1]} columns, {X.dtype}), "
+                                 f"got {a.shape} {a.dtype}")
+        blocks += [np.ascontiguousarray(a) for a in also]
+        self.row_chunks = tuple(self.row_chunks) + tuple(a.shape[0] for a in also)
+        self.shape = (int(sum(self.row_chunks)), X.shape[1])
+        self.dtype = X.dtype
         self.divisor = (float(divisor) if divisor and X.dtype == np.uint8
                         else kernels.scale_for(X.dtype))
         self.prepare = prepare or EnginePrep(self.divisor)
         self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(int)
-        need = X.nbytes + 16 * X.shape[0]  # rows, their norms
+        need = X.nbytes + sum(a.nbytes for a in also) + 16 * self.shape[0]  # rows, norms
         budget = memory_budget() if persist in ("auto", True) else 0
         if persist == "auto":
             persist = need <= budget
@@ -115,10 +132,11 @@ class ChunkedRows:
         self._groups: dict[tuple[str, int], list[int]] = {}
         self._items: list = []  # per chunk: a future (persisted), a block graph (streamed)
         if self._client is not None:
-            self._place(blocks, memory)
+            self._place(blocks)
         elif self.persisted:
-            self._items = [self.prepare(np.asarray(b if memory else b.compute()), int(o), i)
-                           for i, (b, o) in enumerate(zip(blocks, self.offsets, strict=True))]
+            self._items = [self.prepare(np.asarray(b if m else b.compute()), int(o), i)
+                           for i, (b, o, m) in enumerate(zip(blocks, self.offsets,
+                                                             self._memory, strict=True))]
         else:
             self._items = blocks
 
@@ -126,20 +144,22 @@ class ChunkedRows:
     def n_chunks(self) -> int:
         return len(self.row_chunks)
 
-    def _place(self, blocks: list, memory: bool) -> None:
+    def _place(self, blocks: list) -> None:
         """Put the chunks where the passes will run them (see the class docstring)."""
         client = self._client
         owner = self._owners()
-        if not self.persisted:
-            self._items = [_block_graph(b) for b in blocks]
-            return
         targets = [w for w, _ in owner]
-        if memory:  # sent once, to the worker that will use it
-            blocks = [client.scatter(b, workers=[w] if w else None, hash=False)
-                      for b, w in zip(blocks, targets, strict=True)]
+        memory = self._memory
+        # in-memory blocks are sent once, to the worker that will use them
+        blocks = [client.scatter(b, workers=[w] if w else None, hash=False) if m else b
+                  for b, w, m in zip(blocks, targets, memory, strict=True)]
+        if not self.persisted:  # a pass reads (or takes) and prepares each chunk
+            self._items = [b if m else _block_graph(b)
+                           for b, m in zip(blocks, memory, strict=True)]
+            return
 
         def place(i: int, worker: str | None) -> Any:
-            if memory:
+            if memory[i]:
                 return client.submit(self.prepare, blocks[i], int(self.offsets[i]), i,
                                      pure=False, **hint(worker))
             # The hint goes on the chunk's own task only, not on the source tasks it reads,
@@ -158,8 +178,9 @@ class ChunkedRows:
         info = self._client.scheduler_info(n_workers=-1)["workers"]
         slots = [(w, t) for w in sorted(info) for t in range(int(info[w].get("nthreads", 1)))]
         slots = slots or [("", 0)]  # no workers yet: let the scheduler place the runs
-        n = self.n_chunks
-        owner = [slots[i * len(slots) // n] for i in range(n)]
+        owner = []
+        for n in self.segments:  # each segment spread over every slot (X, then extra sets)
+            owner += [slots[i * len(slots) // n] for i in range(n)]
         for i, slot in enumerate(owner):
             self._groups.setdefault(slot, []).append(i)
         return owner
@@ -184,6 +205,8 @@ class ChunkedRows:
              per_chunk: list[tuple] | None = None) -> Any:
         """``carry = fn(chunk, carry, *shared, *per_chunk[i])`` for every chunk in row order;
         returns the last carry. One task per run of chunks, each handed the previous carry."""
+        if len(self.segments) > 1:  # runs are in row order within a segment only
+            raise ValueError("fold needs rows without extra row sets")
         extras = [per_chunk[i] if per_chunk is not None else () for i in range(self.n_chunks)]
         if self._client is None:
             for i in range(self.n_chunks):
@@ -203,17 +226,23 @@ class ChunkedRows:
         """Chunk ``i`` in this process (no client)."""
         if self.persisted:
             return self._items[i]
-        return self.prepare(np.asarray(self._items[i].compute()), int(self.offsets[i]), i)
+        raw = self._items[i] if self._memory[i] else self._items[i].compute()
+        return self.prepare(np.asarray(raw), int(self.offsets[i]), i)
 
     def _meta(self, idx: list[int]) -> list[tuple[int, int]]:
         return [(int(self.offsets[i]), i) for i in idx]
 
     def _lift(self, args: tuple, broadcast: bool = False) -> tuple:
-        """``args`` with every large array sent to the cluster once (see _EMBED_MAX); shared
-        ones to every worker."""
-        return tuple(self._client.scatter(a, broadcast=broadcast, hash=False)
-                     if isinstance(a, np.ndarray) and a.nbytes > _EMBED_MAX else a
-                     for a in args)
+        """``args`` with every large array (also inside tuples) sent to the cluster once (see
+        _EMBED_MAX); shared ones to every worker."""
+        def lift(a: Any) -> Any:
+            if isinstance(a, tuple):
+                return tuple(lift(v) for v in a)
+            if isinstance(a, np.ndarray) and a.nbytes > _EMBED_MAX:
+                return self._client.scatter(a, broadcast=broadcast, hash=False)
+            return a
+
+        return lift(tuple(args))
 
     def _run(self, fn: Callable, shared: tuple, extras: dict[int, tuple], keep: bool
              ) -> tuple[dict, dict]:
@@ -285,6 +314,18 @@ class ChunkedRows:
         """Run ``fn(chunk, *extras[j])`` on chunks ``which[j]`` only (not counted as a pass)."""
         got, _ = self._run(fn, (), dict(zip(which, extras, strict=True)), False)
         return [got[i] for i in which]
+
+    def head(self, n_chunks: int) -> ChunkedRows:
+        """The first ``n_chunks`` chunks alone (e.g. X without the extra row sets), sharing
+        their placement and state: passes over it run on those chunks only."""
+        view = copy.copy(self)
+        view.row_chunks = self.row_chunks[:n_chunks]
+        view.offsets = self.offsets[:n_chunks]
+        view.shape = (int(sum(view.row_chunks)), self.shape[1])
+        view.segments = (n_chunks,)
+        view._groups = {slot: kept for slot, idx in self._groups.items()
+                        if (kept := [i for i in idx if i < n_chunks])}
+        return view
 
     def release(self) -> None:
         """Drop persisted chunks from worker memory."""

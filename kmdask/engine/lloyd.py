@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,16 +75,52 @@ def _stack(states: list[ModelState], dtype: np.dtype):
     return np.concatenate([s.centres for s in states]).astype(dtype), starts, stops
 
 
-def _lloyd_chunk(chunk: kernels.Chunk, c, starts, stops):
+@dataclass(frozen=True)
+class Groups:
+    """Rows in groups that no model shares: chunk ``i`` holds rows of group ``chunk[i]``, and
+    model ``m`` is fitted to the rows of group ``model[m]`` alone. Several data sets (e.g. a fit's
+    rows and the gap statistic's reference sets) so share every pass; each model's result is
+    bit-identical to fitting its group's rows on their own."""
+
+    chunk: tuple[int, ...]
+    model: tuple[int, ...]
+
+    @staticmethod
+    def single(n_chunks: int, n_models: int) -> Groups:
+        return Groups((0,) * n_chunks, (0,) * n_models)
+
+    def chunks_of(self, g: int) -> list[int]:
+        return [i for i, h in enumerate(self.chunk) if h == g]
+
+
+def _stacks(states: list[ModelState], idx: list[int], groups: Groups, dtype: np.dtype,
+            ids: Callable[[int], object] | None = None) -> tuple:
+    """Per group (by group number), the stacked centres of its models among ``idx``:
+    ``(c, starts, stops, ids, models)``, or None where the group has none."""
+    out: list = [None] * (max(groups.chunk + groups.model, default=0) + 1)
+    for g in sorted({groups.model[i] for i in idx}):
+        mine = [i for i in idx if groups.model[i] == g]
+        c, starts, stops = _stack([states[i] for i in mine], dtype)
+        out[g] = (c, starts, stops, None if ids is None else tuple(ids(i) for i in mine), mine)
+    return tuple(out)
+
+
+def _lloyd_chunk(chunk: kernels.Chunk, stacks, g: int):
     """Float rows: every distance, float64 sums, per-row inertia."""
+    if stacks[g] is None:  # every model of this chunk's group has stopped
+        return None
+    c, starts, stops, _, _ = stacks[g]
     a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False)
     return a.sums, a.counts, a.inertia, a.counts.size * chunk.x.shape[0]
 
 
-def _lloyd_chunk_u8(chunk: kernels.Chunk, c, starts, stops, ids, keep, bounds):
+def _lloyd_chunk_u8(chunk: kernels.Chunk, stacks, keep, bounds, g: int):
     """uint8 rows: exact integer sums. Persisted chunks keep labels (and bounds) between passes
     so that later passes do less (same results either way); streamed ones use the plain
     kernel, the one seeding uses too (one compiled kernel less in a memory-tight worker)."""
+    if stacks[g] is None:
+        return None
+    c, starts, stops, ids, _ = stacks[g]
     if not keep:
         a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False)
         return a.sums, a.counts, a.sq, a.counts.size * chunk.x.shape[0]
@@ -113,11 +149,15 @@ def _add(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _relocate_empty(data: ChunkedRows, states: list[ModelState], c, starts, stops, sums, counts):
+def _relocate_empty(data: ChunkedRows, chunks: list[int], states: list[ModelState], c, starts,
+                    stops, sums, counts):
     """Move each empty cluster onto one of the rows farthest from their centre (as scikit-learn
-    does), taking that row out of its old cluster. Deterministic: ties go to the lowest row."""
+    does), taking that row out of its old cluster. Deterministic: ties go to the lowest row.
+    ``states`` are the models of one group, ``chunks`` that group's chunks."""
     n_far = [int((counts[starts[m] : stops[m]] == 0).sum()) for m in range(len(states))]
-    parts = data.map(_farthest_chunk, c, starts, stops, np.array(n_far))
+    data.passes += 1
+    parts = data.map_some(_farthest_chunk, chunks, [(c, starts, stops, np.array(n_far))] *
+                          len(chunks))
     for m, st in enumerate(states):
         if n_far[m] == 0:
             continue
@@ -136,96 +176,123 @@ def _relocate_empty(data: ChunkedRows, states: list[ModelState], c, starts, stop
         st.n_relocated += len(empty)
 
 
-def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int, tol: float,
-          progress: Callable[[dict], None] | None = None,
-          on_iteration: Callable[[list[ModelState]], None] | None = None) -> list[ModelResult]:
+def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
+          tol: float | Sequence[float], progress: Callable[[dict], None] | None = None,
+          on_iteration: Callable[[list[ModelState]], None] | None = None,
+          groups: Groups | None = None) -> list[ModelResult]:
     """Run Lloyd iterations on every model until each converges or hits ``max_iter``.
 
-    ``tol`` is absolute (scikit-learn's relative tol times the mean feature variance).
-    ``progress`` receives a dict per iteration (iteration, active models, best inertia, max
-    shift, seconds); ``on_iteration`` gets every model's state after each iteration (for
-    checkpoints: restarting from those states continues bit-identically).
+    ``tol`` is absolute (scikit-learn's relative tol times the mean feature variance), one for
+    all models or one per model. ``progress`` receives a dict per iteration (iteration, active
+    models, best inertia, max shift, seconds); ``on_iteration`` gets every model's state after
+    each iteration (for checkpoints: restarting from those states continues bit-identically).
+    ``groups``: which rows each model is fitted to (default: all rows, every model); progress
+    reports the models of group 0.
     """
     cdt = kernels.compute_dtype(data.dtype)
     divisor = data.divisor
     exact = data.dtype == np.uint8 and divisor == 255.0
+    groups = groups or Groups.single(data.n_chunks, len(states))
+    tols = [float(tol)] * len(states) if np.isscalar(tol) else [float(t) for t in tol]
+    per_chunk = [(g,) for g in groups.chunk]
     token = uuid.uuid4().hex  # model ids for the bounds kept on the workers
     it = max(s.n_iter for s in states) if states else 0
     while it < max_iter:
         live_idx = [i for i, s in enumerate(states) if s.active and s.n_iter < max_iter]
-        live = [states[i] for i in live_idx]
-        if not live:
+        if not live_idx:
             break
         t0 = time.perf_counter()
-        c, starts, stops = _stack(live, cdt)
+        stacks = _stacks(states, live_idx, groups, cdt, lambda i: (token, i))
+        n_centres = sum(states[i].k for i in live_idx)
         if exact:
-            ids = tuple((token, i) for i in live_idx)
             # kept next to persisted chunks only, and only as far as the memory budget has
             # room: labels take 4 bytes per row and model, bounds 4 per row and centre more
-            labels_b = data.shape[0] * 4 * len(live)
+            labels_b = data.shape[0] * 4 * len(live_idx)
             keep = data.persisted and data.spare_bytes >= labels_b
             bounds = USE_BOUNDS and data.spare_bytes >= labels_b + data.shape[0] * 4 * (
-                c.shape[0] + len(live))
-            parts = data.map(_lloyd_chunk_u8, c, starts, stops, ids, keep, bounds)
-            sums, counts, sq = (_add([p[k] for p in parts]) for k in range(3))
-            computed = sum(p[3] for p in parts)
-            # from exact integer sums: independent of chunking and of which rows were skipped
-            inertia = pruned.inertia(sums, counts, sq, c, starts, stops)
+                n_centres + len(live_idx))
+            parts = data.map(_lloyd_chunk_u8, stacks, keep, bounds, per_chunk=per_chunk)
         else:
-            parts = data.map(_lloyd_chunk, c, starts, stops)
-            sums, counts, inertia = (_add([p[k] for p in parts]) for k in range(3))
-            computed = sum(p[3] for p in parts)
-        if (counts == 0).any():
-            _relocate_empty(data, live, c, starts, stops, sums, counts)
-        for m, st in enumerate(live):
-            a, b = starts[m], stops[m]
-            new = sums[a:b] / divisor / counts[a:b, None]
-            shift = float(((new - st.centres) ** 2).sum())
-            st.centres = new
-            st.n_iter += 1
-            st.inertia_history.append(float(inertia[m]))
-            st.shift_history.append(shift)
-            if shift <= tol:
-                st.active = False
+            parts = data.map(_lloyd_chunk, stacks, per_chunk=per_chunk)
+        computed = sum(p[3] for p in parts if p is not None)
+        shown: list[tuple[float, float]] = []  # group 0's (inertia, shift) per model
+        for g, st in enumerate(stacks):
+            if st is None:
+                continue
+            c, starts, stops, _, mine = st
+            chunks = groups.chunks_of(g)
+            mine_parts = [parts[i] for i in chunks]  # in chunk order: deterministic sums
+            if exact:
+                sums, counts, sq = (_add([p[k] for p in mine_parts]) for k in range(3))
+                # from exact integer sums: independent of chunking and of the skipped rows
+                inertia = pruned.inertia(sums, counts, sq, c, starts, stops)
+            else:
+                sums, counts, inertia = (_add([p[k] for p in mine_parts]) for k in range(3))
+            live = [states[i] for i in mine]
+            if (counts == 0).any():
+                _relocate_empty(data, chunks, live, c, starts, stops, sums, counts)
+            for m, (i, s) in enumerate(zip(mine, live, strict=True)):
+                a, b = starts[m], stops[m]
+                new = sums[a:b] / divisor / counts[a:b, None]
+                shift = float(((new - s.centres) ** 2).sum())
+                s.centres = new
+                s.n_iter += 1
+                s.inertia_history.append(float(inertia[m]))
+                s.shift_history.append(shift)
+                if shift <= tols[i]:
+                    s.active = False
+                if g == 0:
+                    shown.append((float(inertia[m]), shift))
         it += 1
         if on_iteration is not None:
             on_iteration(states)
-        if progress is not None:
+        if progress is not None and shown:
             progress({
                 "iteration": it,
-                "models": len(live),
-                "inertia": float(min(inertia)),
-                "shift": float(max(s.shift_history[-1] for s in live)),
+                "models": len(shown),
+                "inertia": min(v for v, _ in shown),
+                "shift": max(v for _, v in shown),
                 "seconds": time.perf_counter() - t0,
                 # share of the row x centre distances this pass computed (bounds skip the rest)
-                "computed": computed / (data.shape[0] * c.shape[0]),
+                "computed": computed / max(sum(data.row_chunks[i] * stacks[groups.chunk[i]][0]
+                                                   .shape[0] for i in range(data.n_chunks)
+                                                   if stacks[groups.chunk[i]] is not None), 1),
             })
-    return final_assignment(data, states)
+    return final_assignment(data, states, groups)
 
 
-def _final_chunk(chunk: kernels.Chunk, c, starts, stops):
+def _final_chunk(chunk: kernels.Chunk, stacks, g: int):
     chunk.cache.pop(_BOUNDS, None)  # the fit is over: free the memory its passes kept
+    c, starts, stops, _, _ = stacks[g]
     a = kernels.assign(chunk, c, starts, stops, kernels.MODE_ASSIGN)
     return a.labels, a.inertia
 
 
-def final_assignment(data: ChunkedRows, states: list[ModelState]) -> list[ModelResult]:
-    """One pass: labels and inertia of every model for its final centres."""
-    c, starts, stops = _stack(states, kernels.compute_dtype(data.dtype))
-    parts = data.map(_final_chunk, c, starts, stops)
-    inertia = np.zeros(len(states))
-    for _, i_ in parts:
-        inertia += i_
-    return [
-        ModelResult(
-            centres=st.centres,
-            labels=[p[0][m] for p in parts],
-            inertia=float(inertia[m]),
-            n_iter=st.n_iter,
-            # inertia at the initial centres, after each iteration, and (last) at the final
-            # centres: n_iter + 1 values, ending with ``inertia``
-            inertia_history=[*st.inertia_history, float(inertia[m])],
-            shift_history=st.shift_history,
-        )
-        for m, st in enumerate(states)
-    ]
+def final_assignment(data: ChunkedRows, states: list[ModelState],
+                     groups: Groups | None = None) -> list[ModelResult]:
+    """One pass: labels and inertia of every model for its final centres (labels: one array
+    per chunk of the model's group)."""
+    groups = groups or Groups.single(data.n_chunks, len(states))
+    stacks = _stacks(states, list(range(len(states))), groups, kernels.compute_dtype(data.dtype))
+    parts = data.map(_final_chunk, stacks, per_chunk=[(g,) for g in groups.chunk])
+    out: list = [None] * len(states)
+    for g, st in enumerate(stacks):
+        if st is None:
+            continue
+        mine_parts = [parts[i] for i in groups.chunks_of(g)]
+        for m, i in enumerate(st[4]):
+            s = states[i]
+            inertia = 0.0
+            for p in mine_parts:
+                inertia += p[1][m]
+            out[i] = ModelResult(
+                centres=s.centres,
+                labels=[p[0][m] for p in mine_parts],
+                inertia=float(inertia),
+                n_iter=s.n_iter,
+                # inertia at the initial centres, after each iteration, and (last) at the final
+                # centres: n_iter + 1 values, ending with ``inertia``
+                inertia_history=[*s.inertia_history, float(inertia)],
+                shift_history=s.shift_history,
+            )
+    return out
