@@ -1,7 +1,9 @@
 """Benchmarks: ``python -m kmdask.bench`` (``make bench``) runs :mod:`kmdask.bench.peers`, kmdask
 against scikit-learn, scikit-learn-intelex, faiss-cpu, dask-ml and Spark MLlib, each fit in its own
 process; ``python -m kmdask.bench internal`` runs kmdask's own figures
-(:mod:`kmdask.bench.internal`: per-iteration costs, streamed vs persisted, the fused sweep)."""
+(:mod:`kmdask.bench.internal`: per-iteration costs, streamed vs persisted, the fused sweep);
+``python -m kmdask.bench mnist8m`` (``make bench-8m``) the streamed MNIST-8M fit against its
+floor (:mod:`kmdask.bench.mnist8m`)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from kmdask.bench.internal import main as internal
 
         return internal(argv[1:])
+    if argv[:1] == ["mnist8m"]:
+        from kmdask.bench.mnist8m import main as mnist8m
+
+        return mnist8m(argv[1:])
     from kmdask.bench.peers import main as peers
 
     return peers(argv)
