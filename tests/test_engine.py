@@ -122,6 +122,39 @@ def test_streamed_equals_persisted(mnist_store, client):
     assert_array_equal(a.labels_.compute(), b.labels_.compute())
 
 
+def test_small_data_rounds_on_one_worker_equal_a_pass_per_round_trip(mnist_train, client):
+    """Small persisted data runs its Lloyd iterations in rounds of tasks on one worker
+    (kmdask.engine.local): bit-identical to one executor pass per iteration, with one
+    iteration per round or all of them, and every iteration's progress still reported."""
+    import dask
+    from distributed import get_task_stream
+
+    from kmdask.engine.estimator import fit_models
+
+    X = da.from_array(mnist_train[:20_000], chunks=(5000, 784))
+    runs = {}
+    for name, cfg in [("executor", {"kmdask.small-data-bytes": 0}),
+                      ("one-per-round", {"kmdask.small-data-round": 0.0}), ("rounds", {})]:
+        seen: list[dict] = []
+        with dask.config.set(cfg), get_task_stream(client) as ts:
+            res = fit_models(X, [4, 7], n_init=2, random_state=3, max_iter=40,
+                             progress=seen.append)
+        rounds = sum(t["key"].startswith("_round") for t in ts.data
+                     if isinstance(t.get("key"), str))
+        runs[name] = (res, seen, rounds)
+    base, seen0, rounds0 = runs["executor"]
+    assert rounds0 == 0 and runs["rounds"][2] >= 1
+    assert runs["one-per-round"][2] == len(seen0) > runs["rounds"][2]
+    assert max(r.n_iter for r in base.results) == len(seen0) > 10
+    for name in ("one-per-round", "rounds"):
+        res, seen, _ = runs[name]
+        assert [p["inertia"] for p in seen] == [p["inertia"] for p in seen0]
+        for a, b in zip(res.results, base.results, strict=True):
+            assert_array_equal(a.centres, b.centres)
+            assert_array_equal(np.concatenate(a.labels), np.concatenate(b.labels))
+            assert a.inertia == b.inertia and a.inertia_history == b.inertia_history
+
+
 @pytest.mark.parametrize(
     ("kwargs", "X", "match"),
     [

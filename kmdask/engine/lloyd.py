@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -187,15 +188,36 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
     models, best inertia, max shift, seconds); ``on_iteration`` gets every model's state after
     each iteration (for checkpoints: restarting from those states continues bit-identically).
     ``groups``: which rows each model is fitted to (default: all rows, every model); progress
-    reports the models of group 0.
+    reports the models of group 0. Small persisted data runs its iterations in rounds on one
+    worker (:mod:`kmdask.engine.local`), with the same results.
     """
+    from kmdask.engine import local
+
+    groups = groups or Groups.single(data.n_chunks, len(states))
+    tols = [float(tol)] * len(states) if np.isscalar(tol) else [float(t) for t in tol]
+    token = uuid.uuid4().hex  # model ids for the bounds kept next to the chunks
+    threads = local.eligible(data)
+    if threads:
+        states[:] = local.lloyd_rounds(data, states, max_iter, tols, groups, threads,
+                                       progress, on_iteration, token)
+    else:
+        lloyd_iterations(data, states, max_iter, tols, progress, on_iteration, groups, token)
+    return final_assignment(data, states, groups)
+
+
+def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: list[float],
+                     progress: Callable[[dict], None] | None = None,
+                     on_iteration: Callable[[list[ModelState]], None] | None = None,
+                     groups: Groups | None = None, token: str = "",
+                     until: float | None = None) -> None:
+    """The iterations of :func:`lloyd` over ``data`` (a ChunkedRows, or any object with its
+    pass interface), updating ``states`` in place; with ``until`` (a ``time.perf_counter``
+    value), stop after the iteration that passes it."""
     cdt = kernels.compute_dtype(data.dtype)
     divisor = data.divisor
     exact = data.dtype == np.uint8 and divisor == 255.0
     groups = groups or Groups.single(data.n_chunks, len(states))
-    tols = [float(tol)] * len(states) if np.isscalar(tol) else [float(t) for t in tol]
     per_chunk = [(g,) for g in groups.chunk]
-    token = uuid.uuid4().hex  # model ids for the bounds kept on the workers
     it = max(s.n_iter for s in states) if states else 0
     while it < max_iter:
         live_idx = [i for i, s in enumerate(states) if s.active and s.n_iter < max_iter]
@@ -258,7 +280,8 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
                                                    .shape[0] for i in range(data.n_chunks)
                                                    if stacks[groups.chunk[i]] is not None), 1),
             })
-    return final_assignment(data, states, groups)
+        if until is not None and time.perf_counter() >= until:
+            return
 
 
 def _final_chunk(chunk: kernels.Chunk, stacks, g: int):

@@ -1,0 +1,143 @@
+"""Small data: several Lloyd iterations per round trip, in one task on one worker.
+
+At 60,000 rows a bounded Lloyd pass computes a few milliseconds of distances, while a pass of
+the executor (:class:`~kmdask.engine.executor.ChunkedRows`) costs 10-15 ms of dask round trips
+(submit, run, report, gather) whatever it computes. When the persisted chunks together are
+small (``kmdask.small-data-bytes``, dask config, default 256 MiB) and every worker runs on one
+host, :func:`lloyd_rounds` gathers them on one worker and runs the very same
+:func:`kmdask.engine.lloyd.lloyd_iterations` there, over :class:`LocalRows`: the same per-chunk
+kernels, on a pool of threads (as many as the cluster has), with results combined in chunk
+order as before. So a fit is bit-identical either way (tested); only the round trips go.
+
+A task runs iterations for about ``kmdask.small-data-round`` seconds (default 0.5) and returns
+the models' states and each iteration's progress record; the client then checkpoints and
+shows progress, and submits the next round, so an interrupted fit resumes as before and
+progress lines stay live. The chunks keep their state (labels, distance bounds) on that worker
+between rounds, since every round's task runs where the chunks are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dask
+import numpy as np
+
+SMALL_BYTES = 256 << 20
+ROUND_SECONDS = 0.5
+
+
+class LocalRows:
+    """Chunks in this process, with the pass interface of
+    :class:`~kmdask.engine.executor.ChunkedRows` that Lloyd iterations use (``map``,
+    ``map_some``, ``passes``, the shape and budget fields)."""
+
+    def __init__(self, chunks: list, like: dict, threads: int):
+        self.chunks = chunks
+        self.row_chunks = tuple(c.x.shape[0] for c in chunks)
+        self.shape, self.dtype = like["shape"], like["dtype"]
+        self.divisor, self.persisted = like["divisor"], True
+        self.spare_bytes = like["spare_bytes"]
+        self.passes = 0
+        n = max(1, min(threads, len(chunks)))
+        # contiguous runs of chunks, one per thread (few, large units, as the executor does)
+        self._runs = [list(range(len(chunks)))[i * len(chunks) // n:(i + 1) * len(chunks) // n]
+                      for i in range(n)]
+        self._pool = ThreadPoolExecutor(n) if n > 1 else None
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks)
+
+    def _run(self, fn: Callable, which: list[int], args: list[tuple]) -> list:
+        def run(idx: list[int]) -> list:
+            return [fn(self.chunks[which[j]], *args[j]) for j in idx]
+
+        pos = list(range(len(which)))
+        n = len(self._runs)
+        runs = [pos[i * len(pos) // n:(i + 1) * len(pos) // n] for i in range(n)]
+        if self._pool is None:
+            return run(pos)
+        out: list = []
+        for part in self._pool.map(run, [r for r in runs if r]):
+            out += part
+        return out
+
+    def map(self, fn: Callable, *shared: Any, per_chunk: list[tuple] | None = None,
+            keep: bool = False) -> list:
+        if keep:
+            raise ValueError("LocalRows keeps chunk state in the chunks' caches only")
+        self.passes += 1
+        extras = per_chunk if per_chunk is not None else [()] * self.n_chunks
+        return self._run(fn, list(range(self.n_chunks)), [(*shared, *e) for e in extras])
+
+    def map_some(self, fn: Callable, which: list[int], extras: list[tuple]) -> list:
+        return self._run(fn, list(which), list(extras))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _round(chunks: list, like: dict, threads: int, states: list, max_iter: int,
+           tols: list[float], groups: Any, token: str, seconds: float) -> tuple:
+    """One round on a worker: iterations until done or ``seconds`` spent; (states, records,
+    passes)."""
+    from kmdask.engine.lloyd import lloyd_iterations
+
+    rows = LocalRows(chunks, like, threads)
+    records: list[dict] = []
+    try:
+        lloyd_iterations(rows, states, max_iter, tols, records.append, None, groups, token,
+                         until=time.perf_counter() + seconds)
+    finally:
+        rows.close()
+    return states, records, rows.passes
+
+
+def eligible(data: Any) -> int:
+    """Threads for the small-data path on ``data`` (a ChunkedRows), or 0 where it does not
+    apply: no distributed client, streamed or large data, or workers on several hosts."""
+    client = data._client
+    limit = int(dask.config.get("kmdask.small-data-bytes", SMALL_BYTES))
+    if client is None or not data.persisted or data.shape[0] == 0:
+        return 0
+    if data.shape[0] * (data.shape[1] * np.dtype(data.dtype).itemsize + 16) > limit:
+        return 0
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    hosts = {w.get("host") for w in workers}
+    if len(hosts) != 1:
+        return 0
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
+
+
+def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], groups: Any,
+                 threads: int, progress: Callable[[dict], None] | None,
+                 on_iteration: Callable[[list], None] | None, token: str) -> list:
+    """Lloyd iterations of ``states`` over ``data``'s persisted chunks in rounds of tasks on one
+    worker (see the module docstring); returns the final states."""
+    from kmdask.engine.waits import wait_for
+
+    client = data._client
+    seconds = float(dask.config.get("kmdask.small-data-round", ROUND_SECONDS))
+    like = {"shape": data.shape, "dtype": data.dtype, "divisor": data.divisor,
+            "spare_bytes": data.spare_bytes}
+    chunks = list(data._items)
+    # dask runs each round where most of the chunks' bytes are: after the first round, on the
+    # worker that then holds them all (the others' chunks move there once)
+    while any(s.active and s.n_iter < max_iter for s in states):
+        def submit(_: int = 0, now: list = states) -> Any:
+            return client.submit(_round, chunks, like, threads, now, max_iter, list(tols),
+                                 groups, token, seconds, pure=False)
+
+        states, records, passes = wait_for(client, [submit()], [""], submit, gather=True)[0]
+        data.passes += passes
+        for r in records:
+            if progress is not None:
+                progress(r)
+        if on_iteration is not None:
+            on_iteration(states)
+    return states
