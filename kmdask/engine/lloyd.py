@@ -198,10 +198,9 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
     token = uuid.uuid4().hex  # model ids for the bounds kept next to the chunks
     threads = local.eligible(data)
     if threads:
-        states[:] = local.lloyd_rounds(data, states, max_iter, tols, groups, threads,
-                                       progress, on_iteration, token)
-    else:
-        lloyd_iterations(data, states, max_iter, tols, progress, on_iteration, groups, token)
+        return local.lloyd_rounds(data, states, max_iter, tols, groups, threads, progress,
+                                  on_iteration, token)
+    lloyd_iterations(data, states, max_iter, tols, progress, on_iteration, groups, token)
     return final_assignment(data, states, groups)
 
 

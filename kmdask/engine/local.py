@@ -85,17 +85,21 @@ class LocalRows:
 def _round(chunks: list, like: dict, threads: int, states: list, max_iter: int,
            tols: list[float], groups: Any, token: str, seconds: float) -> tuple:
     """One round on a worker: iterations until done or ``seconds`` spent; (states, records,
-    passes)."""
-    from kmdask.engine.lloyd import lloyd_iterations
+    passes, final results or None). The round that ends the fit also makes its final
+    assignment pass, saving a round trip."""
+    from kmdask.engine.lloyd import final_assignment, lloyd_iterations
 
     rows = LocalRows(chunks, like, threads)
     records: list[dict] = []
+    final = None
     try:
         lloyd_iterations(rows, states, max_iter, tols, records.append, None, groups, token,
                          until=time.perf_counter() + seconds)
+        if not any(s.active and s.n_iter < max_iter for s in states):
+            final = final_assignment(rows, states, groups)
     finally:
         rows.close()
-    return states, records, rows.passes
+    return states, records, rows.passes, final
 
 
 def eligible(data: Any) -> int:
@@ -116,9 +120,10 @@ def eligible(data: Any) -> int:
 
 def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], groups: Any,
                  threads: int, progress: Callable[[dict], None] | None,
-                 on_iteration: Callable[[list], None] | None, token: str) -> list:
-    """Lloyd iterations of ``states`` over ``data``'s persisted chunks in rounds of tasks on one
-    worker (see the module docstring); returns the final states."""
+                 on_iteration: Callable[[list], None] | None, token: str) -> list | None:
+    """Lloyd iterations of ``states`` (updated in place) over ``data``'s persisted chunks in
+    rounds of tasks on one worker (see the module docstring); returns the final assignment's
+    results (:func:`kmdask.engine.lloyd.final_assignment`), made by the last round."""
     from kmdask.engine.waits import wait_for
 
     client = data._client
@@ -128,16 +133,19 @@ def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], 
     chunks = list(data._items)
     # dask runs each round where most of the chunks' bytes are: after the first round, on the
     # worker that then holds them all (the others' chunks move there once)
-    while any(s.active and s.n_iter < max_iter for s in states):
+    final = None
+    while final is None:
         def submit(_: int = 0, now: list = states) -> Any:
             return client.submit(_round, chunks, like, threads, now, max_iter, list(tols),
                                  groups, token, seconds, pure=False)
 
-        states, records, passes = wait_for(client, [submit()], [""], submit, gather=True)[0]
+        got, records, passes, final = wait_for(client, [submit()], [""], submit,
+                                               gather=True)[0]
+        states[:] = got
         data.passes += passes
         for r in records:
             if progress is not None:
                 progress(r)
         if on_iteration is not None:
             on_iteration(states)
-    return states
+    return final
