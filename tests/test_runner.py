@@ -152,8 +152,11 @@ def test_resume_after_sigkill_is_bit_identical(sig, workdir, mnist_store, tmp_pa
 
 def test_concurrent_reruns_one_runs_one_waits(workdir, mnist_store):
     job = _long_job(workdir, mnist_store, "long.yaml")
+    # one executor pass per iteration (no small-data rounds): the first run must outlast the
+    # start of two more processes
+    slow = {**os.environ, "DASK_KMDASK__SMALL_DATA_BYTES": "0"}
     first = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=workdir,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slow)
     lock = workdir / "runs" / "long" / ".lock"
     deadline = time.time() + 60
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):

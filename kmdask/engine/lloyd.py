@@ -230,7 +230,8 @@ def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: l
             # room: labels take 4 bytes per row and model, bounds 4 per row and centre more
             labels_b = data.shape[0] * 4 * len(live_idx)
             keep = data.persisted and data.spare_bytes >= labels_b
-            bounds = USE_BOUNDS and data.spare_bytes >= labels_b + data.shape[0] * 4 * (
+            bounds = getattr(data, "use_bounds", USE_BOUNDS) and \
+                data.spare_bytes >= labels_b + data.shape[0] * 4 * (
                 n_centres + len(live_idx))
             parts = data.map(_lloyd_chunk_u8, stacks, keep, bounds, per_chunk=per_chunk)
         else:

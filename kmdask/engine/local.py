@@ -41,6 +41,7 @@ class LocalRows:
         self.shape, self.dtype = like["shape"], like["dtype"]
         self.divisor, self.persisted = like["divisor"], True
         self.spare_bytes = like["spare_bytes"]
+        self.use_bounds = like["use_bounds"]  # the client's setting, not this process's
         self.passes = 0
         n = max(1, min(threads, len(chunks)))
         # contiguous runs of chunks, one per thread (few, large units, as the executor does)
@@ -128,8 +129,10 @@ def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], 
 
     client = data._client
     seconds = float(dask.config.get("kmdask.small-data-round", ROUND_SECONDS))
+    from kmdask.engine import lloyd
+
     like = {"shape": data.shape, "dtype": data.dtype, "divisor": data.divisor,
-            "spare_bytes": data.spare_bytes}
+            "spare_bytes": data.spare_bytes, "use_bounds": lloyd.USE_BOUNDS}
     chunks = list(data._items)
     # dask runs each round where most of the chunks' bytes are: after the first round, on the
     # worker that then holds them all (the others' chunks move there once)
