@@ -131,8 +131,15 @@ def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], 
     seconds = float(dask.config.get("kmdask.small-data-round", ROUND_SECONDS))
     from kmdask.engine import lloyd
 
+    # every chunk and all its state end up on one worker: the smallest one's budget applies
+    limits = [w.get("memory_limit") or 0 for w in
+              client.scheduler_info(n_workers=-1)["workers"].values()]
+    spare = data.spare_bytes
+    if limits and all(limits):
+        need = data.shape[0] * (data.shape[1] * np.dtype(data.dtype).itemsize + 16)
+        spare = min(spare, max(int(0.5 * min(limits)) - need, 0))
     like = {"shape": data.shape, "dtype": data.dtype, "divisor": data.divisor,
-            "spare_bytes": data.spare_bytes, "use_bounds": lloyd.USE_BOUNDS}
+            "spare_bytes": spare, "use_bounds": lloyd.USE_BOUNDS}
     chunks = list(data._items)
     # dask runs each round where most of the chunks' bytes are: after the first round, on the
     # worker that then holds them all (the others' chunks move there once)
