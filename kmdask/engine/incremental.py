@@ -33,7 +33,7 @@ from numba import njit
 
 from kmdask.engine import kernels
 
-_BOUNDS_FROM = 0.02  # set bounds up once a pass changes at most this share of the labels
+_BOUNDS_FROM = 0.15  # set bounds up once a pass changes at most this share of the labels
 _ELKAN_MAX = 0.25  # drop them after a bounded pass that computed more than this share
 
 
