@@ -15,6 +15,7 @@ from kmdask.rng import keyed_rng
 
 # Purposes of keyed random streams.
 _FIRST, _ROUND, _LOCAL, _PAD, _PLUSPLUS = 0, 1, 2, 3, 4
+LOCAL_RESTARTS = 8  # reductions of the k-means|| candidates, the best kept
 
 
 def _scaled(data: ChunkedRows, raw: np.ndarray) -> np.ndarray:
@@ -109,7 +110,8 @@ def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampli
        min(1, l·d²(x)/phi), l = oversampling·k; a pass computes distances to the candidates
        added by the previous round only, and carries every row's nearest distance forward;
     3. one pass weighting every candidate by the number of rows nearest to it;
-    4. weighted k-means++ and weighted Lloyd steps on the candidates, on the client.
+    4. weighted k-means++ and weighted Lloyd steps on the candidates, on the client, the best
+       of ``LOCAL_RESTARTS`` such reductions kept.
     """
     n = data.shape[0]
     seeds = np.array([s for _, s in models], dtype=np.int64)
@@ -165,10 +167,24 @@ def kmeans_parallel(data: ChunkedRows, models: list[tuple[int, int]], oversampli
             pts, w = pts[w > 0], w[w > 0]
         else:
             w = np.maximum(w, 1e-12)
-        rng = keyed_rng(int(seed), _LOCAL)
-        chosen = kernels.weighted_kmeanspp(pts, w, k, rng)
-        centres.append(kernels.weighted_lloyd(pts, w, pts[chosen], max_iter=local_iter))
+        centres.append(_reduce(pts, w, k, int(seed), local_iter))
     return centres
+
+
+def _reduce(pts: np.ndarray, w: np.ndarray, k: int, seed: int, local_iter: int) -> np.ndarray:
+    """k centres from the weighted candidates: the best (lowest weighted cost) of
+    ``LOCAL_RESTARTS`` weighted k-means++ + Lloyd runs. The candidates are a few hundred points
+    on the client, so restarts cost no pass over the data, and they make a poor local minimum
+    from one unlucky reduction rarer."""
+    best, best_cost = None, np.inf
+    for r in range(LOCAL_RESTARTS):
+        rng = keyed_rng(seed, _LOCAL) if r == 0 else keyed_rng(seed, _LOCAL, r)
+        chosen = kernels.weighted_kmeanspp(pts, w, k, rng)
+        c = kernels.weighted_lloyd(pts, w, pts[chosen], max_iter=local_iter)
+        cost = float((w * kernels.sq_dists(pts, c).min(axis=1)).sum())
+        if cost < best_cost:
+            best, best_cost = c, cost
+    return best
 
 
 def _d2sum_chunk(chunk: kernels.Chunk, cents, starts, stops):
