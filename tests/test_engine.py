@@ -122,16 +122,17 @@ def test_streamed_equals_persisted(mnist_store, client):
     assert_array_equal(a.labels_.compute(), b.labels_.compute())
 
 
-def test_small_data_rounds_on_one_worker_equal_a_pass_per_round_trip(mnist_train, client):
+def test_small_data_rounds_on_one_worker_equal_a_pass_per_round_trip(mnist_store, client):
     """Small persisted data runs its Lloyd iterations in rounds of tasks on one worker
     (kmdask.engine.local): bit-identical to one executor pass per iteration, with one
     iteration per round or all of them, and every iteration's progress still reported."""
     import dask
     from distributed import get_task_stream
 
+    from kmdask.data.store import open_images
     from kmdask.engine.estimator import fit_models
 
-    X = da.from_array(mnist_train[:20_000], chunks=(5000, 784))
+    X = open_images(mnist_store, "train")[:20_000].rechunk((5000, 784))
     runs = {}
     for name, cfg in [("executor", {"kmdask.small-data-bytes": 0}),
                       ("one-per-round", {"kmdask.small-data-round": 0.0}), ("rounds", {})]:
