@@ -173,6 +173,7 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
             centres = kmeans_plusplus(x_only, specs)
         else:
             centres = [np.asarray(init, dtype=np.float64)] * len(specs)
+        data.passes += x_only.passes  # the seeding's passes count as the fit's
         states = [ModelState(centres=c.copy()) for c in [*centres, *extra]]
         if save is not None:
             save(states)

@@ -43,11 +43,8 @@ class LocalRows:
         self.spare_bytes = like["spare_bytes"]
         self.use_bounds = like["use_bounds"]  # the client's setting, not this process's
         self.passes = 0
-        n = max(1, min(threads, len(chunks)))
-        # contiguous runs of chunks, one per thread (few, large units, as the executor does)
-        self._runs = [list(range(len(chunks)))[i * len(chunks) // n:(i + 1) * len(chunks) // n]
-                      for i in range(n)]
-        self._pool = ThreadPoolExecutor(n) if n > 1 else None
+        self._threads = max(1, min(threads, len(chunks)))
+        self._pool = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
 
     @property
     def n_chunks(self) -> int:
@@ -57,8 +54,9 @@ class LocalRows:
         def run(idx: list[int]) -> list:
             return [fn(self.chunks[which[j]], *args[j]) for j in idx]
 
+        # contiguous runs of chunks, one per thread (few, large units, as the executor does)
         pos = list(range(len(which)))
-        n = len(self._runs)
+        n = self._threads
         runs = [pos[i * len(pos) // n:(i + 1) * len(pos) // n] for i in range(n)]
         if self._pool is None:
             return run(pos)
