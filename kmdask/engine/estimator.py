@@ -189,11 +189,17 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
         timings={"prepare": t_stats - t0, "init": t_init - t_stats, "lloyd": t_end - t_init,
                  "total": t_end - t0},
     )
-    rest = results[len(models):]
-    for _, inits in also:
-        out.also.append(rest[: len(inits)])
-        rest = rest[len(inits):]
+    out.also = _split(results[len(models):], [len(inits) for _, inits in also])
     data.release()
+    return out
+
+
+def _split(results: list, sizes: list[int]) -> list[list]:
+    """``results`` cut into consecutive runs of the given sizes (one per row set)."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(results[at : at + n])
+        at += n
     return out
 
 
@@ -216,11 +222,7 @@ def fit_sets(sets: Sequence[np.ndarray], inits: Sequence[Sequence[np.ndarray]], 
     results = lloyd(data, states, max_iter=max_iter, tol=[tols[g] for g in groups.model],
                     groups=groups)
     data.release()
-    out, at = [], 0
-    for cs in inits:
-        out.append(results[at : at + len(cs)])
-        at += len(cs)
-    return out
+    return _split(results, [len(cs) for cs in inits])
 
 
 def _check_params(ks, n, n_init, max_iter, tol, init, d, oversampling, rounds) -> None:

@@ -101,14 +101,17 @@ def _round(chunks: list, like: dict, threads: int, states: list, max_iter: int,
     return states, records, rows.passes, final
 
 
+def _nbytes(data: Any) -> int:
+    """Bytes of ``data``'s persisted chunks: rows and their norms."""
+    return data.shape[0] * (data.shape[1] * np.dtype(data.dtype).itemsize + 16)
+
+
 def eligible(data: Any) -> int:
     """Threads for the small-data path on ``data`` (a ChunkedRows), or 0 where it does not
     apply: no distributed client, streamed or large data, or workers on several hosts."""
     client = data._client
     limit = int(dask.config.get("kmdask.small-data-bytes", SMALL_BYTES))
-    if client is None or not data.persisted or data.shape[0] == 0:
-        return 0
-    if data.shape[0] * (data.shape[1] * np.dtype(data.dtype).itemsize + 16) > limit:
+    if client is None or not data.persisted or data.shape[0] == 0 or _nbytes(data) > limit:
         return 0
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     hosts = {w.get("host") for w in workers}
@@ -123,19 +126,17 @@ def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], 
     """Lloyd iterations of ``states`` (updated in place) over ``data``'s persisted chunks in
     rounds of tasks on one worker (see the module docstring); returns the final assignment's
     results (:func:`kmdask.engine.lloyd.final_assignment`), made by the last round."""
+    from kmdask.engine import lloyd
     from kmdask.engine.waits import wait_for
 
     client = data._client
     seconds = float(dask.config.get("kmdask.small-data-round", ROUND_SECONDS))
-    from kmdask.engine import lloyd
-
     # every chunk and all its state end up on one worker: the smallest one's budget applies
     limits = [w.get("memory_limit") or 0 for w in
               client.scheduler_info(n_workers=-1)["workers"].values()]
     spare = data.spare_bytes
     if limits and all(limits):
-        need = data.shape[0] * (data.shape[1] * np.dtype(data.dtype).itemsize + 16)
-        spare = min(spare, max(int(0.5 * min(limits)) - need, 0))
+        spare = min(spare, max(int(0.5 * min(limits)) - _nbytes(data), 0))
     like = {"shape": data.shape, "dtype": data.dtype, "divisor": data.divisor,
             "spare_bytes": spare, "use_bounds": lloyd.USE_BOUNDS}
     chunks = list(data._items)
