@@ -154,3 +154,147 @@ def test_plain_kernel_gives_the_same_sums_and_squares(mnist8):
     assert_array_equal(a.sums, res.sums)
     assert_array_equal(a.counts, res.counts)
     assert_array_equal(a.sq, res.sq)
+
+
+# --- float rows: the same incremental passes, with sums in exact fixed point ------------------
+
+
+def _signed(x8: np.ndarray, dtype) -> np.ndarray:
+    """Float rows with signs and noise (not pixels in disguise): MNIST centred and scaled,
+    plus seeded Gaussian noise."""
+    rng = np.random.default_rng(7)
+    return ((x8.astype(np.float64) / 255 - 0.3) * 2.5
+            + rng.normal(0, 0.05, x8.shape)).astype(dtype)
+
+
+def _fchunk(x, offset=0, index=0):
+    return kernels.prepare_chunk(x, 1.0, offset, index)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("force_bounds", [False, True])
+def test_float_rows_reused_state_equals_fresh_pass(mnist8, monkeypatch, dtype, force_bounds):
+    if force_bounds:
+        monkeypatch.setattr(pruned, "_BOUNDS_FROM", 1.0)
+        monkeypatch.setattr(pruned, "_ELKAN_MAX", 1.0)
+    x = _signed(mnist8[:4000], dtype)
+    chunk = _fchunk(x)
+    fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
+    sdiv = kernels.sum_divisors(x.dtype, 1.0, fixed)
+    starts, stops = kernels.stack_bounds(SWEEP)
+    rng = np.random.default_rng(1)
+    c = x[rng.choice(x.shape[0], sum(SWEEP), replace=False)].astype(np.float64)
+    state, bounded, computed = None, 0, []
+    for _ in range(12):
+        res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+        fresh, _ = pruned.lloyd_pass(chunk, c, starts, stops, keep=False, fixed=fixed)
+        ref = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, fixed=fixed)
+        for f in ("sums", "counts", "sq"):
+            assert_array_equal(getattr(res, f), getattr(fresh, f))
+            assert_array_equal(getattr(res, f), getattr(ref, f))
+        assert_array_equal(state.labels.T, ref.labels)
+        # the integer sums are the rows' sums, to the fixed point's resolution
+        lab = ref.labels[0]
+        for j in range(SWEEP[0]):
+            exact = x[lab == j].astype(np.float64).sum(0)
+            assert_allclose(res.sums[j] / sdiv[0], exact, rtol=0,
+                            atol=x.shape[0] / sdiv[0] + 1e-12 * np.abs(exact).max())
+        assert_allclose(pruned.inertia(res.sums, res.counts, res.sq, c, starts, stops, sdiv),
+                        ref.inertia, rtol=1e-6)
+        bounded += state.bounded
+        computed.append(res.computed / res.possible)
+        cnt = np.maximum(res.counts, 1)[:, None]
+        c = res.sums / sdiv[0] / cnt
+    if force_bounds:
+        assert bounded >= 10
+        assert computed[-1] < 0.5  # the bounds did skip most distances
+
+
+def test_float_rows_near_ties_are_decided_exactly():
+    rng = np.random.default_rng(0)
+    x = rng.random((2000, 64)).astype(np.float32)
+    c1 = rng.random(64).astype(np.float32)
+    c2 = c1.copy()
+    c2[:8] += np.float32(3e-6) * rng.choice([-1, 1], 8).astype(np.float32)
+    c = np.stack([c1, c2, rng.random(64).astype(np.float32) + 5])
+    starts, stops = kernels.stack_bounds([3])
+    d = ((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    want = d.argmin(1)
+    f32 = (np.einsum("ij,ij->i", c, c)[None] - 2 * (x @ c.T)).argmin(1)
+    assert (f32 != want).any(), "the case must trip float32 up, or it tests nothing"
+    chunk = _fchunk(x)
+    got = kernels.assign(chunk, c, starts, stops, kernels.MODE_ASSIGN).labels[0]
+    assert_array_equal(got, want)
+    fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
+    _, state = pruned.lloyd_pass(chunk, c, starts, stops, fixed=fixed)
+    assert_array_equal(state.labels[:, 0], want)
+
+
+def test_float_sums_do_not_depend_on_chunking_and_stay_in_range():
+    # values spanning 60 orders of magnitude: fixed point must neither overflow nor depend on
+    # where the chunks are cut
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 5)) * np.array([1e30, 1.0, 1e-30, 5.0, 1e3])
+    c = x[:4].copy()
+    starts, stops = kernels.stack_bounds([4])
+    whole = _fchunk(x)
+    fixed = kernels.fixed_for([kernels.chunk_stats(whole)])
+    one = kernels.assign(whole, c, starts, stops, kernels.MODE_SUMS, fixed=fixed)
+    parts = [kernels.assign(_fchunk(x[s:e], s), c, starts, stops, kernels.MODE_SUMS,
+                            fixed=fixed) for s, e in ((0, 1000), (1000, 1777), (1777, 3000))]
+    assert_array_equal(sum(p.sums for p in parts), one.sums)
+    assert_array_equal(sum(p.sq for p in parts), one.sq)
+    mean = np.stack([x[one.labels[0] == j].mean(0) for j in range(4)])
+    got = one.sums / fixed.scale / one.counts[:, None]
+    assert_allclose(got[:, 0], mean[:, 0], rtol=1e-12)  # the largest column, exactly enough
+    assert np.isfinite(got).all()
+
+
+def _fit_f(X, init, **kw):
+    res = fit_models(X, [init.shape[0]], init=init, max_iter=40, tol=0.0, **kw)
+    return res.results[0]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_fit_is_bit_identical_across_chunkings_and_streaming(mnist8, client, dtype):
+    """On real workers: persisted (the small-data rounds), streamed (a pass per round trip,
+    no state kept), one chunk or several: the very same centres, labels and histories (the
+    final inertia included)."""
+    x = mnist8 if dtype == np.uint8 else _signed(mnist8, dtype)
+    scale = 255.0 if dtype == np.uint8 else 1.0
+    init = x[np.random.default_rng(4).choice(x.shape[0], 8, replace=False)] / scale
+    runs = {
+        "persisted 1500": _fit_f(da.from_array(x, chunks=(1500, 784)), init, persist=True),
+        "persisted 6000": _fit_f(da.from_array(x, chunks=(6000, 784)), init, persist=True),
+        "streamed 2000": _fit_f(da.from_array(x, chunks=(2000, 784)), init, persist=False),
+    }
+    ref = runs.pop("persisted 1500")
+    assert ref.n_iter == 40 and len(set(np.concatenate(ref.labels))) == 8
+    for name, r in runs.items():
+        assert_array_equal(r.centres, ref.centres, err_msg=name)
+        assert r.inertia_history == ref.inertia_history, name
+        assert_array_equal(np.concatenate(r.labels), np.concatenate(ref.labels), err_msg=name)
+    # and the fit is Lloyd's: centres are the means of their rows
+    lab = np.concatenate(ref.labels)
+    c = ref.centres
+    d = ((x.astype(np.float64)[:, None] / scale - c[None]) ** 2).sum(-1)
+    assert_array_equal(lab, d.argmin(1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_fit_with_bounds_equals_fit_without(mnist8, client, monkeypatch, dtype):
+    X = da.from_array(_signed(mnist8, dtype), chunks=(1500, 784))
+    runs = []
+    for use in (True, False):
+        monkeypatch.setattr(lloyd, "USE_BOUNDS", use)
+        computed: list[float] = []
+        res = fit_models(X, [3, 8], n_init=2, random_state=5, max_iter=60, tol=1e-6,
+                         persist=True, progress=lambda p, got=computed: got.append(p["computed"]))
+        runs.append((res, computed))
+    (a, comp_a), (b, comp_b) = runs
+    assert min(comp_a) < 0.3 and min(comp_b) == 1.0  # bounds were used, and only there
+    for ma, mb in zip(a.results, b.results, strict=True):
+        assert_array_equal(ma.centres, mb.centres)
+        assert ma.n_iter == mb.n_iter
+        assert ma.inertia_history == mb.inertia_history
+        assert_array_equal(np.concatenate(ma.labels), np.concatenate(mb.labels))

@@ -21,7 +21,15 @@ import numpy as np
 
 from kmdask.engine import kernels
 from kmdask.engine.executor import DEFAULT_CHUNK_ROWS, ChunkedRows
-from kmdask.engine.lloyd import Groups, ModelResult, ModelState, lloyd, pack_states, unpack_states
+from kmdask.engine.lloyd import (
+    Groups,
+    ModelResult,
+    ModelState,
+    group_units,
+    lloyd,
+    pack_states,
+    unpack_states,
+)
 from kmdask.engine.params import ParamsMixin
 from kmdask.engine.seeding import kmeans_parallel, kmeans_plusplus
 from kmdask.errors import ConfigError, NotFittedError
@@ -181,7 +189,7 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
     progress = progress or _progress_logger(verbose)
     results = lloyd(data, states, max_iter=max_iter,
                     tol=[tols[g] for g in groups.model], progress=progress,
-                    on_iteration=save, groups=groups)
+                    on_iteration=save, groups=groups, fixed=group_units(data, groups, stats))
     t_end = time.perf_counter()
     out = FitResult(
         models=models, results=results[: len(models)], chunks=tuple(data.row_chunks[:n_x]),
@@ -220,7 +228,7 @@ def fit_sets(sets: Sequence[np.ndarray], inits: Sequence[Sequence[np.ndarray]], 
               for cs in inits for c in cs]
     groups = Groups(tuple(range(len(sets))), tuple(b for b, cs in enumerate(inits) for _ in cs))
     results = lloyd(data, states, max_iter=max_iter, tol=[tols[g] for g in groups.model],
-                    groups=groups)
+                    groups=groups, fixed=group_units(data, groups, stats))
     data.release()
     return _split(results, [len(cs) for cs in inits])
 

@@ -1,4 +1,4 @@
-"""Lloyd passes over uint8 rows that reuse what the previous pass left next to the chunk.
+"""Lloyd passes that reuse what the previous pass left next to the chunk.
 
 Two things are kept per chunk between passes (see :func:`lloyd_pass`):
 
@@ -17,8 +17,9 @@ Results are identical to a pass from scratch, not merely close:
   the gap exceeds a proven rounding bound, and exactly otherwise; the bounds are built from the
   float32 distances widened by that same error bound, so a skip is taken only when the exact
   decision could not differ;
-- per-cluster sums, counts and squared norms are exact integers (uint8 pixels), so updating
-  them by the rows that changed label equals summing from scratch.
+- per-cluster sums, counts and squared norms are exact integers (uint8 pixels as they are,
+  float rows in the fixed point of :class:`kmdask.engine.kernels.Fixed`), so updating them by
+  the rows that changed label equals summing from scratch.
 
 The state (:class:`Bounds`) is kept by the caller next to the chunk and passed back; without it
 (streamed data, a recomputed chunk, a resumed fit) the pass simply computes every row.
@@ -49,24 +50,26 @@ class Bounds:
     """
 
     ids: tuple  # model ids, in stacking order
-    centres: np.ndarray  # (M, d) float32: the centres the labels and bounds refer to
+    centres: np.ndarray  # (M, d) compute dtype: the centres the labels and bounds refer to
     starts: np.ndarray  # (n_models,) int64
     stops: np.ndarray  # (n_models,) int64
     labels: np.ndarray  # (n, n_models) int32 canonical labels (local to the model)
-    sums: np.ndarray  # (M, d) int32 or int64: raw pixel sums per label
+    sums: np.ndarray  # (M, d) int32 or int64: integer sums per label (raw pixels, or Fixed)
     counts: np.ndarray  # (M,) int64
-    sq: np.ndarray  # (M,) int64: raw squared row norms summed per label
+    sq: np.ndarray  # (M,) int64: integer squared row norms summed per label
     upper: np.ndarray | None  # (n, n_models) float32
     lower: np.ndarray | None  # (n, M) float32
     drift: np.ndarray | None  # (M,) float64
     bounded: bool  # the pass that made this state used the bounds
     computed: float  # share of the distances that pass computed
     changed: float  # share of the (row, model) labels that pass changed
+    fixed: kernels.Fixed | None = None  # the units of float rows' sums
 
 
 @dataclass
 class PassResult:
-    """A chunk's contribution to one Lloyd pass, all in raw (unscaled) integer units."""
+    """A chunk's contribution to one Lloyd pass, in integer units (raw pixels, or the Fixed
+    units of float rows: see :func:`kmdask.engine.kernels.sum_divisors`)."""
 
     sums: np.ndarray  # (M, d) int64
     counts: np.ndarray  # (M,) int64
@@ -89,21 +92,39 @@ def _f32_down(v):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _move(x, r, old, new, xsq, sums, counts, sq):  # pragma: no cover - compiled
+def _move(x, r, old, new, xsq, sums, counts, sq, scale):  # pragma: no cover - compiled
+    # row r leaves cluster old (-1: none) for new; float rows (scale > 0) count in fixed point
     if old >= 0:
-        for f in range(x.shape[1]):
-            sums[old, f] -= x[r, f]
+        if scale > 0.0:
+            for f in range(x.shape[1]):
+                sums[old, f] -= np.int64(np.rint(x[r, f] * scale))
+        else:
+            for f in range(x.shape[1]):
+                sums[old, f] -= x[r, f]
         counts[old] -= 1
         sq[old] -= xsq[r]
-    for f in range(x.shape[1]):
-        sums[new, f] += x[r, f]
+    if scale > 0.0:
+        for f in range(x.shape[1]):
+            sums[new, f] += np.int64(np.rint(x[r, f] * scale))
+    else:
+        for f in range(x.shape[1]):
+            sums[new, f] += x[r, f]
     counts[new] += 1
     sq[new] += xsq[r]
 
 
+@njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _dot(xf, c, j):  # pragma: no cover - compiled
+    # in the compute dtype (float32 or float64): within the GEMM's error bound in any order
+    acc = xf[0] * c[j, 0]
+    for p in range(1, xf.shape[0]):
+        acc += xf[p] * c[j, p]
+    return acc
+
+
 @njit(cache=True, nogil=True)
-def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, c255, r2, rs, r2c, rsc, coef,
-                slack, bounds, labels, upper, lower, sums, counts, sq):  # pragma: no cover
+def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef,
+                slack, bounds, labels, upper, lower, sums, counts, sq, scale):  # pragma: no cover
     # Every distance of a block from its GEMM: decide, move changed rows, set fresh bounds.
     changed = 0
     for i in range(dots.shape[0]):
@@ -119,11 +140,11 @@ def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, c255, r2, rs, 
             best, bestv, second = kernels.top2(dots, i, cnorm, a, b, 0)
             e = kernels.err_bound(xnorm[r], xs[r], r2[m], rs[m], coef, slack)
             if not second - bestv > 2.0 * e:  # near tie: decide exactly
-                best = kernels.exact_argmin_u8(x[r], c255, a, b)
+                best = kernels.exact_argmin(x[r], craw, a, b)
                 bestv = cnorm[best] - 2.0 * dots[i, best]
             old = labels[r, m]
             if old != best - a:
-                _move(x, r, a + old if old >= 0 else -1, best, xsq, sums, counts, sq)
+                _move(x, r, a + old if old >= 0 else -1, best, xsq, sums, counts, sq, scale)
                 labels[r, m] = best - a
                 changed += 1
             if bounds:
@@ -132,8 +153,9 @@ def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, c255, r2, rs, 
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _bounded(x, xnorm, xs, xsq, c32, cnorm, c255, starts, stops, drift, r2, rs, coef, slack,
-             labels, upper, lower, sums, counts, sq, fval, js, xf):  # pragma: no cover - compiled
+def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, coef, slack,
+             labels, upper, lower, sums, counts, sq, fval, js, xf, div,
+             scale):  # pragma: no cover - compiled
     # Elkan's pass: compute only the distances that a bound cannot rule out. Returns the
     # distances computed and the labels changed.
     computed = 0
@@ -154,16 +176,17 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, c255, starts, stops, drift, r2, rs, 
                 settled &= (j == own) | ((lo > u) & (lo * lo - u * u > tiny))
             if settled:  # every other centre is provably farther: the label stands
                 continue
-            if not converted:  # x / 255 in float32, once per row, as the GEMM pass does
-                for p in range(x.shape[1]):
-                    xf[p] = np.float32(x[r, p]) / np.float32(255.0)
+            if not converted:  # the row in the compute dtype, once, as the GEMM pass has it
+                if div != 1.0:  # pixels: x / divisor in float32
+                    for p in range(x.shape[1]):
+                        xf[p] = np.float32(x[r, p]) / np.float32(div)
+                else:
+                    for p in range(x.shape[1]):
+                        xf[p] = x[r, p]
                 converted = True
             e = kernels.err_bound(xn, xs[r], r2[m], rs[m], coef, slack)
             # the own distance first: it tightens the upper bound
-            acc = np.float32(0.0)
-            for p in range(x.shape[1]):
-                acc += xf[p] * c32[own, p]
-            fown = cnorm[own] - 2.0 * np.float64(acc)
+            fown = cnorm[own] - 2.0 * np.float64(_dot(xf, c32, own))
             u = np.sqrt(max(xn + fown + e, 0.0))
             nj = 0
             for j in range(a, b):
@@ -176,10 +199,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, c255, starts, stops, drift, r2, rs, 
             computed += 1 + nj
             for q in range(nj):
                 j = js[q]
-                acc = np.float32(0.0)
-                for p in range(x.shape[1]):
-                    acc += xf[p] * c32[j, p]
-                v = cnorm[j] - 2.0 * np.float64(acc)
+                v = cnorm[j] - 2.0 * np.float64(_dot(xf, c32, j))
                 fval[j] = v
                 lower[r, j] = _f32_down(np.sqrt(max(xn + v - e, 0.0)) + drift[j])
             best = a
@@ -191,11 +211,11 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, c255, starts, stops, drift, r2, rs, 
                 best = j if v < bestv else best
                 bestv = min(bestv, v)
             if not second - bestv > 2.0 * e:  # near tie among the computed: decide exactly
-                best = kernels.exact_argmin_u8(x[r], c255, a, b)
+                best = kernels.exact_argmin(x[r], craw, a, b)
                 bestv = fval[best]
             if best != own:
                 lower[r, own] = _f32_down(np.sqrt(max(xn + fown - e, 0.0)) + drift[own])
-                _move(x, r, own, best, xsq, sums, counts, sq)
+                _move(x, r, own, best, xsq, sums, counts, sq, scale)
                 labels[r, m] = best - a
                 changed += 1
             upper[r, m] = _f32_up(np.sqrt(max(xn + bestv + e, 0.0)) - drift[best])
@@ -203,10 +223,10 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, c255, starts, stops, drift, r2, rs, 
 
 
 def _reuse(prev: Bounds | None, ids: tuple, starts: np.ndarray, stops: np.ndarray, n: int,
-           d: int, sdt: np.dtype) -> Bounds | None:
+           d: int, sdt: np.dtype, fixed: kernels.Fixed | None) -> Bounds | None:
     """``prev`` rearranged for the models ``ids`` (None where it cannot serve all of them)."""
     if prev is None or prev.labels.shape[0] != n or prev.sums.dtype != sdt \
-            or prev.centres.shape[1] != d:
+            or prev.centres.shape[1] != d or prev.fixed != fixed:
         return None
     if prev.ids == ids:
         return prev
@@ -224,13 +244,14 @@ def _reuse(prev: Bounds | None, ids: tuple, starts: np.ndarray, stops: np.ndarra
                   sq=prev.sq[cols], upper=prev.upper[:, old] if has else None,
                   lower=prev.lower[:, cols] if has else None,
                   drift=prev.drift[cols] if has else None, bounded=prev.bounded,
-                  computed=prev.computed, changed=prev.changed)
+                  computed=prev.computed, changed=prev.changed, fixed=prev.fixed)
 
 
 def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
                stops: np.ndarray, ids: tuple | None = None, prev: Bounds | None = None,
-               keep: bool = True, bounds: bool = True) -> tuple[PassResult, Bounds | None]:
-    """One Lloyd assignment pass over a uint8 chunk for every model, reusing ``prev``.
+               keep: bool = True, bounds: bool = True, fixed: kernels.Fixed | None = None
+               ) -> tuple[PassResult, Bounds | None]:
+    """One Lloyd assignment pass over a chunk for every model, reusing ``prev``.
 
     Three ways, chosen from ``prev``; all give the same result:
 
@@ -246,8 +267,9 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
 
     Parameters
     ----------
-    chunk : a uint8 :class:`kmdask.engine.kernels.Chunk`.
-    centres : (M, d) all models' centres stacked (scaled units); used in float32.
+    chunk : a :class:`kmdask.engine.kernels.Chunk` of uint8, float32 or float64 rows.
+    centres : (M, d) all models' centres stacked (scaled units); used in the compute dtype
+        (float32, float64 for float64 rows).
     starts, stops : model ``m`` owns ``centres[starts[m]:stops[m]]``.
     ids : a hashable id per model, so that ``prev`` can be matched to the models.
     prev : what this chunk's previous pass returned, or None. It is *consumed*: updated in
@@ -256,27 +278,32 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
     keep : build the state for the next pass (False when the chunk will not be seen again).
     bounds : keep distance bounds in the state (4 bytes per row and centre); without them the
         state holds labels and sums only and every pass is a GEMM pass.
+    fixed : the integer units of float rows' sums (required for them; see
+        :func:`kmdask.engine.kernels.fixed_for`); uint8 rows are summed as raw integers.
 
     Returns
     -------
     The chunk's integer sums/counts/squared norms per cluster, and the new state (or None).
     """
     x = chunk.x
-    if x.dtype != np.uint8 or chunk.divisor != 255.0:
-        raise TypeError(f"lloyd_pass takes uint8 pixels scaled by 1/255, not {x.dtype} / "
-                        f"{chunk.divisor}")
+    pixels = x.dtype == np.uint8
+    if not pixels and fixed is None:
+        raise TypeError(f"lloyd_pass needs the fixed-point units of {x.dtype} rows")
+    fixed = None if pixels else fixed
     n, d = x.shape
     nmodel = starts.shape[0]
     ids = tuple(range(nmodel)) if ids is None else tuple(ids)
-    c = np.ascontiguousarray(centres, dtype=np.float32)
+    c = np.ascontiguousarray(centres, dtype=kernels.compute_dtype(x.dtype))
     c64 = c.astype(np.float64)
     dec = kernels.decision(chunk, c, starts, stops)
-    cnorm, c255, r2, rs, xs = dec.cnorm, dec.c255, dec.r2, dec.rs, dec.xs
+    cnorm, craw, r2, rs, xs = dec.cnorm, dec.craw, dec.r2, dec.rs, dec.xs
     coef, slack = dec.coef, dec.slack
+    scale = 0.0 if fixed is None else fixed.scale
+    xsq = kernels.row_sq_units(chunk, fixed)
     m_total = c.shape[0]
     possible = n * m_total
-    sdt = np.dtype(np.int32 if 255 * n < 2**31 else np.int64)
-    state = _reuse(prev, ids, starts, stops, n, d, sdt) if keep else None
+    sdt = np.dtype(np.int32 if pixels and 255 * n < 2**31 else np.int64)
+    state = _reuse(prev, ids, starts, stops, n, d, sdt, fixed) if keep else None
     bounds = bounds and keep
     if state is not None and state.upper is not None and bounds \
             and not (state.bounded and state.computed > _ELKAN_MAX):
@@ -286,10 +313,10 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         delta = np.sqrt(((c64 - state.centres.astype(np.float64)) ** 2).sum(axis=1))
         drift = state.drift + delta * (1.0 + 1e-9)
         computed, changed = _bounded(
-            x, chunk.xnorm, xs, chunk.xsq, c, cnorm, c255, starts, stops, drift, r2, rs, coef,
+            x, chunk.xnorm, xs, xsq, c, cnorm, craw, starts, stops, drift, r2, rs, coef,
             slack, labels, upper, lower, sums, counts, sq, np.empty(m_total),
-            np.empty(m_total, dtype=np.int64),
-            np.empty(d, dtype=np.float32))
+            np.empty(m_total, dtype=np.int64), np.empty(d, dtype=c.dtype),
+            chunk.divisor if pixels else 1.0, scale)
         bounded = True
     else:
         if state is not None:
@@ -307,9 +334,9 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         r2c, rsc = r2[which], rs[which]
         changed = 0
         for s, _, dots in kernels.gemm_blocks(chunk, c):
-            changed += _full_block(dots, s, x, chunk.xnorm, xs, chunk.xsq, starts, stops,
-                                   cnorm, c255, r2, rs, r2c, rsc, coef, slack, bounds,
-                                   labels, upper, lower, sums, counts, sq)
+            changed += _full_block(dots, s, x, chunk.xnorm, xs, xsq, starts, stops,
+                                   cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds,
+                                   labels, upper, lower, sums, counts, sq, scale)
         computed = possible
         bounded = False
         if not bounds:
@@ -321,18 +348,22 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
     return result, Bounds(ids=ids, centres=c, starts=starts, stops=stops, labels=labels,
                           sums=sums, counts=counts, sq=sq, upper=upper, lower=lower,
                           drift=drift, bounded=bounded, computed=computed / possible,
-                          changed=changed / (n * nmodel))
+                          changed=changed / (n * nmodel), fixed=fixed)
 
 
 def inertia(result_sums: np.ndarray, counts: np.ndarray, sq: np.ndarray, centres: np.ndarray,
-            starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+            starts: np.ndarray, stops: np.ndarray, divisors: tuple[float, float] = (255.0, 65025.0)
+            ) -> np.ndarray:
     """Per model, sum of squared distances of the rows to their centres, from exact sums.
 
     sum_k (sum_i ||x_i||^2 - 2 c_k . sum_i x_i + n_k ||c_k||^2), in scaled units, with the
-    float32 centres the pass used; exact integers in, so independent of chunking.
+    centres the pass used (in its compute dtype); ``divisors`` turn the integer sums and
+    squared norms into scaled units (:func:`kmdask.engine.kernels.sum_divisors`). Exact
+    integers in, so independent of chunking.
     """
-    c = np.asarray(centres, dtype=np.float32).astype(np.float64)
-    per = (sq / 65025.0 - 2.0 * np.einsum("kd,kd->k", c, result_sums.astype(np.float64)) / 255.0
+    c = np.asarray(centres).astype(np.float64)
+    sdiv, qdiv = divisors
+    per = (sq / qdiv - 2.0 * np.einsum("kd,kd->k", c, result_sums.astype(np.float64)) / sdiv
            + counts * np.einsum("kd,kd->k", c, c))
     out = np.array([per[a:b].sum() for a, b in zip(starts, stops, strict=True)])
     return np.maximum(out, 0.0)

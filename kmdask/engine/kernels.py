@@ -4,15 +4,16 @@ Many models share one pass: their centres are stacked into one matrix ``C`` of s
 ``(M, d)``; model ``m`` owns rows ``starts[m]:stops[m]``. A chunk is processed in row blocks
 small enough to stay in cache: one GEMM ``x_block @ C.T`` gives every model's dot products, then
 a single compiled loop does, per row and model, the argmin (ties to the lowest index), the
-squared distance, and the per-cluster count and sum. Sums are accumulated in float64 from the
-*raw* chunk values: for uint8 images they are exact integers, so centres do not depend on the
-order of accumulation.
+squared distance, and the per-cluster count and sum. Sums are exact integers, so centres do
+not depend on the order of accumulation (chunking, workers, which rows a pass skipped): uint8
+pixels are added as they are; float rows in fixed point (:class:`Fixed`: each value rounded to
+a grid of 2**-s fine enough that any sum of the data's rows fits an int64).
 
-For uint8 rows the labels are *canonical*: the float32 GEMM decides a row only when the gap to
-the runner-up exceeds a proven bound on its rounding error; near ties are re-decided with
-sequential float64 distances. Labels therefore do not depend on how the GEMM was blocked, which
-rows shared it, or which other models rode along, so a pass that skips rows by distance bounds
-(:mod:`kmdask.engine.incremental`) gives the very same labels as a full pass.
+Labels are *canonical*: the GEMM (float32, or float64 for float64 rows) decides a row only when
+the gap to the runner-up exceeds a proven bound on its rounding error; near ties are re-decided
+with sequential float64 distances. Labels therefore do not depend on how the GEMM was blocked,
+which rows shared it, or which other models rode along, so a pass that skips rows by distance
+bounds (:mod:`kmdask.engine.incremental`) gives the very same labels as a full pass.
 """
 
 from __future__ import annotations
@@ -131,34 +132,98 @@ def _col_stats_u8(x, s1, s2):  # pragma: no cover - compiled
             s2[j] += v * v
 
 
-def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool]:
-    """Row count, per-feature sum and sum of squares (scaled, float64), and all-finite flag."""
+def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool, float, float]:
+    """Row count, per-feature sum and sum of squares (scaled, float64), all-finite flag, and
+    the largest absolute value and squared row norm (raw units; for :func:`fixed_for`)."""
     d = chunk.x.shape[1]
+    nmax = float(chunk.xnorm.max()) if chunk.x.shape[0] else 0.0
     if chunk.x.dtype == np.uint8:  # exact integer sums, no float temporaries
         s1i = np.zeros(d, dtype=np.int64)
         s2i = np.zeros(d, dtype=np.int64)
         _col_stats_u8(chunk.x, s1i, s2i)
-        return chunk.x.shape[0], s1i / chunk.divisor, s2i / chunk.divisor**2, True
+        return (chunk.x.shape[0], s1i / chunk.divisor, s2i / chunk.divisor**2, True,
+                float(chunk.x.max(initial=0)), nmax)
     s1 = np.zeros(d)
     s2 = np.zeros(d)
     finite = True
+    amax = 0.0
     for s in range(0, chunk.x.shape[0], BLOCK_ROWS):
         xb = to_compute(chunk.x[s : s + BLOCK_ROWS], chunk.divisor).astype(np.float64, copy=False)
         if chunk.x.dtype.kind == "f" and not np.isfinite(xb).all():
             finite = False
         s1 += xb.sum(axis=0)
         s2 += np.einsum("ij,ij->j", xb, xb)
-    return chunk.x.shape[0], s1, s2, finite
+        amax = max(amax, float(np.abs(chunk.x[s : s + BLOCK_ROWS]).max(initial=0)))
+    return chunk.x.shape[0], s1, s2, finite, amax, nmax
 
 
-def gemm_error_coef(d: int) -> float:
-    """Bound on |fl32(cn - 2 x.c) - (cn - 2 x.c)| per unit of ||x|| ||c||, for uint8 rows.
+@dataclass(frozen=True)
+class Fixed:
+    """Fixed-point units of a row set's cluster sums. Float rows add a value ``v`` as the
+    integer ``rint(v * scale)`` and a squared row norm ``q`` as ``rint(q * sq_scale)`` (int64);
+    uint8 rows add raw pixels, which are integers already (the scales are then unused).
 
-    The float32 GEMM of ``d`` terms errs by at most gamma_d * sum|x_p c_p| in any summation
-    order (FMA and blocking included); the conversion x / 255 adds one rounding per pixel.
-    Pixels and centres are non-negative, so sum|x_p c_p| = x.c <= ||x|| ||c||.
+    Integer sums make the centres independent of the order of accumulation: of chunking,
+    workers, and which rows changed cluster in an incremental pass. Both scales are powers of
+    two chosen from the data (:func:`fixed_for`) so that no sum of its rows can overflow; the
+    rounding is then at most 2**-(62 - log2(rows * max|v|)) of a value, far below float32's
+    resolution and below the error of summing the rows in float64.
     """
-    u = 2.0**-24
+
+    scale: float
+    sq_scale: float
+    rows: int = 0  # rows in the set
+    sq_max: float = 0.0  # their largest squared norm (scaled units)
+
+
+def _pow2_for(n: int, vmax: float) -> float:
+    # the largest 2**s with n * vmax * 2**s <= 2**62 (an int64 holds any sum of n values)
+    if not (vmax > 0.0) or n == 0:
+        return 1.0
+    s = int(np.floor(62.0 - np.log2(float(n)) - np.log2(vmax)))
+    return float(np.ldexp(1.0, min(max(s, -1000), 1000)))
+
+
+def fixed_for(stats: list[tuple]) -> Fixed:
+    """The fixed-point units for rows whose :func:`chunk_stats` are ``stats`` (one set of rows,
+    all its chunks: the units then depend on the rows alone, not on how they are chunked)."""
+    n = sum(int(s[0]) for s in stats)
+    sq_max = max((s[5] for s in stats), default=0.0)
+    return Fixed(scale=_pow2_for(n, max((s[4] for s in stats), default=0.0)),
+                 sq_scale=_pow2_for(n, sq_max), rows=n, sq_max=sq_max)
+
+
+def sum_divisors(dtype: np.dtype, divisor: float, fixed: Fixed | None) -> tuple[float, float]:
+    """What the integer sums and squared-norm sums of rows of ``dtype`` are divided by to
+    give scaled units: the pixel scale for uint8 rows, the fixed-point scales for float rows."""
+    if np.dtype(dtype) == np.uint8:
+        return divisor, divisor * divisor
+    return fixed.scale, fixed.sq_scale
+
+
+def row_sq_units(chunk: Chunk, fixed: Fixed | None) -> np.ndarray:
+    """Each row's squared norm as an integer in the units of :func:`sum_divisors` (int64)."""
+    if chunk.x.dtype == np.uint8:
+        return chunk.xsq
+    return np.rint(chunk.xnorm * fixed.sq_scale).astype(np.int64)
+
+
+def to_sum_units(rows: np.ndarray, fixed: Fixed | None) -> np.ndarray:
+    """Rows (raw) as the integers the cluster sums add up (int64)."""
+    if rows.dtype == np.uint8:
+        return rows.astype(np.int64)
+    return np.rint(rows.astype(np.float64) * fixed.scale).astype(np.int64)
+
+
+def gemm_error_coef(d: int, dtype: np.dtype = np.float32) -> float:
+    """Bound on |fl(cn - 2 x.c) - (cn - 2 x.c)| per unit of ||x|| ||c||, for a GEMM in
+    ``dtype`` (float32, or float64 for float64 rows).
+
+    A GEMM of ``d`` terms errs by at most gamma_d * sum|x_p c_p| in any summation order (FMA
+    and blocking included); the conversion x / 255 of pixels adds one rounding per value; and
+    sum|x_p c_p| <= ||x|| ||c|| (Cauchy-Schwarz), whatever the signs.
+    """
+    u = 2.0**-53 if np.dtype(dtype) == np.float64 else 2.0**-24
     if d * u >= 0.5:  # absurdly wide rows: certify nothing, decide every row exactly
         return np.inf
     return 2.0 * (d * u / (1.0 - d * u) + 2.0 * u) * 1.01
@@ -178,11 +243,11 @@ def err_bound(xnorm, xs, r2, rs, coef, slack):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def exact_argmin_u8(xrow, c255, a, b):  # pragma: no cover - compiled
-    # The canonical decision for uint8 rows whose float32 gap is within the error bound:
-    # float64 sum of (x - 255 c)^2 (255 c is exact for float32 c), in a fixed order (four
-    # interleaved partial sums, added at the end: the same on every machine), ties to the
-    # lowest index. Its rounding (relative ~1e-16 * d) is what f64_slack covers.
+def exact_argmin(xrow, craw, a, b):  # pragma: no cover - compiled
+    # The canonical decision for rows whose GEMM gap is within the error bound: float64 sum
+    # of (x - craw)^2 in raw units (craw = divisor * c), in a fixed order (four interleaved
+    # partial sums, added at the end: the same on every machine), ties to the lowest index.
+    # Its rounding (relative ~1e-16 * d) is what f64_slack covers.
     best = a
     bestv = np.inf
     d = xrow.shape[0]
@@ -193,16 +258,16 @@ def exact_argmin_u8(xrow, c255, a, b):  # pragma: no cover - compiled
         s2 = 0.0
         s3 = 0.0
         for p in range(0, d4, 4):
-            t0 = np.float64(xrow[p]) - c255[j, p]
-            t1 = np.float64(xrow[p + 1]) - c255[j, p + 1]
-            t2 = np.float64(xrow[p + 2]) - c255[j, p + 2]
-            t3 = np.float64(xrow[p + 3]) - c255[j, p + 3]
+            t0 = np.float64(xrow[p]) - craw[j, p]
+            t1 = np.float64(xrow[p + 1]) - craw[j, p + 1]
+            t2 = np.float64(xrow[p + 2]) - craw[j, p + 2]
+            t3 = np.float64(xrow[p + 3]) - craw[j, p + 3]
             s0 += t0 * t0
             s1 += t1 * t1
             s2 += t2 * t2
             s3 += t3 * t3
         for p in range(d4, d):
-            t0 = np.float64(xrow[p]) - c255[j, p]
+            t0 = np.float64(xrow[p]) - craw[j, p]
             s0 += t0 * t0
         acc = (s0 + s1) + (s2 + s3)
         if acc < bestv:
@@ -228,7 +293,7 @@ def top2(dots, i, cnorm, a, b, c0):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, inertia, labels, mind,
-                  row0, keep_rows, int_sums, recheck, c255, r2, coef, xs, rs, slack, xsq,
+                  row0, keep_rows, int_sums, scale, craw, r2, coef, xs, rs, slack, xsq,
                   sq, with_sq):  # pragma: no cover - compiled
     nrow = dots.shape[0]
     nmodel = starts.shape[0]
@@ -239,10 +304,10 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
             b = stops[m]
             best, bestv, second = top2(dots, i, cnorm, a, b, 0)
             e = err_bound(xnorm[i], xs[row0 + i], r2[m], rs[m], coef, slack)
-            if recheck and not second - bestv > 2.0 * e:
-                # a near tie: float32 rounding could decide it either way, so decide it
+            if not second - bestv > 2.0 * e:
+                # a near tie: GEMM rounding could decide it either way, so decide it
                 # exactly; labels then do not depend on how the GEMM was blocked
-                best = exact_argmin_u8(x[i], c255, a, b)
+                best = exact_argmin(x[i], craw, a, b)
                 bestv = cnorm[best] - 2.0 * dots[i, best]
             dist = xnorm[i] + bestv
             if dist < 0.0:  # rounding of the expanded form
@@ -257,11 +322,14 @@ def _assign_block(dots, cnorm, xnorm, starts, stops, x, mode, sums, counts, iner
                 if int_sums:  # uint8 rows: exact integer sums, 16 SIMD lanes of int32
                     for f in range(d):
                         sums[best, f] += np.int32(x[i, f])
-                    if with_sq:
-                        sq[best] += xsq[row0 + i]
+                elif scale > 0.0:  # float rows in fixed point (see Fixed)
+                    for f in range(d):
+                        sums[best, f] += np.int64(np.rint(x[i, f] * scale))
                 else:
                     for f in range(d):
                         sums[best, f] += x[i, f]
+                if with_sq:
+                    sq[best] += xsq[row0 + i]
 
 
 def model_r2(cnorm: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
@@ -272,28 +340,26 @@ def model_r2(cnorm: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.nda
 @dataclass(frozen=True)
 class Decision:
     """What a nearest-centre decision needs besides the dot products (top2, err_bound and,
-    for near ties of uint8 rows, exact_argmin_u8)."""
+    for near ties, exact_argmin)."""
 
     cnorm: np.ndarray  # (M,) float64 squared centre norms
-    c255: np.ndarray  # (M, d) float64 255 * centres, for exact re-decisions of uint8 rows
+    craw: np.ndarray  # (M, d) float64 centres in raw units (divisor * c), for exact re-decisions
     r2: np.ndarray  # (n_models,) largest squared centre norm per model
     rs: np.ndarray  # (n_models,) its square root
     xs: np.ndarray  # (n,) row norms
     coef: float
     slack: float
-    recheck: bool  # uint8 rows: near ties are decided exactly
 
 
 def decision(chunk: Chunk, c: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> Decision:
     """Per-pass constants of the decision for centres ``c`` (in the compute dtype)."""
     c64 = c.astype(np.float64)
     cnorm = np.einsum("ij,ij->i", c64, c64)
-    recheck = chunk.x.dtype == np.uint8 and chunk.divisor == 255.0
     r2 = model_r2(cnorm, starts, stops)
     d = chunk.x.shape[1]
-    return Decision(cnorm=cnorm, c255=c64 * 255.0 if recheck else np.empty((1, 1)), r2=r2,
-                    rs=np.sqrt(r2), xs=np.sqrt(chunk.xnorm), coef=gemm_error_coef(d),
-                    slack=f64_slack(d), recheck=recheck)
+    return Decision(cnorm=cnorm, craw=c64 * chunk.divisor, r2=r2, rs=np.sqrt(r2),
+                    xs=np.sqrt(chunk.xnorm), coef=gemm_error_coef(d, c.dtype),
+                    slack=f64_slack(d))
 
 
 def gemm_blocks(chunk: Chunk, c: np.ndarray):
@@ -331,8 +397,9 @@ class Assignment:
     mind: np.ndarray | None  # (n_models, n) float64, squared distance to the nearest centre
     inertia: np.ndarray  # (n_models,) float64
     counts: np.ndarray | None  # (M,) int64
-    sums: np.ndarray | None  # (M, d) raw units: exact int64 for uint8 rows, else float64
-    sq: np.ndarray | None = None  # (M,) int64: raw squared norms per cluster (uint8 rows)
+    sums: np.ndarray | None  # (M, d): exact int64 for uint8 rows (raw) and with ``fixed``
+    # (its units), else float64 (raw)
+    sq: np.ndarray | None = None  # (M,) int64 squared norms per cluster, in the same units
 
 
 def stack_bounds(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -343,7 +410,8 @@ def stack_bounds(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndarray,
-           mode: int = MODE_SUMS, keep_rows: bool = True) -> Assignment:
+           mode: int = MODE_SUMS, keep_rows: bool = True, fixed: Fixed | None = None
+           ) -> Assignment:
     """Nearest centre of every row for every model, with optional counts and sums.
 
     Parameters
@@ -353,6 +421,8 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     starts, stops : (n_models,) int64 — model ``m`` owns ``centres[starts[m]:stops[m]]``.
     mode : MODE_ASSIGN, MODE_COUNTS or MODE_SUMS.
     keep_rows : return per-row labels and distances (Lloyd's hot pass needs neither).
+    fixed : float rows only: sum them (and their squared norms) as exact integers in these
+        units instead of in float64 (uint8 sums are always exact integers).
     """
     x = chunk.x
     n, d = x.shape
@@ -367,15 +437,18 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     counts = np.zeros(m_total, dtype=np.int64)
     # uint8 sums are exact integers: int32 while 255 * rows fits, else int64
     int_sums = x.dtype == np.uint8
-    sdt = (np.int32 if 255 * n < 2**31 else np.int64) if int_sums else np.float64
+    fixed = None if int_sums else fixed
+    sdt = ((np.int32 if 255 * n < 2**31 else np.int64) if int_sums
+           else np.int64 if fixed is not None else np.float64)
     sums = np.zeros((m_total, d) if mode >= MODE_SUMS else (1, 1), dtype=sdt)
-    with_sq = int_sums and mode >= MODE_SUMS and chunk.xsq is not None
+    with_sq = mode >= MODE_SUMS and (fixed is not None or (int_sums and chunk.xsq is not None))
     sq = np.zeros(m_total if with_sq else 1, dtype=np.int64)
-    xsq = chunk.xsq if with_sq else np.zeros(1, dtype=np.int64)
+    xsq = row_sq_units(chunk, fixed) if with_sq else np.zeros(1, dtype=np.int64)
+    scale = fixed.scale if fixed is not None else 0.0
     for s, xr, dots in gemm_blocks(chunk, c):
         _assign_block(dots, dec.cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
-                      sums, counts, inertia, labels, mind, s, keep_rows, int_sums, dec.recheck,
-                      dec.c255, dec.r2, dec.coef, dec.xs, dec.rs, dec.slack, xsq, sq, with_sq)
+                      sums, counts, inertia, labels, mind, s, keep_rows, int_sums, scale,
+                      dec.craw, dec.r2, dec.coef, dec.xs, dec.rs, dec.slack, xsq, sq, with_sq)
     return Assignment(
         labels=labels if keep_rows else None,
         mind=mind if keep_rows else None,

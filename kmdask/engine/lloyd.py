@@ -6,11 +6,14 @@ chunk order and updates the centres. Convergence follows scikit-learn: a model s
 squared centre shift is <= tol (an unchanged labelling gives a zero shift). A final pass assigns
 every row to the final centres, so labels match centres and inertia is exact for them.
 
-uint8 rows (images) go through :mod:`kmdask.engine.incremental`: persisted chunks keep their
-rows' labels, integer sums and, once labels settle, distance bounds between passes, so a pass
-moves only the rows that changed cluster and computes only the distances the bounds cannot rule
-out. Results are bit-identical with or without that state (streamed chunks, recomputed chunks
-and resumed fits have none); the inertia of a pass is computed from the exact integer sums.
+Passes go through :mod:`kmdask.engine.incremental`: persisted chunks keep their rows' labels,
+integer sums and, once labels settle, distance bounds between passes, so a pass moves only the
+rows that changed cluster and computes only the distances the bounds cannot rule out. Sums are
+exact integers (uint8 pixels as they are, float rows in the fixed point of
+:class:`kmdask.engine.kernels.Fixed`, whose units come from each row set's largest value), so
+results are bit-identical with or without that state (streamed chunks, recomputed chunks and
+resumed fits have none) and whatever the chunking; the inertia of a pass is computed from the
+integer sums.
 """
 
 from __future__ import annotations
@@ -106,27 +109,32 @@ def _stacks(states: list[ModelState], idx: list[int], groups: Groups, dtype: np.
     return tuple(out)
 
 
-def _lloyd_chunk(chunk: kernels.Chunk, stacks, g: int):
-    """Float rows: every distance, float64 sums, per-row inertia."""
+def _state_room(data: Any, n_models: int, n_centres: int) -> tuple[bool, bool]:
+    """Whether a pass keeps labels (``keep``) and distance bounds next to the chunks: only
+    persisted ones, and only as far as the memory budget has room (labels take 4 bytes per row
+    and model, bounds 4 per row and centre more)."""
+    labels_b = data.shape[0] * 4 * n_models
+    keep = data.persisted and data.spare_bytes >= labels_b
+    bounds = getattr(data, "use_bounds", USE_BOUNDS) and \
+        data.spare_bytes >= labels_b + data.shape[0] * 4 * (n_centres + n_models)
+    return keep, bounds
+
+
+def _lloyd_chunk(chunk: kernels.Chunk, stacks, keep, bounds, g: int,
+                 fixed: kernels.Fixed | None):
+    """Exact integer sums (in ``fixed`` units for float rows). Persisted chunks keep labels
+    (and bounds) between passes so that later passes do less (same results either way);
+    streamed ones use the plain kernel, the one seeding uses too (one compiled kernel less in
+    a memory-tight worker)."""
     if stacks[g] is None:  # every model of this chunk's group has stopped
-        return None
-    c, starts, stops, _, _ = stacks[g]
-    a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False)
-    return a.sums, a.counts, a.inertia, a.counts.size * chunk.x.shape[0]
-
-
-def _lloyd_chunk_u8(chunk: kernels.Chunk, stacks, keep, bounds, g: int):
-    """uint8 rows: exact integer sums. Persisted chunks keep labels (and bounds) between passes
-    so that later passes do less (same results either way); streamed ones use the plain
-    kernel, the one seeding uses too (one compiled kernel less in a memory-tight worker)."""
-    if stacks[g] is None:
         return None
     c, starts, stops, ids, _ = stacks[g]
     if not keep:
-        a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False)
+        a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False,
+                           fixed=fixed)
         return a.sums, a.counts, a.sq, a.counts.size * chunk.x.shape[0]
     prev = chunk.cache.pop(_BOUNDS, None)  # taken out first: a failed pass leaves nothing stale
-    res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, keep, bounds)
+    res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, keep, bounds, fixed)
     chunk.cache[_BOUNDS] = state
     return res.sums, res.counts, res.sq, res.computed
 
@@ -151,10 +159,11 @@ def _add(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _relocate_empty(data: ChunkedRows, chunks: list[int], states: list[ModelState], c, starts,
-                    stops, sums, counts):
+                    stops, sums, counts, fixed: kernels.Fixed | None):
     """Move each empty cluster onto one of the rows farthest from their centre (as scikit-learn
     does), taking that row out of its old cluster. Deterministic: ties go to the lowest row.
-    ``states`` are the models of one group, ``chunks`` that group's chunks."""
+    ``states`` are the models of one group, ``chunks`` that group's chunks; ``sums`` are in
+    the integer units of ``fixed`` (raw for uint8 rows)."""
     n_far = [int((counts[starts[m] : stops[m]] == 0).sum()) for m in range(len(states))]
     data.passes += 1
     parts = data.map_some(_farthest_chunk, chunks, [(c, starts, stops, np.array(n_far))] *
@@ -165,7 +174,7 @@ def _relocate_empty(data: ChunkedRows, chunks: list[int], states: list[ModelStat
         dist = np.concatenate([p[m][0] for p in parts])
         gidx = np.concatenate([p[m][1] for p in parts])
         lab = np.concatenate([p[m][2] for p in parts])
-        rows = np.concatenate([p[m][3] for p in parts])
+        rows = kernels.to_sum_units(np.concatenate([p[m][3] for p in parts]), fixed)
         order = np.lexsort((gidx, -dist))[: n_far[m]]
         empty = np.nonzero(counts[starts[m] : stops[m]] == 0)[0]
         for j, r in zip(empty, order, strict=False):
@@ -180,7 +189,8 @@ def _relocate_empty(data: ChunkedRows, chunks: list[int], states: list[ModelStat
 def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
           tol: float | Sequence[float], progress: Callable[[dict], None] | None = None,
           on_iteration: Callable[[list[ModelState]], None] | None = None,
-          groups: Groups | None = None) -> list[ModelResult]:
+          groups: Groups | None = None,
+          fixed: Sequence[kernels.Fixed | None] | None = None) -> list[ModelResult]:
     """Run Lloyd iterations on every model until each converges or hits ``max_iter``.
 
     ``tol`` is absolute (scikit-learn's relative tol times the mean feature variance), one for
@@ -188,35 +198,52 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
     models, best inertia, max shift, seconds); ``on_iteration`` gets every model's state after
     each iteration (for checkpoints: restarting from those states continues bit-identically).
     ``groups``: which rows each model is fitted to (default: all rows, every model); progress
-    reports the models of group 0. Small persisted data runs its iterations in rounds on one
-    worker (:mod:`kmdask.engine.local`), with the same results.
+    reports the models of group 0. ``fixed``: per group, the integer units of float rows'
+    sums (:func:`kmdask.engine.kernels.fixed_for` of the group's chunk stats); where not given
+    for float rows, one pass computes them. Small persisted data runs its iterations in
+    rounds on one worker (:mod:`kmdask.engine.local`), with the same results.
     """
     from kmdask.engine import local
 
     groups = groups or Groups.single(data.n_chunks, len(states))
+    if fixed is None:
+        fixed = group_units(data, groups)
     tols = [float(tol)] * len(states) if np.isscalar(tol) else [float(t) for t in tol]
     token = uuid.uuid4().hex  # model ids for the bounds kept next to the chunks
     threads = local.eligible(data)
     if threads:
-        return local.lloyd_rounds(data, states, max_iter, tols, groups, threads, progress,
-                                  on_iteration, token)
-    lloyd_iterations(data, states, max_iter, tols, progress, on_iteration, groups, token)
-    return final_assignment(data, states, groups)
+        return local.lloyd_rounds(data, states, max_iter, tols, groups, fixed, threads,
+                                  progress, on_iteration, token)
+    lloyd_iterations(data, states, max_iter, tols, progress, on_iteration, groups, token,
+                     fixed=fixed)
+    return final_assignment(data, states, groups, fixed, token)
+
+
+def group_units(data: Any, groups: Groups, stats: list | None = None
+                ) -> list[kernels.Fixed | None]:
+    """Per group, the fixed-point units of its rows' sums (:class:`kmdask.engine.kernels.Fixed`),
+    from the groups' chunk stats (:func:`kmdask.engine.kernels.chunk_stats`; one pass when not
+    given)."""
+    n_groups = max(groups.chunk + groups.model, default=0) + 1
+    if stats is None:
+        stats = data.map(kernels.chunk_stats)
+    return [kernels.fixed_for([stats[i] for i in groups.chunks_of(g)]) for g in range(n_groups)]
 
 
 def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: list[float],
                      progress: Callable[[dict], None] | None = None,
                      on_iteration: Callable[[list[ModelState]], None] | None = None,
                      groups: Groups | None = None, token: str = "",
-                     until: float | None = None) -> None:
+                     until: float | None = None,
+                     fixed: Sequence[kernels.Fixed | None] | None = None) -> None:
     """The iterations of :func:`lloyd` over ``data`` (a ChunkedRows, or any object with its
     pass interface), updating ``states`` in place; with ``until`` (a ``time.perf_counter``
-    value), stop after the iteration that passes it."""
+    value), stop after the iteration that passes it. ``fixed`` as for :func:`lloyd`."""
     cdt = kernels.compute_dtype(data.dtype)
-    divisor = data.divisor
-    exact = data.dtype == np.uint8 and divisor == 255.0
     groups = groups or Groups.single(data.n_chunks, len(states))
-    per_chunk = [(g,) for g in groups.chunk]
+    if fixed is None:
+        fixed = group_units(data, groups)
+    per_chunk = [(g, fixed[g]) for g in groups.chunk]
     it = max(s.n_iter for s in states) if states else 0
     while it < max_iter:
         live_idx = [i for i, s in enumerate(states) if s.active and s.n_iter < max_iter]
@@ -225,17 +252,8 @@ def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: l
         t0 = time.perf_counter()
         stacks = _stacks(states, live_idx, groups, cdt, lambda i: (token, i))
         n_centres = sum(states[i].k for i in live_idx)
-        if exact:
-            # kept next to persisted chunks only, and only as far as the memory budget has
-            # room: labels take 4 bytes per row and model, bounds 4 per row and centre more
-            labels_b = data.shape[0] * 4 * len(live_idx)
-            keep = data.persisted and data.spare_bytes >= labels_b
-            bounds = getattr(data, "use_bounds", USE_BOUNDS) and \
-                data.spare_bytes >= labels_b + data.shape[0] * 4 * (
-                n_centres + len(live_idx))
-            parts = data.map(_lloyd_chunk_u8, stacks, keep, bounds, per_chunk=per_chunk)
-        else:
-            parts = data.map(_lloyd_chunk, stacks, per_chunk=per_chunk)
+        keep, bounds = _state_room(data, len(live_idx), n_centres)
+        parts = data.map(_lloyd_chunk, stacks, keep, bounds, per_chunk=per_chunk)
         computed = sum(p[3] for p in parts if p is not None)
         shown: list[tuple[float, float]] = []  # group 0's (inertia, shift) per model
         for g, st in enumerate(stacks):
@@ -243,19 +261,17 @@ def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: l
                 continue
             c, starts, stops, _, mine = st
             chunks = groups.chunks_of(g)
-            mine_parts = [parts[i] for i in chunks]  # in chunk order: deterministic sums
-            if exact:
-                sums, counts, sq = (_add([p[k] for p in mine_parts]) for k in range(3))
-                # from exact integer sums: independent of chunking and of the skipped rows
-                inertia = pruned.inertia(sums, counts, sq, c, starts, stops)
-            else:
-                sums, counts, inertia = (_add([p[k] for p in mine_parts]) for k in range(3))
+            mine_parts = [parts[i] for i in chunks]
+            sums, counts, sq = (_add([p[k] for p in mine_parts]) for k in range(3))
+            sdiv = kernels.sum_divisors(data.dtype, data.divisor, fixed[g])
+            # from exact integer sums: independent of chunking and of the skipped rows
+            inertia = pruned.inertia(sums, counts, sq, c, starts, stops, sdiv)
             live = [states[i] for i in mine]
             if (counts == 0).any():
-                _relocate_empty(data, chunks, live, c, starts, stops, sums, counts)
+                _relocate_empty(data, chunks, live, c, starts, stops, sums, counts, fixed[g])
             for m, (i, s) in enumerate(zip(mine, live, strict=True)):
                 a, b = starts[m], stops[m]
-                new = sums[a:b] / divisor / counts[a:b, None]
+                new = sums[a:b] / sdiv[0] / counts[a:b, None]
                 shift = float(((new - s.centres) ** 2).sum())
                 s.centres = new
                 s.n_iter += 1
@@ -284,38 +300,53 @@ def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: l
             return
 
 
-def _final_chunk(chunk: kernels.Chunk, stacks, g: int):
-    chunk.cache.pop(_BOUNDS, None)  # the fit is over: free the memory its passes kept
-    c, starts, stops, _, _ = stacks[g]
-    a = kernels.assign(chunk, c, starts, stops, kernels.MODE_ASSIGN)
-    return a.labels, a.inertia
+def _final_chunk(chunk: kernels.Chunk, stacks, keep, bounds, g: int,
+                 fixed: kernels.Fixed | None):
+    """One more Lloyd pass, keeping the labels and dropping the chunk's state (the fit is
+    over): labels per model, integer sums, counts and squared norms."""
+    c, starts, stops, ids, _ = stacks[g]
+    prev = chunk.cache.pop(_BOUNDS, None)
+    if not keep:
+        a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, fixed=fixed)
+        return a.labels, a.sums, a.counts, a.sq
+    res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, True, bounds, fixed)
+    return np.ascontiguousarray(state.labels.T), res.sums, res.counts, res.sq
 
 
-def final_assignment(data: ChunkedRows, states: list[ModelState],
-                     groups: Groups | None = None) -> list[ModelResult]:
+def final_assignment(data: ChunkedRows, states: list[ModelState], groups: Groups | None = None,
+                     fixed: Sequence[kernels.Fixed | None] | None = None,
+                     token: str = "") -> list[ModelResult]:
     """One pass: labels and inertia of every model for its final centres (labels: one array
-    per chunk of the model's group)."""
+    per chunk of the model's group). It is a Lloyd pass like the others (reusing the state the
+    iterations left next to persisted chunks), so the inertia comes from exact integer sums
+    too: the same whatever the chunking."""
     groups = groups or Groups.single(data.n_chunks, len(states))
-    stacks = _stacks(states, list(range(len(states))), groups, kernels.compute_dtype(data.dtype))
-    parts = data.map(_final_chunk, stacks, per_chunk=[(g,) for g in groups.chunk])
+    if fixed is None:
+        fixed = group_units(data, groups)
+    stacks = _stacks(states, list(range(len(states))), groups,
+                     kernels.compute_dtype(data.dtype), lambda i: (token, i))
+    keep, bounds = _state_room(data, len(states), sum(s.k for s in states))
+    parts = data.map(_final_chunk, stacks, keep, bounds,
+                     per_chunk=[(g, fixed[g]) for g in groups.chunk])
     out: list = [None] * len(states)
     for g, st in enumerate(stacks):
         if st is None:
             continue
+        c, starts, stops, _, mine = st
         mine_parts = [parts[i] for i in groups.chunks_of(g)]
-        for m, i in enumerate(st[4]):
+        sums, counts, sq = (_add([p[k] for p in mine_parts]) for k in (1, 2, 3))
+        inertia = pruned.inertia(sums, counts, sq, c, starts, stops,
+                                 kernels.sum_divisors(data.dtype, data.divisor, fixed[g]))
+        for m, i in enumerate(mine):
             s = states[i]
-            inertia = 0.0
-            for p in mine_parts:
-                inertia += p[1][m]
             out[i] = ModelResult(
                 centres=s.centres,
                 labels=[p[0][m] for p in mine_parts],
-                inertia=float(inertia),
+                inertia=float(inertia[m]),
                 n_iter=s.n_iter,
                 # inertia at the initial centres, after each iteration, and (last) at the final
                 # centres: n_iter + 1 values, ending with ``inertia``
-                inertia_history=[*s.inertia_history, float(inertia)],
+                inertia_history=[*s.inertia_history, float(inertia[m])],
                 shift_history=s.shift_history,
             )
     return out

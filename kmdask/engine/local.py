@@ -82,7 +82,7 @@ class LocalRows:
 
 
 def _round(chunks: list, like: dict, threads: int, states: list, max_iter: int,
-           tols: list[float], groups: Any, token: str, seconds: float) -> tuple:
+           tols: list[float], groups: Any, fixed: list, token: str, seconds: float) -> tuple:
     """One round on a worker: iterations until done or ``seconds`` spent; (states, records,
     passes, final results or None). The round that ends the fit also makes its final
     assignment pass, saving a round trip."""
@@ -93,9 +93,9 @@ def _round(chunks: list, like: dict, threads: int, states: list, max_iter: int,
     final = None
     try:
         lloyd_iterations(rows, states, max_iter, tols, records.append, None, groups, token,
-                         until=time.perf_counter() + seconds)
+                         until=time.perf_counter() + seconds, fixed=fixed)
         if not any(s.active and s.n_iter < max_iter for s in states):
-            final = final_assignment(rows, states, groups)
+            final = final_assignment(rows, states, groups, fixed, token)
     finally:
         rows.close()
     return states, records, rows.passes, final
@@ -121,7 +121,7 @@ def eligible(data: Any) -> int:
 
 
 def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], groups: Any,
-                 threads: int, progress: Callable[[dict], None] | None,
+                 fixed: list, threads: int, progress: Callable[[dict], None] | None,
                  on_iteration: Callable[[list], None] | None, token: str) -> list | None:
     """Lloyd iterations of ``states`` (updated in place) over ``data``'s persisted chunks in
     rounds of tasks on one worker (see the module docstring); returns the final assignment's
@@ -146,7 +146,7 @@ def lloyd_rounds(data: Any, states: list, max_iter: int, tols: Sequence[float], 
     while final is None:
         def submit(_: int = 0, now: list = states) -> Any:
             return client.submit(_round, chunks, like, threads, now, max_iter, list(tols),
-                                 groups, token, seconds, pure=False)
+                                 groups, list(fixed), token, seconds, pure=False)
 
         got, records, passes, final = wait_for(client, [submit()], [""], submit,
                                                gather=True)[0]
