@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,13 +44,19 @@ THREADS = 2
 LOCAL_PROFILE = {"kind": "local", "n_workers": 2, "threads_per_worker": 1,
                  "memory_limit": "4GiB", "name": "bench"}
 
-LIBS = ["kmdask", "sklearn-lloyd", "sklearn-elkan", "sklearnex", "faiss", "dask-ml", "spark"]
-LABELS = {"kmdask": "kmdask", "sklearn-lloyd": "scikit-learn (lloyd)",
+LIBS = ["kmdask", "kmdask-f32", "sklearn-lloyd", "sklearn-elkan", "sklearnex", "faiss", "dask-ml",
+        "spark"]
+# kmdask on the same rows as float32 (x / 255): the float path against the pixel path, in the
+# shared regime only (issue 12: a float32 iteration <= 1.2x a uint8 one)
+FLOAT_LIBS = ["kmdask-f32"]
+LABELS = {"kmdask": "kmdask", "kmdask-f32": "kmdask, float32 rows",
+          "sklearn-lloyd": "scikit-learn (lloyd)",
           "sklearn-elkan": "scikit-learn (elkan)", "sklearnex": "scikit-learn-intelex",
           "faiss": "faiss-cpu", "dask-ml": "dask-ml", "spark": "Spark MLlib"}
 # which module a library needs; a worker that cannot import it reports why
-MODULES = {"kmdask": "kmdask", "sklearn-lloyd": "sklearn", "sklearn-elkan": "sklearn",
-           "sklearnex": "sklearnex", "faiss": "faiss", "dask-ml": "dask_ml", "spark": "pyspark"}
+MODULES = {"kmdask": "kmdask", "kmdask-f32": "kmdask", "sklearn-lloyd": "sklearn",
+           "sklearn-elkan": "sklearn", "sklearnex": "sklearnex", "faiss": "faiss",
+           "dask-ml": "dask_ml", "spark": "pyspark"}
 # faiss (nredo=10) is left out: 10 x 25 iterations, minutes per fit here
 N_INIT_LIBS = ["kmdask", "sklearn-lloyd", "sklearnex"]
 
@@ -78,6 +85,7 @@ TARGETS = [
     ("shared", "1.02M", "sklearnex", "time", 0.6),
     ("shared", "1.02M", "faiss", "time", 0.5),
     ("n_init10", "60k", "sklearnex", "time", 0.4),
+    ("shared", "60k", "kmdask-f32", "iteration", 1.2),  # kmdask-f32 / kmdask, this one
 ]
 
 
@@ -181,7 +189,7 @@ def _fit_dask(spec: dict, rec: dict, t: float):
         rec["setup_s"] = time.perf_counter() - t
         t = time.perf_counter()
         X = open_images(spec["store"], "train")
-        if spec["lib"] == "dask-ml":  # dask-ml needs floats; kmdask scales uint8 itself
+        if spec["lib"] in ("dask-ml", "kmdask-f32"):  # kmdask scales uint8 itself
             X = X.map_blocks(lambda b: b.astype(np.float32) / np.float32(255),
                              dtype=np.float32)
         X = X.persist()
@@ -199,10 +207,12 @@ def _fit_dask(spec: dict, rec: dict, t: float):
             rec["fit_s"] = time.perf_counter() - t
             return m.cluster_centers_, int(m.n_iter_), None
         if shared:
+            secs: list[float] = []
             res = fit_models(X, [K], init=init.astype(np.float64), max_iter=spec["iters"],
-                             tol=0.0, persist=True)
+                             tol=0.0, persist=True, progress=lambda p: secs.append(p["seconds"]))
             rec["fit_s"] = time.perf_counter() - t
             rec["kmdask_timings"] = res.timings
+            rec["iteration_s"] = statistics.mean(secs)  # the Lloyd iterations alone
             r = res.results[0]
             return r.centres, int(r.n_iter), float(r.inertia)
         n_init = 10 if spec["regime"] == "n_init10" else 1
@@ -250,7 +260,7 @@ def worker(spec: dict) -> None:
         fit = _fit_sklearn
     elif lib == "faiss":
         fit = _fit_faiss
-    elif lib in ("kmdask", "dask-ml"):
+    elif lib in ("kmdask", "kmdask-f32", "dask-ml"):
         fit = _fit_dask
     else:
         fit = _fit_spark
@@ -383,12 +393,19 @@ def run_regime(runner: Runner, name: str, size: str, libs: list[str], base: dict
             "n_iter": [r["n_iter"] for r in rs],
             "runs": rs,
         }
+        if all("iteration_s" in r for r in rs):
+            out["libs"][lib]["iteration_s"] = summary([r["iteration_s"] for r in rs])
     ours = out["libs"].get("kmdask")
     for lib, s in out["libs"].items():
         if ours is not None and lib != "kmdask":
             s["ratio_median"] = ours["fit_s"]["median"] / s["fit_s"]["median"]
             s["ratio_min"] = ours["fit_s"]["min"] / s["fit_s"]["min"]
             s["inertia_ratio_median"] = ours["inertia"]["median"] / s["inertia"]["median"]
+        if ours is not None and lib in FLOAT_LIBS and "iteration_s" in ours:
+            # the other way round: the float path's Lloyd iteration over the pixel path's
+            s["iteration_ratio_median"] = (s["iteration_s"]["median"]
+                                           / ours["iteration_s"]["median"])
+            s["iteration_ratio_min"] = s["iteration_s"]["min"] / ours["iteration_s"]["min"]
     if name == "shared" and "sklearn-lloyd" in out["libs"]:
         ref = out["libs"]["sklearn-lloyd"]["inertia"]["median"]
         for s in out["libs"].values():
@@ -422,6 +439,10 @@ def _table(res: dict) -> str:
                        + f"({s['inertia_rel_diff_vs_sklearn']:.1e})")
             elif "inertia_ratio_median" in s:
                 chk = f"kmdask/peer {s['inertia_ratio_median']:.5f}"
+            if "iteration_ratio_median" in s:
+                chk += (f"; a Lloyd iteration {s['iteration_s']['median'] * 1e3:.1f} ms, "
+                        f"{s['iteration_ratio_median']:.2f}x kmdask's (min "
+                        f"{s['iteration_ratio_min']:.2f}x)")
             lines.append(f"| {LABELS[lib]} | {f['min']:.3f} / {f['median']:.3f} | "
                          f"{s['load_s']['median']:.2f} | {s['setup_s']['median']:.2f} | {it} | "
                          f"{s['inertia']['median']:,.1f} | {ratio} | {chk} |")
@@ -452,7 +473,8 @@ def _targets(regimes: dict) -> list[dict]:
     for regime, size, peer, what, bound in TARGETS:
         reg = regimes.get(f"{regime}-{size}")
         s = (reg or {}).get("libs", {}).get(peer, {})
-        v = s.get("ratio_median" if what == "time" else "inertia_ratio_median")
+        v = s.get({"time": "ratio_median", "inertia": "inertia_ratio_median",
+                   "iteration": "iteration_ratio_median"}[what])
         out.append({"regime": f"{regime} {size}", "peer": peer, "what": what, "bound": bound,
                     "value": v, "met": None if v is None else bool(v <= bound)})
     return out
@@ -515,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from importlib.metadata import version
 
-            dist = {"kmdask": "kmdask", "sklearn-lloyd": "scikit-learn",
+            dist = {"kmdask": "kmdask", "kmdask-f32": "kmdask", "sklearn-lloyd": "scikit-learn",
                     "sklearn-elkan": "scikit-learn", "sklearnex": "scikit-learn-intelex",
                     "faiss": "faiss-cpu", "dask-ml": "dask-ml", "spark": "pyspark"}[lib]
             res["versions"][dist] = version(dist)
@@ -544,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                           [{"regime": "shared", "seed": 0}] * args.reps))
         if "defaults" in args.regimes:
             plans.append(("defaults", f"each library's defaults to convergence, "
-                          f"{x8.shape[0]:,} rows, seeds 0..{args.seeds - 1}", args.libs,
+                          f"{x8.shape[0]:,} rows, seeds 0..{args.seeds - 1}",
+                          [lib for lib in args.libs if lib not in FLOAT_LIBS],
                           [{"regime": "defaults", "seed": s} for s in range(args.seeds)]))
         if "n_init10" in args.regimes and args.n_init_reps > 0:
             plans.append(("n_init10", f"n_init=10, each library's own seeding, "

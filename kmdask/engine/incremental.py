@@ -154,15 +154,18 @@ def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, coef, slack,
-             labels, upper, lower, sums, counts, sq, fval, js, xf, div,
+             labels, upper, lower, sums, counts, sq, fval, js, xc, pixels, div,
              scale):  # pragma: no cover - compiled
     # Elkan's pass: compute only the distances that a bound cannot rule out. Returns the
     # distances computed and the labels changed.
     computed = 0
     changed = 0
+    # xc: the rows in the compute dtype: a one-row buffer for pixels (converted when needed),
+    # the rows themselves for float rows (read in place)
     for r in range(x.shape[0]):
         xn = xnorm[r]
         converted = False
+        ri = r
         for m in range(starts.shape[0]):
             a = starts[m]
             b = stops[m]
@@ -176,14 +179,12 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 settled &= (j == own) | ((lo > u) & (lo * lo - u * u > tiny))
             if settled:  # every other centre is provably farther: the label stands
                 continue
-            if not converted:  # the row in the compute dtype, once, as the GEMM pass has it
-                if div != 1.0:  # pixels: x / divisor in float32
-                    for p in range(x.shape[1]):
-                        xf[p] = np.float32(x[r, p]) / np.float32(div)
-                else:
-                    for p in range(x.shape[1]):
-                        xf[p] = x[r, p]
+            if pixels and not converted:  # x / divisor in float32, once, as the GEMM pass has it
+                for p in range(x.shape[1]):
+                    xc[0, p] = np.float32(x[r, p]) / np.float32(div)
                 converted = True
+                ri = 0
+            xf = xc[ri]
             e = kernels.err_bound(xn, xs[r], r2[m], rs[m], coef, slack)
             # the own distance first: it tightens the upper bound
             fown = cnorm[own] - 2.0 * np.float64(_dot(xf, c32, own))
@@ -315,8 +316,8 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         computed, changed = _bounded(
             x, chunk.xnorm, xs, xsq, c, cnorm, craw, starts, stops, drift, r2, rs, coef,
             slack, labels, upper, lower, sums, counts, sq, np.empty(m_total),
-            np.empty(m_total, dtype=np.int64), np.empty(d, dtype=c.dtype),
-            chunk.divisor if pixels else 1.0, scale)
+            np.empty(m_total, dtype=np.int64),
+            np.empty((1, d), dtype=np.float32) if pixels else x, pixels, chunk.divisor, scale)
         bounded = True
     else:
         if state is not None:
