@@ -13,9 +13,9 @@ Two things are kept per chunk between passes (see :func:`lloyd_pass`):
 
 Results are identical to a pass from scratch, not merely close:
 
-- labels are *canonical* (see :mod:`kmdask.engine.kernels`): a row is decided by float32 only when
+- labels are *canonical* (see :mod:`kmdask.engine.kernels`): a row is decided by the GEMM only when
   the gap exceeds a proven rounding bound, and exactly otherwise; the bounds are built from the
-  float32 distances widened by that same error bound, so a skip is taken only when the exact
+  GEMM distances widened by that same error bound, so a skip is taken only when the exact
   decision could not differ;
 - per-cluster sums, counts and squared norms are exact integers (uint8 pixels as they are,
   float rows in the fixed point of :class:`kmdask.engine.kernels.Fixed`), so updating them by
@@ -154,18 +154,15 @@ def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, coef, slack,
-             labels, upper, lower, sums, counts, sq, fval, js, xc, pixels, div,
+             labels, upper, lower, sums, counts, sq, fval, js, xf, pixels, div,
              scale):  # pragma: no cover - compiled
     # Elkan's pass: compute only the distances that a bound cannot rule out. Returns the
     # distances computed and the labels changed.
     computed = 0
     changed = 0
-    # xc: the rows in the compute dtype: a one-row buffer for pixels (converted when needed),
-    # the rows themselves for float rows (read in place)
     for r in range(x.shape[0]):
         xn = xnorm[r]
         converted = False
-        ri = r
         for m in range(starts.shape[0]):
             a = starts[m]
             b = stops[m]
@@ -179,12 +176,15 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 settled &= (j == own) | ((lo > u) & (lo * lo - u * u > tiny))
             if settled:  # every other centre is provably farther: the label stands
                 continue
-            if pixels and not converted:  # x / divisor in float32, once, as the GEMM pass has it
-                for p in range(x.shape[1]):
-                    xc[0, p] = np.float32(x[r, p]) / np.float32(div)
+            if not converted:  # the row in the compute dtype, once, as the GEMM pass has it
+                # (a copy for float rows too: x may be read-only, and one kernel serves both)
+                if pixels:
+                    for p in range(x.shape[1]):
+                        xf[p] = np.float32(x[r, p]) / np.float32(div)
+                else:
+                    for p in range(x.shape[1]):
+                        xf[p] = x[r, p]
                 converted = True
-                ri = 0
-            xf = xc[ri]
             e = kernels.err_bound(xn, xs[r], r2[m], rs[m], coef, slack)
             # the own distance first: it tightens the upper bound
             fown = cnorm[own] - 2.0 * np.float64(_dot(xf, c32, own))
@@ -256,7 +256,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
 
     Three ways, chosen from ``prev``; all give the same result:
 
-    - no state: one float32 GEMM per row block against every centre (like
+    - no state: one GEMM per row block against every centre (like
       :func:`kmdask.engine.kernels.assign`), summing every row;
     - labels from the previous pass: the same GEMM, but only rows whose label changed move
       between the per-cluster sums (summing every row costs about half the GEMM). Once few
@@ -317,7 +317,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
             x, chunk.xnorm, xs, xsq, c, cnorm, craw, starts, stops, drift, r2, rs, coef,
             slack, labels, upper, lower, sums, counts, sq, np.empty(m_total),
             np.empty(m_total, dtype=np.int64),
-            np.empty((1, d), dtype=np.float32) if pixels else x, pixels, chunk.divisor, scale)
+            np.empty(d, dtype=c.dtype), pixels, chunk.divisor, scale)
         bounded = True
     else:
         if state is not None:
