@@ -255,6 +255,11 @@ def _fit_f(X, init, **kw):
     return res.results[0]
 
 
+# the rows go into the graph (da.from_array), which distributed warns of above 10 MB
+LARGE_GRAPH = pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")
+
+
+@LARGE_GRAPH
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
 def test_fit_is_bit_identical_across_chunkings_and_streaming(mnist8, client, dtype):
     """On real workers: persisted (the small-data rounds), streamed (a pass per round trip,
@@ -281,6 +286,7 @@ def test_fit_is_bit_identical_across_chunkings_and_streaming(mnist8, client, dty
     assert_array_equal(lab, d.argmin(1))
 
 
+@LARGE_GRAPH
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_float_fit_with_bounds_equals_fit_without(mnist8, client, monkeypatch, dtype):
     X = da.from_array(_signed(mnist8, dtype), chunks=(1500, 784))
