@@ -14,6 +14,8 @@ from kmdask.engine import kernels, lloyd
 from kmdask.engine.estimator import fit_models
 
 SWEEP = [k for k in range(2, 11) for _ in range(3)]  # K=2..10 x 3 trials: 27 models
+# the rows go into the graph (da.from_array), which distributed warns of above 10 MB
+LARGE_GRAPH = pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +126,12 @@ def test_chunk_travels_without_its_cache(mnist8):
     assert_array_equal(back.xsq, chunk.xsq)
 
 
-def test_fit_with_bounds_equals_fit_without(mnist8, client, monkeypatch):
+@LARGE_GRAPH
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_fit_with_bounds_equals_fit_without(mnist8, client, monkeypatch, dtype):
     """Through the engine, on real workers: bit-identical centres, labels and histories."""
-    X = da.from_array(mnist8, chunks=(1500, 784))
+    x = mnist8 if dtype == np.uint8 else _signed(mnist8, dtype)
+    X = da.from_array(x, chunks=(1500, 784))
     runs = []
     for use in (True, False):
         monkeypatch.setattr(lloyd, "USE_BOUNDS", use)
@@ -255,10 +260,6 @@ def _fit_f(X, init, **kw):
     return res.results[0]
 
 
-# the rows go into the graph (da.from_array), which distributed warns of above 10 MB
-LARGE_GRAPH = pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")
-
-
 @LARGE_GRAPH
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
 def test_fit_is_bit_identical_across_chunkings_and_streaming(mnist8, client, dtype):
@@ -284,23 +285,3 @@ def test_fit_is_bit_identical_across_chunkings_and_streaming(mnist8, client, dty
     c = ref.centres
     d = ((x.astype(np.float64)[:, None] / scale - c[None]) ** 2).sum(-1)
     assert_array_equal(lab, d.argmin(1))
-
-
-@LARGE_GRAPH
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_float_fit_with_bounds_equals_fit_without(mnist8, client, monkeypatch, dtype):
-    X = da.from_array(_signed(mnist8, dtype), chunks=(1500, 784))
-    runs = []
-    for use in (True, False):
-        monkeypatch.setattr(lloyd, "USE_BOUNDS", use)
-        computed: list[float] = []
-        res = fit_models(X, [3, 8], n_init=2, random_state=5, max_iter=60, tol=1e-6,
-                         persist=True, progress=lambda p, got=computed: got.append(p["computed"]))
-        runs.append((res, computed))
-    (a, comp_a), (b, comp_b) = runs
-    assert min(comp_a) < 0.3 and min(comp_b) == 1.0  # bounds were used, and only there
-    for ma, mb in zip(a.results, b.results, strict=True):
-        assert_array_equal(ma.centres, mb.centres)
-        assert ma.n_iter == mb.n_iter
-        assert ma.inertia_history == mb.inertia_history
-        assert_array_equal(np.concatenate(ma.labels), np.concatenate(mb.labels))
