@@ -141,8 +141,8 @@ def chunk_stats(chunk: Chunk) -> tuple[int, np.ndarray, np.ndarray, bool, float,
         s1i = np.zeros(d, dtype=np.int64)
         s2i = np.zeros(d, dtype=np.int64)
         _col_stats_u8(chunk.x, s1i, s2i)
-        return (chunk.x.shape[0], s1i / chunk.divisor, s2i / chunk.divisor**2, True,
-                float(chunk.x.max(initial=0)), nmax)
+        # pixels' sums need no fixed point: 255 bounds them, no pass to find the largest
+        return chunk.x.shape[0], s1i / chunk.divisor, s2i / chunk.divisor**2, True, 255.0, nmax
     s1 = np.zeros(d)
     s2 = np.zeros(d)
     # one compiled pass (numpy took five: a copy, isfinite, two sums and a max)
@@ -180,8 +180,6 @@ class Fixed:
 
     scale: float
     sq_scale: float
-    rows: int = 0  # rows in the set
-    sq_max: float = 0.0  # their largest squared norm (scaled units)
 
 
 def _pow2_for(n: int, vmax: float) -> float:
@@ -196,9 +194,8 @@ def fixed_for(stats: list[tuple]) -> Fixed:
     """The fixed-point units for rows whose :func:`chunk_stats` are ``stats`` (one set of rows,
     all its chunks: the units then depend on the rows alone, not on how they are chunked)."""
     n = sum(int(s[0]) for s in stats)
-    sq_max = max((s[5] for s in stats), default=0.0)
     return Fixed(scale=_pow2_for(n, max((s[4] for s in stats), default=0.0)),
-                 sq_scale=_pow2_for(n, sq_max), rows=n, sq_max=sq_max)
+                 sq_scale=_pow2_for(n, max((s[5] for s in stats), default=0.0)))
 
 
 def sum_divisors(dtype: np.dtype, divisor: float, fixed: Fixed | None) -> tuple[float, float]:

@@ -190,7 +190,7 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
           tol: float | Sequence[float], progress: Callable[[dict], None] | None = None,
           on_iteration: Callable[[list[ModelState]], None] | None = None,
           groups: Groups | None = None,
-          fixed: Sequence[kernels.Fixed | None] | None = None) -> list[ModelResult]:
+          fixed: Sequence[kernels.Fixed] | None = None) -> list[ModelResult]:
     """Run Lloyd iterations on every model until each converges or hits ``max_iter``.
 
     ``tol`` is absolute (scikit-learn's relative tol times the mean feature variance), one for
@@ -199,8 +199,8 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
     each iteration (for checkpoints: restarting from those states continues bit-identically).
     ``groups``: which rows each model is fitted to (default: all rows, every model); progress
     reports the models of group 0. ``fixed``: per group, the integer units of float rows'
-    sums (:func:`kmdask.engine.kernels.fixed_for` of the group's chunk stats); where not given
-    for float rows, one pass computes them. Small persisted data runs its iterations in
+    sums (:func:`kmdask.engine.kernels.fixed_for` of the group's chunk stats); where not given,
+    one pass computes them. Small persisted data runs its iterations in
     rounds on one worker (:mod:`kmdask.engine.local`), with the same results.
     """
     from kmdask.engine import local
@@ -219,8 +219,7 @@ def lloyd(data: ChunkedRows, states: list[ModelState], max_iter: int,
     return final_assignment(data, states, groups, fixed, token)
 
 
-def group_units(data: Any, groups: Groups, stats: list | None = None
-                ) -> list[kernels.Fixed | None]:
+def group_units(data: Any, groups: Groups, stats: list | None = None) -> list[kernels.Fixed]:
     """Per group, the fixed-point units of its rows' sums (:class:`kmdask.engine.kernels.Fixed`),
     from the groups' chunk stats (:func:`kmdask.engine.kernels.chunk_stats`; one pass when not
     given)."""
@@ -234,15 +233,12 @@ def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: l
                      progress: Callable[[dict], None] | None = None,
                      on_iteration: Callable[[list[ModelState]], None] | None = None,
                      groups: Groups | None = None, token: str = "",
-                     until: float | None = None,
-                     fixed: Sequence[kernels.Fixed | None] | None = None) -> None:
+                     until: float | None = None, *, fixed: Sequence[kernels.Fixed]) -> None:
     """The iterations of :func:`lloyd` over ``data`` (a ChunkedRows, or any object with its
     pass interface), updating ``states`` in place; with ``until`` (a ``time.perf_counter``
     value), stop after the iteration that passes it. ``fixed`` as for :func:`lloyd`."""
     cdt = kernels.compute_dtype(data.dtype)
     groups = groups or Groups.single(data.n_chunks, len(states))
-    if fixed is None:
-        fixed = group_units(data, groups)
     per_chunk = [(g, fixed[g]) for g in groups.chunk]
     it = max(s.n_iter for s in states) if states else 0
     while it < max_iter:
@@ -313,16 +309,13 @@ def _final_chunk(chunk: kernels.Chunk, stacks, keep, bounds, g: int,
     return np.ascontiguousarray(state.labels.T), res.sums, res.counts, res.sq
 
 
-def final_assignment(data: ChunkedRows, states: list[ModelState], groups: Groups | None = None,
-                     fixed: Sequence[kernels.Fixed | None] | None = None,
-                     token: str = "") -> list[ModelResult]:
+def final_assignment(data: ChunkedRows, states: list[ModelState], groups: Groups,
+                     fixed: Sequence[kernels.Fixed], token: str = "") -> list[ModelResult]:
     """One pass: labels and inertia of every model for its final centres (labels: one array
     per chunk of the model's group). It is a Lloyd pass like the others (reusing the state the
     iterations left next to persisted chunks), so the inertia comes from exact integer sums
-    too: the same whatever the chunking."""
-    groups = groups or Groups.single(data.n_chunks, len(states))
-    if fixed is None:
-        fixed = group_units(data, groups)
+    too: the same whatever the chunking. ``fixed`` as for :func:`lloyd`; ``token``: the model
+    ids' prefix the iterations used, so that their state is found."""
     stacks = _stacks(states, list(range(len(states))), groups,
                      kernels.compute_dtype(data.dtype), lambda i: (token, i))
     keep, bounds = _state_room(data, len(states), sum(s.k for s in states))
