@@ -238,14 +238,48 @@ def _reuse(prev: Bounds | None, ids: tuple, starts: np.ndarray, stops: np.ndarra
     old = [where[i] for i in ids]
     if any(prev.stops[o] - prev.starts[o] != k for o, k in zip(old, sizes, strict=True)):
         return None
-    cols = np.concatenate([np.arange(prev.starts[o], prev.stops[o]) for o in old])
-    has = prev.upper is not None
-    return Bounds(ids=ids, centres=prev.centres[cols], starts=starts, stops=stops,
-                  labels=prev.labels[:, old], sums=prev.sums[cols], counts=prev.counts[cols],
-                  sq=prev.sq[cols], upper=prev.upper[:, old] if has else None,
-                  lower=prev.lower[:, cols] if has else None,
-                  drift=prev.drift[cols] if has else None, bounded=prev.bounded,
-                  computed=prev.computed, changed=prev.changed, fixed=prev.fixed)
+    return select(prev, ids)
+
+
+def select(state: Bounds, ids: tuple, with_bounds: bool = True) -> Bounds:
+    """The part of ``state`` about the models ``ids`` (each one of its ids), in that order;
+    without its distance bounds if not ``with_bounds`` (labels and sums are the small part)."""
+    where = {i: m for m, i in enumerate(state.ids)}
+    old = [where[i] for i in ids]
+    starts, stops = kernels.stack_bounds([int(state.stops[o] - state.starts[o]) for o in old])
+    cols = np.concatenate([np.arange(state.starts[o], state.stops[o]) for o in old])
+    has = with_bounds and state.upper is not None
+    return Bounds(ids=tuple(ids), centres=state.centres[cols], starts=starts, stops=stops,
+                  labels=state.labels[:, old], sums=state.sums[cols],
+                  counts=state.counts[cols], sq=state.sq[cols],
+                  upper=state.upper[:, old] if has else None,
+                  lower=state.lower[:, cols] if has else None,
+                  drift=state.drift[cols] if has else None, bounded=state.bounded,
+                  computed=state.computed, changed=state.changed, fixed=state.fixed)
+
+
+def join(a: Bounds | None, b: Bounds | None) -> Bounds | None:
+    """The states of one chunk for two disjoint sets of models, as one state (e.g. the models
+    still running and those that stopped earlier, for the final pass). None where they do not
+    fit together: the next pass then starts from scratch, with the same results."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a.labels.shape[0] != b.labels.shape[0] or a.sums.dtype != b.sums.dtype \
+            or a.centres.dtype != b.centres.dtype or a.fixed != b.fixed:
+        return None
+    has = a.upper is not None and b.upper is not None
+    starts, stops = kernels.stack_bounds([int(k) for k in np.concatenate(
+        [a.stops - a.starts, b.stops - b.starts])])
+    return Bounds(ids=a.ids + b.ids, centres=np.concatenate([a.centres, b.centres]),
+                  starts=starts, stops=stops, labels=np.hstack([a.labels, b.labels]),
+                  sums=np.concatenate([a.sums, b.sums]),
+                  counts=np.concatenate([a.counts, b.counts]), sq=np.concatenate([a.sq, b.sq]),
+                  upper=np.hstack([a.upper, b.upper]) if has else None,
+                  lower=np.hstack([a.lower, b.lower]) if has else None,
+                  drift=np.concatenate([a.drift, b.drift]) if has else None,
+                  # whichever part argues for a GEMM pass decides (see lloyd_pass)
+                  bounded=a.bounded or b.bounded, computed=max(a.computed, b.computed),
+                  changed=max(a.changed, b.changed), fixed=a.fixed)
 
 
 def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,

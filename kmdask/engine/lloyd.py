@@ -31,6 +31,7 @@ from kmdask.engine import kernels
 from kmdask.engine.executor import ChunkedRows
 
 _BOUNDS = "pruned.bounds"  # key of a chunk's labels and distance bounds in its cache
+_PARKED = "pruned.parked"  # ... and of those of the models that stopped (for the final pass)
 USE_BOUNDS = True  # distance bounds (off: same results, every pass a GEMM pass; for tests)
 
 
@@ -133,9 +134,17 @@ def _lloyd_chunk(chunk: kernels.Chunk, stacks, keep, bounds, g: int,
         a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False,
                            fixed=fixed)
         return a.sums, a.counts, a.sq, a.counts.size * chunk.x.shape[0]
-    prev = chunk.cache.pop(_BOUNDS, None)  # taken out first: a failed pass leaves nothing stale
+    # taken out first: a failed pass leaves nothing stale
+    prev = chunk.cache.pop(_BOUNDS, None)
+    parked = chunk.cache.pop(_PARKED, None)
+    gone = () if prev is None else tuple(i for i in prev.ids if i not in set(ids))
+    if gone:  # models that stopped: their labels and sums wait for the final pass, which
+        # then moves only the rows that change instead of adding every row again
+        parked = pruned.join(parked, pruned.select(prev, gone, with_bounds=False))
     res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, keep, bounds, fixed)
     chunk.cache[_BOUNDS] = state
+    if parked is not None:
+        chunk.cache[_PARKED] = parked
     return res.sums, res.counts, res.sq, res.computed
 
 
@@ -301,11 +310,13 @@ def _final_chunk(chunk: kernels.Chunk, stacks, keep, bounds, g: int,
     """One more Lloyd pass, keeping the labels and dropping the chunk's state (the fit is
     over): labels per model, integer sums, counts and squared norms."""
     c, starts, stops, ids, _ = stacks[g]
-    prev = chunk.cache.pop(_BOUNDS, None)
+    prev = pruned.join(chunk.cache.pop(_BOUNDS, None), chunk.cache.pop(_PARKED, None))
     if not keep:
         a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, fixed=fixed)
         return a.labels, a.sums, a.counts, a.sq
-    res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, True, bounds, fixed)
+    # no bounds: those of models that stopped early are stale, and a pass of one-by-one
+    # distances costs more than the GEMM; the labels still save adding every row again
+    res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, True, False, fixed)
     return np.ascontiguousarray(state.labels.T), res.sums, res.counts, res.sq
 
 
