@@ -594,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
                 _init_centres(xb, args.init_seed, initb, sample=xb.shape[0] // 10)
                 res["init_big_s"] = time.perf_counter() - t
                 skipped = {lib: "minutes per fit at this size (not run; --big-libs adds it)"
-                           for lib in args.libs if lib not in args.big_libs}
+                           for lib in args.libs
+                           if lib not in args.big_libs and lib not in FLOAT_LIBS}
                 title = (f"shared init (k-means++, seed {args.init_seed}, on a seeded "
                          f"{xb.shape[0] // 10:,}-row sample), tol=0, "
                          f"{args.iters} iterations, {xb.shape[0]:,} rows, "

@@ -305,7 +305,7 @@ def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: l
             return
 
 
-def _final_chunk(chunk: kernels.Chunk, stacks, keep, bounds, g: int,
+def _final_chunk(chunk: kernels.Chunk, stacks, keep, g: int,
                  fixed: kernels.Fixed | None):
     """One more Lloyd pass, keeping the labels and dropping the chunk's state (the fit is
     over): labels per model, integer sums, counts and squared norms."""
@@ -329,8 +329,8 @@ def final_assignment(data: ChunkedRows, states: list[ModelState], groups: Groups
     ids' prefix the iterations used, so that their state is found."""
     stacks = _stacks(states, list(range(len(states))), groups,
                      kernels.compute_dtype(data.dtype), lambda i: (token, i))
-    keep, bounds = _state_room(data, len(states), sum(s.k for s in states))
-    parts = data.map(_final_chunk, stacks, keep, bounds,
+    keep, _ = _state_room(data, len(states), sum(s.k for s in states))
+    parts = data.map(_final_chunk, stacks, keep,
                      per_chunk=[(g, fixed[g]) for g in groups.chunk])
     out: list = [None] * len(states)
     for g, st in enumerate(stacks):
