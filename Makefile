@@ -26,9 +26,12 @@ help:
 	@echo "make clean   remove .venv, data/, runs/, report/ and caches"
 
 # One stamp per set of extras; each reinstalls when pyproject.toml changes.
+# Installing also compiles the engine's numba kernels into their on-disk cache (~15 s, once
+# per checkout), as a build step would, so that a first fit does not compile them.
 $(VENV)/.stamp-runtime: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e .
+	$(PY) -c "from kmdask.batch.fitkinds import warm; warm()"
 	@touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-runtime
