@@ -18,6 +18,7 @@ bounds (:mod:`kmdask.engine.incremental`) gives the very same labels as a full p
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -367,6 +368,25 @@ def decision(chunk: Chunk, c: np.ndarray, starts: np.ndarray, stops: np.ndarray)
                     slack=f64_slack(d))
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A per-thread scratch array of ``shape`` (contents undefined), reused across calls.
+
+    Dask's nanny sets a low ``MALLOC_TRIM_THRESHOLD_``, which also pins glibc's mmap threshold
+    at 128 KiB: every larger temporary is a fresh mapping that page-faults on first touch, which
+    made a pass's block buffers cost up to a fifth of the pass. A name may be held by one
+    user at a time per thread (the caller's contract: the names are module-private)."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    dt = np.dtype(dtype)
+    size = int(np.prod(shape))
+    buf = pool.get((name, dt))
+    if buf is None or buf.size < size:
+        buf = pool[(name, dt)] = np.empty(max(size, 1), dtype=dt)
+    return buf[:size].reshape(shape)
+
+
 def gemm_blocks(chunk: Chunk, c: np.ndarray):
     """Yield ``(start, raw rows, dots)`` per row block: one GEMM of the scaled rows against all
     centres ``c`` (compute dtype). ``dots`` is a reused buffer, valid until the next block."""
@@ -377,8 +397,8 @@ def gemm_blocks(chunk: Chunk, c: np.ndarray):
     # Buffers reused across blocks: fresh multi-MB temporaries page-fault on every block in
     # dask workers (the nanny sets a low MALLOC_TRIM_THRESHOLD_), which made this 4x slower.
     rows = min(BLOCK_ROWS, n)
-    xbuf = np.empty((rows, d) if x.dtype != cdt else (1, 1), dtype=cdt)
-    dbuf = np.empty((rows, c.shape[0]), dtype=cdt)
+    xbuf = scratch("gemm.x", (rows, d) if x.dtype != cdt else (1, 1), cdt)
+    dbuf = scratch("gemm.dots", (rows, c.shape[0]), cdt)
     div = cdt.type(chunk.divisor)
     for s in range(0, n, BLOCK_ROWS):
         xr = x[s : s + BLOCK_ROWS]
