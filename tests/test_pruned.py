@@ -235,6 +235,33 @@ def test_float_rows_near_ties_are_decided_exactly():
     assert_array_equal(state.labels[:, 0], want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_code_passes_decide_near_ties_exactly(monkeypatch, dtype):
+    """GEMM and bounded passes screened by the row code, on rows whose two nearest centres
+    differ by far less than the code's residual: every label is still the exact argmin."""
+    monkeypatch.setattr(pruned, "_BOUNDS_FROM", 1.0)
+    monkeypatch.setattr(pruned, "_ELKAN_MAX", 1.0)
+    rng = np.random.default_rng(5)
+    x = rng.random((3000, 48)).astype(dtype)
+    c1 = rng.random(48)
+    c2 = c1.copy()
+    c2[:6] += 1e-5 * rng.choice([-1, 1], 6)
+    c = np.stack([c1, c2, rng.random(48) + 0.4, rng.random(48)]).astype(dtype)
+    starts, stops = kernels.stack_bounds([4])
+    d = ((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    want = d.argmin(1)
+    chunk = _fchunk(x)
+    fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
+    state, kinds = None, []
+    for _ in range(4):  # fresh GEMM (builds the code), code GEMM with bounds, then bounded
+        res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+        assert_array_equal(state.labels[:, 0], want)
+        kinds.append(state.bounded)
+    assert state.code is not None and kinds == [False, False, True, True]
+    assert (np.sort(d, axis=1)[:, 1] - d.min(1) < 1e-3).mean() > 0.2  # ties the code cannot split
+    assert state.code.eps.min() > 1e-3
+
+
 def test_float_sums_do_not_depend_on_chunking_and_stay_in_range():
     # values spanning 60 orders of magnitude: fixed point must neither overflow nor depend on
     # where the chunks are cut
@@ -285,3 +312,68 @@ def test_fit_is_bit_identical_across_chunkings_and_streaming(mnist8, client, dty
     c = ref.centres
     d = ((x.astype(np.float64)[:, None] / scale - c[None]) ** 2).sum(-1)
     assert_array_equal(lab, d.argmin(1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_code_bounds_its_residual(dtype):
+    """eps bounds ||x - xhat|| in exact arithmetic, for signs, constant rows, wide ranges."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (12, 40))
+    x[1] = 0.25  # constant row: step 0, exact
+    x[2] *= 1e30
+    x[3] *= 1e-30
+    x[4, ::2] = -0.0
+    x[5] = np.where(rng.random(40) < 0.8, 0.0, rng.random(40))  # sparse, pixel-like
+    x = x.astype(dtype)
+    code = pruned.row_code(x)
+    assert code.q.dtype == np.uint8 and code.q.shape == x.shape
+    for r in range(x.shape[0]):
+        lo, h = Fraction(code.lo[r]), Fraction(code.step[r])
+        xhat = [lo + h * int(k) for k in code.q[r]]
+        res2 = sum((Fraction(float(v)) - w) ** 2 for v, w in zip(x[r], xhat, strict=True))
+        assert Fraction(code.eps[r]) ** 2 >= res2, r
+        ref2 = float(sum(w * w for w in xhat))
+        assert_allclose(code.x2[r], ref2, rtol=1e-12)
+        assert code.qn[r] == np.sqrt((code.q[r].astype(np.int64) ** 2).sum())
+        # a useful code: within 8 bits of the row's range (plus rounding margins)
+        span = float(x[r].max()) - float(x[r].min())
+        norm = np.sqrt((x[r].astype(np.float64) ** 2).sum())
+        assert code.eps[r] <= np.sqrt(x.shape[1]) * span / 255 * 1.001 + 1e-6 * norm
+    assert code.eps[1] < 1e-6 and code.lo[1] == np.float64(dtype(0.25))
+
+
+@pytest.mark.parametrize("data", ["pixels", "noisy"])
+def test_row_code_changes_nothing_but_the_rows_read(mnist8, monkeypatch, data):
+    """Passes screened by the row code give bit-identical state to passes without it, and
+    read fewer rows where the code is fine enough (pixel-like floats) than without it."""
+    monkeypatch.setattr(pruned, "_BOUNDS_FROM", 1.0)
+    monkeypatch.setattr(pruned, "_ELKAN_MAX", 1.0)
+    x8 = mnist8[:3000]
+    x = (x8.astype(np.float32) / np.float32(255) if data == "pixels"
+         else _signed(x8, np.float32) * np.float32(4))  # noise: a coarse code, many fallbacks
+    chunk = _fchunk(x)
+    fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
+    sdiv = kernels.sum_divisors(x.dtype, 1.0, fixed)
+    starts, stops = kernels.stack_bounds([10, 10, 5])
+    c0 = x[np.random.default_rng(2).choice(x.shape[0], 25, replace=False)].astype(np.float64)
+    runs = {}
+    for coded in (True, False):
+        if not coded:
+            monkeypatch.setattr(pruned, "_CODE", False)
+        c, state, out = c0.copy(), None, []
+        for _ in range(10):
+            res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+            out.append((res, state.labels.copy(), state.bounded))
+            c = res.sums / sdiv[0] / np.maximum(res.counts, 1)[:, None]
+        assert (state.code is not None) == coded
+        runs[coded] = out
+    read = {k: sum(r.read for r, _, b in v if b) for k, v in runs.items()}
+    for (a, la, ba), (b, lb, bb) in zip(runs[True], runs[False], strict=True):
+        assert ba == bb
+        assert_array_equal(la, lb)
+        for f in ("sums", "counts", "sq"):
+            assert_array_equal(getattr(a, f), getattr(b, f))
+    assert read[True] > 0  # rows that move, or that the code cannot settle, are read
+    assert read[True] < (0.5 if data == "pixels" else 1.0) * read[False], read

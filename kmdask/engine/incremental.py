@@ -21,6 +21,16 @@ Results are identical to a pass from scratch, not merely close:
   float rows in the fixed point of :class:`kmdask.engine.kernels.Fixed`), so updating them by
   the rows that changed label equals summing from scratch.
 
+Float rows are four (float32) or eight (float64) times the bytes of pixels, and a pass reads
+nearly every row (a bounded pass for its own-centre distance), so it is bound by memory traffic.
+They therefore also keep a compact copy (:class:`RowCode`: each row as 8-bit steps over its own
+range, with a proven bound on its residual), built by the first pass while each block is in
+cache. Later passes decide from the code, with every distance bound widened by the residual
+(a GEMM pass: a GEMM of the codes; a bounded pass: the code's own-centre distance first), and
+read the float row only where the code cannot decide or the row changes cluster. It costs a
+byte per value, kept with the bounds; results are unchanged, since the code only ever yields
+valid bounds.
+
 The state (:class:`Bounds`) is kept by the caller next to the chunk and passed back; without it
 (streamed data, a recomputed chunk, a resumed fit) the pass simply computes every row.
 """
@@ -36,6 +46,126 @@ from kmdask.engine import kernels
 
 _BOUNDS_FROM = 0.15  # set bounds up once a pass changes at most this share of the labels
 _ELKAN_MAX = 0.25  # drop them after a bounded pass that computed more than this share
+_CODE = True  # keep float rows' RowCode (tests turn it off to compare)
+_CODE_MAX = 0.5  # a GEMM pass reads float rows directly once the code left this share undecided
+_GATHER_FROM = 64  # rows of a block the code left open: a GEMM of them above, compiled dots below
+
+
+@dataclass(frozen=True)
+class RowCode:
+    """Float rows as 8-bit codes: ``xhat = lo + step * q`` per row, ``||x - xhat|| <= eps``.
+
+    For a centre c, ``||xhat - c|| -+ eps`` bound ``||x - c||`` from both sides (triangle
+    inequality), and ``||xhat - c||^2`` takes a byte per value to compute. The code is only a
+    screen: any rounding of it is allowed, since ``eps`` is measured from what it stores.
+    """
+
+    q: np.ndarray  # (n, d) uint8
+    lo: np.ndarray  # (n,) float64 row minimum
+    step: np.ndarray  # (n,) float64 (max - min) / 255
+    eps: np.ndarray  # (n,) float64 bound on ||x - xhat||
+    x2: np.ndarray  # (n,) float64 ||xhat||^2
+    qn: np.ndarray  # (n,) float64 ||q||, for the GEMM-style error bound of q . c
+
+
+@njit(cache=True, nogil=True)
+def _row_range(xi, mask, shift, lo, hi):  # pragma: no cover - compiled
+    # Per-row min and max of float rows read as integers (xi: their bits). Flipping the low
+    # bits of negatives orders the bits as the floats (finite ones); integer min/max
+    # vectorise, float ones compile to a scalar chain (NaN rules) about 5x slower.
+    for r in range(xi.shape[0]):
+        mn = xi[r, 0] ^ ((xi[r, 0] >> shift) & mask)
+        mx = mn
+        for p in range(xi.shape[1]):
+            k = xi[r, p] ^ ((xi[r, p] >> shift) & mask)
+            mn = min(mn, k)
+            mx = max(mx, k)
+        lo[r] = mn ^ ((mn >> shift) & mask)
+        hi[r] = mx ^ ((mx >> shift) & mask)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _row_code(x, mn, mx, q, step, eps, x2, qn, u):  # pragma: no cover - compiled
+    # One pass in the rows' own dtype (vector width) per row, with a proven residual bound.
+    # With D = x - lo and t = D / h the exact step count, the code stores k = round(t_fl) for
+    # t_fl = fl(fl(D) * fl(1/h)) = t (1 + theta), |theta| <= 3.001 u and |t| <= 255.001, so
+    # |t_fl - t| <= 766 u per value. ||x - xhat|| = h ||t - k|| <= h (||t_fl - k|| + 766 u
+    # sqrt(d)); ||t_fl - k|| is summed in the same pass, its rounding covered by the factor
+    # 1 + 2 (d + 1) u (fastmath: any summation order). The sums of k and k^2 are exact
+    # (int32: the caller keeps d * 255**2 below 2**31), so ||xhat||^2 = d lo^2 + 2 lo h sum k
+    # + h^2 sum k^2 errs by a few float64 ulps of its terms: their square root joins eps.
+    d = x.shape[1]
+    big = np.finfo(x.dtype).max
+    for r in range(x.shape[0]):
+        lo = np.float64(mn[r])
+        h = (np.float64(mx[r]) - lo) / 255.0
+        inv = 1.0 / h if h > 0.0 else 0.0
+        s2 = x.dtype.type(0.0)
+        k1 = 0
+        k2 = 0
+        if inv < big:
+            inv_t = x.dtype.type(inv)
+            lo_t = mn[r]
+            for p in range(d):
+                t = (x[r, p] - lo_t) * inv_t
+                k = min(np.floor(t + x.dtype.type(0.5)), x.dtype.type(255.0))
+                e = t - k
+                s2 += e * e
+                q[r, p] = np.uint8(np.int32(k))
+            for p in range(d):  # apart: integer sums in the float loop stop it vectorising
+                ki = np.int32(q[r, p])
+                k1 += ki
+                k2 += ki * ki
+            rn = np.sqrt(np.float64(s2) * (1.0 + 2.0 * (d + 1) * u)) / (1.0 - u)
+            res = h * (rn + 766.0 * u * np.sqrt(np.float64(d))) * (1.0 + 1e-12)
+        else:  # a range too narrow for 1/h in this dtype: xhat = lo, residual measured
+            e2 = 0.0
+            for p in range(d):
+                q[r, p] = 0
+                e2 += (np.float64(x[r, p]) - lo) ** 2
+            h = 0.0
+            res = np.sqrt(e2 * (1.0 + 4.0 * (d + 1) * 2.0**-53)) * (1.0 + 1e-12)
+        terms = d * lo * lo + 2.0 * abs(lo) * h * k1 + h * h * k2
+        step[r] = h
+        x2[r] = d * lo * lo + 2.0 * lo * h * k1 + h * h * k2
+        qn[r] = np.sqrt(np.float64(k2))
+        eps[r] = res + np.sqrt(8.0 * 2.0**-53 * terms) + 1e-300
+
+
+CODE_MAX_D = (2**31 - 1) // 255**2  # the code's integer sums per row stay in int32
+
+
+def empty_code(n: int, d: int) -> RowCode:
+    """A :class:`RowCode` for ``n`` rows of ``d`` values, to be filled by :func:`code_rows`."""
+    return RowCode(q=np.empty((n, d), dtype=np.uint8), lo=np.empty(n), step=np.empty(n),
+                   eps=np.empty(n), x2=np.empty(n), qn=np.empty(n))
+
+
+def code_rows(x: np.ndarray, code: RowCode, start: int = 0) -> RowCode:
+    """Fill rows ``start:start + len(x)`` of ``code`` with the code of finite float rows ``x``
+    (used as they are: divisor 1; at most :data:`CODE_MAX_D` values a row). A pass calls it
+    per row block, while the block is in cache."""
+    n, d = x.shape
+    if n and d:
+        it = np.dtype(f"int{8 * x.dtype.itemsize}")
+        bits = np.ascontiguousarray(x).view(it)
+        mn, mx = np.empty(n, dtype=it), np.empty(n, dtype=it)
+        _row_range(bits, it.type(np.iinfo(it).max), it.type(8 * it.itemsize - 1), mn, mx)
+        mn, mx = mn.view(x.dtype), mx.view(x.dtype)
+        rows = slice(start, start + n)
+        code.lo[rows] = mn
+        _row_code(x, mn, mx, code.q[rows], code.step[rows], code.eps[rows], code.x2[rows],
+                  code.qn[rows], 2.0**-53 if x.dtype == np.float64 else 2.0**-24)
+    return code
+
+
+def row_code(x: np.ndarray) -> RowCode:
+    """The :class:`RowCode` of finite float rows ``x`` (n, d), used as they are (divisor 1)."""
+    return code_rows(x, empty_code(*x.shape))
+
+
+_NO_CODE = RowCode(q=np.zeros((1, 1), dtype=np.uint8), lo=np.zeros(1), step=np.zeros(1),
+                   eps=np.zeros(1), x2=np.zeros(1), qn=np.zeros(1))  # same types: one kernel
 
 
 @dataclass
@@ -64,6 +194,8 @@ class Bounds:
     computed: float  # share of the distances that pass computed
     changed: float  # share of the (row, model) labels that pass changed
     fixed: kernels.Fixed | None = None  # the units of float rows' sums
+    code: RowCode | None = None  # float rows' compact copy (see RowCode)
+    unsettled: float = 0.0  # share of rows the code left undecided in the last GEMM pass
 
 
 @dataclass
@@ -77,6 +209,7 @@ class PassResult:
     computed: int  # distances computed (row x centre)
     possible: int  # rows x centres
     changed: int  # (row, model) labels that changed (all of them on a first pass)
+    read: int  # rows whose values the pass read (the rest were settled by bounds or code)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -122,13 +255,21 @@ def _dot(xf, c, j):  # pragma: no cover - compiled
     return acc
 
 
+@njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _code_d2(qf, lo, step, x2, c, csum, cnorm, j):  # pragma: no cover - compiled
+    # ||xhat - c_j||^2 with xhat = lo + step * q: see the error bound where it is used
+    return x2 + cnorm[j] - 2.0 * (lo * csum[j] + step * np.float64(_dot(qf, c, j)))
+
+
 @njit(cache=True, nogil=True)
-def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef,
-                slack, bounds, labels, upper, lower, sums, counts, sq, scale):  # pragma: no cover
-    # Every distance of a block from its GEMM: decide, move changed rows, set fresh bounds.
+def _full_block(dots, rows, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc,
+                coef, slack, bounds, labels, upper, lower, sums, counts, sq,
+                scale):  # pragma: no cover - compiled
+    # Every distance of a block's rows from its GEMM (dots[i] is row rows[i]): decide, move
+    # changed rows, set fresh bounds.
     changed = 0
     for i in range(dots.shape[0]):
-        r = s + i
+        r = rows[i]
         if bounds:  # one flat loop over all centres (r2c, rsc: their model's r2, rs): SIMD
             for j in range(cnorm.shape[0]):
                 e = coef * xs[r] * rsc[j] + slack * (xnorm[r] + r2c[j] + 1.0)
@@ -152,17 +293,82 @@ def _full_block(dots, s, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, 
     return changed
 
 
+@njit(cache=True, nogil=True)
+def _code_block(qdots, s, xnorm, xsq, x, starts, stops, cnorm, csum, r2, rs, coef, slack,
+                qlo, qstep, qeps, qx2, qn, bounds, labels, upper, lower, sums, counts, sq,
+                scale, best, vals, flagged):  # pragma: no cover - compiled
+    # A GEMM pass's decisions from the rows' codes (qdots[i] = q_r . c, in the compute dtype):
+    # a row is settled when, for every model, the code's upper bound on the nearest distance
+    # is below its lower bound on every other (as the bounded pass's test); the others go to
+    # ``flagged`` for the exact GEMM. Returns (labels changed, rows moved, rows flagged).
+    changed = 0
+    moved = 0
+    nflag = 0
+    sqd = np.sqrt(np.float64(x.shape[1]))
+    for i in range(qdots.shape[0]):
+        r = s + i
+        h = qstep[r]
+        x2 = qx2[r]
+        for j in range(cnorm.shape[0]):  # ||xhat - c_j||^2 - ||xhat||^2, all centres: SIMD
+            vals[j] = cnorm[j] - 2.0 * (qlo[r] * csum[j] + h * np.float64(qdots[i, j]))
+        settled = True
+        for m in range(starts.shape[0]):
+            a = starts[m]
+            b = stops[m]
+            ec = coef * h * qn[r] * rs[m] + slack * (x2 + r2[m] + 2.0 * abs(qlo[r]) * sqd * rs[m]
+                                                     + 1.0)
+            k = a  # nearest (ties to the lowest index) and runner-up, branch free
+            kv = vals[a]
+            second = np.inf
+            for j in range(a + 1, b):
+                v = vals[j]
+                second = min(second, max(kv, v))
+                k = j if v < kv else k
+                kv = min(kv, v)
+            u = np.float64(_f32_up(np.sqrt(max(x2 + kv + ec, 0.0)) + qeps[r]))
+            lo = np.float64(_f32_down(np.sqrt(max(x2 + second - ec, 0.0)) - qeps[r]))
+            tiny = slack * (xnorm[r] + r2[m] + 1.0)
+            if not ((lo > u) & (lo * lo - u * u > tiny)):
+                settled = False
+                break
+            best[m] = k
+        if not settled:
+            flagged[nflag] = r
+            nflag += 1
+            continue
+        was = changed
+        for m in range(starts.shape[0]):
+            a = starts[m]
+            k = best[m]
+            old = labels[r, m]
+            if old != k - a:
+                _move(x, r, a + old if old >= 0 else -1, k, xsq, sums, counts, sq, scale)
+                labels[r, m] = k - a
+                changed += 1
+            if bounds:
+                ec = coef * h * qn[r] * rs[m] + slack * (
+                    x2 + r2[m] + 2.0 * abs(qlo[r]) * sqd * rs[m] + 1.0)
+                for j in range(a, stops[m]):
+                    lower[r, j] = _f32_down(np.sqrt(max(x2 + vals[j] - ec, 0.0)) - qeps[r])
+                upper[r, m] = _f32_up(np.sqrt(max(x2 + vals[k] + ec, 0.0)) + qeps[r])
+        moved += changed > was
+    return changed, moved, nflag
+
+
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, coef, slack,
-             labels, upper, lower, sums, counts, sq, fval, js, xf, pixels, div,
-             scale):  # pragma: no cover - compiled
+             labels, upper, lower, sums, counts, sq, fval, js, xf, pixels, div, scale,
+             coded, qc, qlo, qstep, qeps, qx2, qn, csum, qf):  # pragma: no cover - compiled
     # Elkan's pass: compute only the distances that a bound cannot rule out. Returns the
-    # distances computed and the labels changed.
+    # distances computed, the labels changed and the rows read.
     computed = 0
     changed = 0
+    read = 0
+    sqd = np.sqrt(np.float64(x.shape[1]))
     for r in range(x.shape[0]):
         xn = xnorm[r]
         converted = False
+        qconv = False
         for m in range(starts.shape[0]):
             a = starts[m]
             b = stops[m]
@@ -176,6 +382,37 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 settled &= (j == own) | ((lo > u) & (lo * lo - u * u > tiny))
             if settled:  # every other centre is provably farther: the label stands
                 continue
+            if coded:  # try to settle it from the code first: a byte per value to read
+                if not qconv:
+                    for p in range(x.shape[1]):
+                        qf[p] = qc[r, p]
+                    qconv = True
+                # the error of ||xhat - c||^2 as computed: q . c like a GEMM (exact q), the
+                # rest float64 (|lo * sum(c)| <= |lo| sqrt(d) ||c||)
+                ec = coef * qstep[r] * qn[r] * rs[m] + slack * (
+                    qx2[r] + r2[m] + 2.0 * abs(qlo[r]) * sqd * rs[m] + 1.0)
+                dc = _code_d2(qf, qlo[r], qstep[r], qx2[r], c32, csum, cnorm, own)
+                ust = _f32_up(np.sqrt(max(dc + ec, 0.0)) + qeps[r] - drift[own])
+                if np.float64(ust) + drift[own] < u:
+                    upper[r, m] = ust
+                    u = np.float64(ust) + drift[own]
+                settled = True
+                for j in range(a, b):
+                    lo = np.float64(lower[r, j]) - drift[j]
+                    if j == own or ((lo > u) & (lo * lo - u * u > tiny)):
+                        continue
+                    computed += 1
+                    dc = _code_d2(qf, qlo[r], qstep[r], qx2[r], c32, csum, cnorm, j)
+                    lst = _f32_down(np.sqrt(max(dc - ec, 0.0)) - qeps[r] + drift[j])
+                    if lst > lower[r, j]:
+                        lower[r, j] = lst
+                        lo = np.float64(lst) - drift[j]
+                    if not ((lo > u) & (lo * lo - u * u > tiny)):
+                        settled = False
+                        break
+                computed += 1
+                if settled:
+                    continue
             if not converted:  # the row in the compute dtype, once, as the GEMM pass has it
                 # (a copy for float rows too: x may be read-only, and one kernel serves both)
                 if pixels:
@@ -185,6 +422,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                     for p in range(x.shape[1]):
                         xf[p] = x[r, p]
                 converted = True
+                read += 1
             e = kernels.err_bound(xn, xs[r], r2[m], rs[m], coef, slack)
             # the own distance first: it tightens the upper bound
             fown = cnorm[own] - 2.0 * np.float64(_dot(xf, c32, own))
@@ -220,7 +458,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 labels[r, m] = best - a
                 changed += 1
             upper[r, m] = _f32_up(np.sqrt(max(xn + bestv + e, 0.0)) - drift[best])
-    return computed, changed
+    return computed, changed, read
 
 
 def _reuse(prev: Bounds | None, ids: tuple, starts: np.ndarray, stops: np.ndarray, n: int,
@@ -249,13 +487,15 @@ def select(state: Bounds, ids: tuple, with_bounds: bool = True) -> Bounds:
     starts, stops = kernels.stack_bounds([int(state.stops[o] - state.starts[o]) for o in old])
     cols = np.concatenate([np.arange(state.starts[o], state.stops[o]) for o in old])
     has = with_bounds and state.upper is not None
+    c_order = np.ascontiguousarray  # column picks come out in Fortran order: one layout only
     return Bounds(ids=tuple(ids), centres=state.centres[cols], starts=starts, stops=stops,
-                  labels=state.labels[:, old], sums=state.sums[cols],
+                  labels=c_order(state.labels[:, old]), sums=state.sums[cols],
                   counts=state.counts[cols], sq=state.sq[cols],
-                  upper=state.upper[:, old] if has else None,
-                  lower=state.lower[:, cols] if has else None,
+                  upper=c_order(state.upper[:, old]) if has else None,
+                  lower=c_order(state.lower[:, cols]) if has else None,
                   drift=state.drift[cols] if has else None, bounded=state.bounded,
-                  computed=state.computed, changed=state.changed, fixed=state.fixed)
+                  computed=state.computed, changed=state.changed, fixed=state.fixed,
+                  code=state.code, unsettled=state.unsettled)
 
 
 def join(a: Bounds | None, b: Bounds | None) -> Bounds | None:
@@ -279,7 +519,57 @@ def join(a: Bounds | None, b: Bounds | None) -> Bounds | None:
                   drift=np.concatenate([a.drift, b.drift]) if has else None,
                   # whichever part argues for a GEMM pass decides (see lloyd_pass)
                   bounded=a.bounded or b.bounded, computed=max(a.computed, b.computed),
-                  changed=max(a.changed, b.changed), fixed=a.fixed)
+                  changed=max(a.changed, b.changed), fixed=a.fixed,
+                  code=a.code if a.code is not None else b.code,
+                  unsettled=max(a.unsettled, b.unsettled))
+
+
+@njit(cache=True, nogil=True)
+def _row_dots(x, rows, c, out):  # pragma: no cover - compiled
+    for i in range(rows.shape[0]):
+        for j in range(c.shape[0]):
+            out[i, j] = _dot(x[rows[i]], c, j)
+
+
+def _code_pass(chunk: kernels.Chunk, c: np.ndarray, c64: np.ndarray, code: RowCode,
+               exact: tuple) -> tuple[int, tuple[int, int]]:
+    """A GEMM pass of float rows decided from their code; the rows it cannot settle get the
+    exact GEMM (gathered). Returns the labels changed and (rows read, rows left undecided)."""
+    x = chunk.x
+    n, d = x.shape
+    ct = np.ascontiguousarray(c.T)
+    rows = min(kernels.BLOCK_ROWS, n)
+    qbuf = kernels.scratch("code.q", (rows, d), c.dtype)
+    dbuf = kernels.scratch("code.dots", (rows, c.shape[0]), c.dtype)
+    flagged = np.empty(rows, dtype=np.int64)
+    best = np.empty(exact[2].shape[0], dtype=np.int64)
+    vals = np.empty(c.shape[0])
+    csum = c64.sum(axis=1)
+    (xs, xsq, starts, stops, cnorm, _, r2, rs, _, _, coef, slack, bounds, labels, upper,
+     lower, sums, counts, sq, scale) = exact
+    changed = read = undecided = 0
+    for s in range(0, n, kernels.BLOCK_ROWS):
+        qb = code.q[s:s + kernels.BLOCK_ROWS]
+        nb = qb.shape[0]
+        np.copyto(qbuf[:nb], qb)  # small integers: exact in any float dtype
+        qd = np.matmul(qbuf[:nb], ct, out=dbuf[:nb])
+        ch, moved, nf = _code_block(
+            qd, s, chunk.xnorm, xsq, x, starts, stops, cnorm, csum, r2, rs, coef, slack,
+            code.lo, code.step, code.eps, code.x2, code.qn, bounds, labels, upper, lower,
+            sums, counts, sq, scale, best, vals, flagged)
+        changed += ch
+        read += moved + nf
+        undecided += nf
+        if nf:  # the exact dots of the rows the code left open, then the usual decision
+            fr = flagged[:nf]
+            if nf > _GATHER_FROM:
+                xb = np.take(x, fr, axis=0, out=kernels.scratch("code.x", (nf, d), c.dtype))
+                dots = np.matmul(xb, ct, out=dbuf[:nf])
+            else:  # a tiny GEMM costs ~0.5 ms of call overhead: compiled dots instead
+                dots = dbuf[:nf]
+                _row_dots(x, fr, c, dots)
+            changed += _full_block(dots, fr, x, chunk.xnorm, *exact)
+    return changed, (read, undecided)
 
 
 def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
@@ -300,6 +590,9 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
       several times its share of a GEMM, so after a pass that still computed many, the bounds
       are dropped until labels settle again.
 
+    Float rows with a state are decided from their :class:`RowCode` first (in both kinds of
+    pass), reading the rows only where it cannot decide; the first pass builds the code.
+
     Parameters
     ----------
     chunk : a :class:`kmdask.engine.kernels.Chunk` of uint8, float32 or float64 rows.
@@ -311,8 +604,9 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         place, so the caller must drop its reference before the call (a failed pass then
         leaves no half-updated state behind).
     keep : build the state for the next pass (False when the chunk will not be seen again).
-    bounds : keep distance bounds in the state (4 bytes per row and centre); without them the
-        state holds labels and sums only and every pass is a GEMM pass.
+    bounds : keep distance bounds in the state (4 bytes per row and centre, plus a byte per
+        value for float rows' code); without them the state holds labels and sums only and
+        every pass is a GEMM pass of the rows themselves.
     fixed : the integer units of float rows' sums (required for them; see
         :func:`kmdask.engine.kernels.fixed_for`); uint8 rows are summed as raw integers.
 
@@ -347,43 +641,66 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         # each centre's movement, rounded up, added to what it moved before
         delta = np.sqrt(((c64 - state.centres.astype(np.float64)) ** 2).sum(axis=1))
         drift = state.drift + delta * (1.0 + 1e-9)
-        computed, changed = _bounded(
+        code = state.code
+        rc = _NO_CODE if code is None else code
+        computed, changed, read = _bounded(
             x, chunk.xnorm, xs, xsq, c, cnorm, craw, starts, stops, drift, r2, rs, coef,
             slack, labels, upper, lower, sums, counts, sq, np.empty(m_total),
             np.empty(m_total, dtype=np.int64),
-            np.empty(d, dtype=c.dtype), pixels, chunk.divisor, scale)
+            np.empty(d, dtype=c.dtype), pixels, chunk.divisor, scale,
+            code is not None, rc.q, rc.lo, rc.step, rc.eps, rc.x2, rc.qn, c64.sum(axis=1),
+            np.empty(d, dtype=c.dtype))
         bounded = True
     else:
+        code, unsettled = None, 0.0
         if state is not None:
             labels, sums, counts, sq = state.labels, state.sums, state.counts, state.sq
+            code, unsettled = state.code, state.unsettled
         else:
             labels = np.full((n, nmodel), -1, dtype=np.int32)
             sums = np.zeros((m_total, d), dtype=sdt)
             counts = np.zeros(m_total, dtype=np.int64)
             sq = np.zeros(m_total, dtype=np.int64)
+        # float rows' code: built while a full pass has each block in cache, used by the
+        # passes after it (kept with the bounds, so not where bounds are off)
+        build = (_CODE and bounds and code is None and not pixels and chunk.divisor == 1.0
+                 and d <= CODE_MAX_D)
+        if build:
+            code = empty_code(n, d)
+        use_code = code is not None and not build and unsettled <= _CODE_MAX
         bounds = bounds and state is not None and state.changed <= _BOUNDS_FROM
         upper = np.empty((n, nmodel) if bounds else (1, 1), dtype=np.float32)
         lower = np.empty((n, m_total) if bounds else (1, 1), dtype=np.float32)
         drift = np.zeros(m_total)
         which = np.repeat(np.arange(nmodel), stops - starts)  # each centre's model
         r2c, rsc = r2[which], rs[which]
-        changed = 0
-        for s, _, dots in kernels.gemm_blocks(chunk, c):
-            changed += _full_block(dots, s, x, chunk.xnorm, xs, xsq, starts, stops,
-                                   cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds,
-                                   labels, upper, lower, sums, counts, sq, scale)
+        exact = (xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds,
+                 labels, upper, lower, sums, counts, sq, scale)
+        if use_code:
+            changed, (read, undecided) = _code_pass(chunk, c, c64, code, exact)
+            unsettled = undecided / max(n, 1)
+        else:
+            changed = 0
+            every = np.arange(n)
+            for s, xr, dots in kernels.gemm_blocks(chunk, c):
+                if build:
+                    code_rows(xr, code, s)
+                changed += _full_block(dots, every[s:s + xr.shape[0]], x, chunk.xnorm, *exact)
+            read = n
         computed = possible
         bounded = False
         if not bounds:
             upper = lower = drift = None
     result = PassResult(sums=sums.astype(np.int64), counts=counts.copy(), sq=sq.copy(),
-                        computed=int(computed), possible=possible, changed=int(changed))
+                        computed=int(computed), possible=possible, changed=int(changed),
+                        read=int(read))
     if not keep:
         return result, None
     return result, Bounds(ids=ids, centres=c, starts=starts, stops=stops, labels=labels,
                           sums=sums, counts=counts, sq=sq, upper=upper, lower=lower,
                           drift=drift, bounded=bounded, computed=computed / possible,
-                          changed=changed / (n * nmodel), fixed=fixed)
+                          changed=changed / (n * nmodel), fixed=fixed, code=code,
+                          unsettled=state.unsettled if bounded else unsettled)
 
 
 def inertia(result_sums: np.ndarray, counts: np.ndarray, sq: np.ndarray, centres: np.ndarray,

@@ -113,11 +113,12 @@ def _stacks(states: list[ModelState], idx: list[int], groups: Groups, dtype: np.
 def _state_room(data: Any, n_models: int, n_centres: int) -> tuple[bool, bool]:
     """Whether a pass keeps labels (``keep``) and distance bounds next to the chunks: only
     persisted ones, and only as far as the memory budget has room (labels take 4 bytes per row
-    and model, bounds 4 per row and centre more)."""
+    and model; bounds 4 per row and centre more, and float rows' code a byte per value)."""
     labels_b = data.shape[0] * 4 * n_models
     keep = data.persisted and data.spare_bytes >= labels_b
+    code_b = 0 if np.dtype(data.dtype) == np.uint8 else data.shape[0] * (data.shape[1] + 40)
     bounds = getattr(data, "use_bounds", USE_BOUNDS) and \
-        data.spare_bytes >= labels_b + data.shape[0] * 4 * (n_centres + n_models)
+        data.spare_bytes >= labels_b + data.shape[0] * 4 * (n_centres + n_models) + code_b
     return keep, bounds
 
 
