@@ -246,3 +246,30 @@ def test_inertia_history_starts_at_init_and_ends_at_the_fit(blobs, client):
     assert km.inertia_history_[0] == pytest.approx(d0, rel=1e-9)
     assert all(a >= b - 1e-6 * a for a, b in zip(km.inertia_history_, km.inertia_history_[1:],
                                                   strict=False))  # Lloyd never increases it
+
+
+def test_persisted_array_is_prepared_where_its_chunks_are(client):
+    """A dask array already in worker memory keeps its chunks there: each run of chunks goes
+    to the worker holding them (here the reverse of the default order), so nothing moves."""
+    from dask.delayed import Delayed
+    from distributed import wait
+
+    from kmdask.engine.executor import ChunkedRows
+
+    workers = sorted(client.scheduler_info()["workers"])
+    rng = np.random.default_rng(0)
+    parts = [rng.random((500, 16)).astype(np.float32) for _ in range(4)]
+    # chunks 0-1 on the second worker, 2-3 on the first: the default runs would swap them
+    futs = [client.scatter(p, workers=[workers[1 - i // 2]]) for i, p in enumerate(parts)]
+    X = da.concatenate([da.from_delayed(Delayed(f.key, {f.key: f}), p.shape, p.dtype)
+                        for f, p in zip(futs, parts, strict=True)])
+    X = X.persist()
+    wait(X)
+    rows = ChunkedRows(X, persist=True)
+    owners = {i: w for (w, _), idx in rows._groups.items() for i in idx}
+    assert owners == {0: workers[1], 1: workers[1], 2: workers[0], 3: workers[0]}
+    who = client.who_has(rows._items)
+    assert [tuple(who[f.key]) for f in rows._items] == [(owners[i],) for i in range(4)]
+    got = KMeans(3, random_state=0).fit(X)
+    ref = KMeans(3, random_state=0).fit(da.from_array(np.concatenate(parts), chunks=(500, 16)))
+    assert_array_equal(got.labels_, ref.labels_)  # a fit depends on the chunking, not placement
