@@ -241,6 +241,8 @@ def test_row_code_passes_decide_near_ties_exactly(monkeypatch, dtype):
     differ by far less than the code's residual: every label is still the exact argmin."""
     monkeypatch.setattr(pruned, "_BOUNDS_FROM", 1.0)
     monkeypatch.setattr(pruned, "_ELKAN_MAX", 1.0)
+    monkeypatch.setattr(pruned, "_CODE_MIN_SETTLED", 0.0)  # keep the code however coarse
+    monkeypatch.setattr(pruned, "_CODE_MAX", 1.0)
     rng = np.random.default_rng(5)
     x = rng.random((3000, 48)).astype(dtype)
     c1 = rng.random(48)
@@ -260,6 +262,18 @@ def test_row_code_passes_decide_near_ties_exactly(monkeypatch, dtype):
     assert state.code is not None and kinds == [False, False, True, True]
     assert (np.sort(d, axis=1)[:, 1] - d.min(1) < 1e-3).mean() > 0.2  # ties the code cannot split
     assert state.code.eps.min() > 1e-3
+    # by default a code that settles under half of what it tries is dropped, labels unchanged
+    monkeypatch.setattr(pruned, "_CODE_MIN_SETTLED", 0.99)
+    for _ in range(2):
+        res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+        assert state.code is None and state.bounded
+        assert_array_equal(state.labels[:, 0], want)
+    # and a GEMM pass that finds the code too coarse reads the rows of the blocks after
+    monkeypatch.setattr(pruned, "_CODE_MAX", 0.01)
+    _, state = pruned.lloyd_pass(chunk, c, starts, stops, fixed=fixed)
+    res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+    assert_array_equal(state.labels[:, 0], want)
+    assert x.shape[0] - kernels.BLOCK_ROWS < res.read < x.shape[0] and state.unsettled > 0.5
 
 
 def test_float_sums_do_not_depend_on_chunking_and_stay_in_range():

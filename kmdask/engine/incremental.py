@@ -47,8 +47,17 @@ from kmdask.engine import kernels
 _BOUNDS_FROM = 0.15  # set bounds up once a pass changes at most this share of the labels
 _ELKAN_MAX = 0.25  # drop them after a bounded pass that computed more than this share
 _CODE = True  # keep float rows' RowCode (tests turn it off to compare)
-_CODE_MAX = 0.5  # a GEMM pass reads float rows directly once the code left this share undecided
-_GATHER_FROM = 64  # rows of a block the code left open: a GEMM of them above, compiled dots below
+# When float rows' code pays: with few centres (a pass is then bound by reading the rows, not by
+# arithmetic; with many, a row is rarely settled for every model at once), and while it
+# settles most of what it tries (noisy rows have residuals wider than their distance gaps).
+# Measured on MNIST as float32, 60k rows, 2 workers: 20 passes of K=10 0.31-0.33 s with it,
+# 0.38-0.40 s without; a 27-model sweep (162 centres) took 5-15% longer with it.
+_CODE_MAX_CENTRES = 32
+_CODE_MAX = 0.02  # GEMM passes read the rows directly once the code left this share undecided
+_CODE_MIN_SETTLED = 0.5  # a bounded pass drops the code when it settled less of what it tried
+# distances (rows x centres) the code left open in a block: a GEMM of the rows above, compiled
+# dots below (a small GEMM costs ~0.5 ms of call overhead in a worker, the dots ~40 ns each)
+_GATHER_FROM = 640
 
 
 @dataclass(frozen=True)
@@ -360,10 +369,13 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
              labels, upper, lower, sums, counts, sq, fval, js, xf, pixels, div, scale,
              coded, qc, qlo, qstep, qeps, qx2, qn, csum, qf):  # pragma: no cover - compiled
     # Elkan's pass: compute only the distances that a bound cannot rule out. Returns the
-    # distances computed, the labels changed and the rows read.
+    # distances computed, the labels changed, the rows read, and the (row, model) pairs the
+    # code tried to settle and settled.
     computed = 0
     changed = 0
     read = 0
+    tried = 0
+    decided = 0
     sqd = np.sqrt(np.float64(x.shape[1]))
     for r in range(x.shape[0]):
         xn = xnorm[r]
@@ -411,7 +423,9 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                         settled = False
                         break
                 computed += 1
+                tried += 1
                 if settled:
+                    decided += 1
                     continue
             if not converted:  # the row in the compute dtype, once, as the GEMM pass has it
                 # (a copy for float rows too: x may be read-only, and one kernel serves both)
@@ -458,7 +472,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 labels[r, m] = best - a
                 changed += 1
             upper[r, m] = _f32_up(np.sqrt(max(xn + bestv + e, 0.0)) - drift[best])
-    return computed, changed, read
+    return computed, changed, read, tried, decided
 
 
 def _reuse(prev: Bounds | None, ids: tuple, starts: np.ndarray, stops: np.ndarray, n: int,
@@ -534,7 +548,9 @@ def _row_dots(x, rows, c, out):  # pragma: no cover - compiled
 def _code_pass(chunk: kernels.Chunk, c: np.ndarray, c64: np.ndarray, code: RowCode,
                exact: tuple) -> tuple[int, tuple[int, int]]:
     """A GEMM pass of float rows decided from their code; the rows it cannot settle get the
-    exact GEMM (gathered). Returns the labels changed and (rows read, rows left undecided)."""
+    exact GEMM (gathered), and once more than _CODE_MAX of the rows so far were left open, the
+    remaining blocks are plain GEMM blocks. Returns the labels changed and (rows read, rows
+    not decided by the code)."""
     x = chunk.x
     n, d = x.shape
     ct = np.ascontiguousarray(c.T)
@@ -548,9 +564,16 @@ def _code_pass(chunk: kernels.Chunk, c: np.ndarray, c64: np.ndarray, code: RowCo
     (xs, xsq, starts, stops, cnorm, _, r2, rs, _, _, coef, slack, bounds, labels, upper,
      lower, sums, counts, sq, scale) = exact
     changed = read = undecided = 0
+    every = np.arange(n)
     for s in range(0, n, kernels.BLOCK_ROWS):
         qb = code.q[s:s + kernels.BLOCK_ROWS]
         nb = qb.shape[0]
+        if s and undecided > _CODE_MAX * s:  # the code is too coarse here: rows from now on
+            dots = np.matmul(x[s:s + nb], ct, out=dbuf[:nb])
+            changed += _full_block(dots, every[s:s + nb], x, chunk.xnorm, *exact)
+            read += nb
+            undecided += nb
+            continue
         np.copyto(qbuf[:nb], qb)  # small integers: exact in any float dtype
         qd = np.matmul(qbuf[:nb], ct, out=dbuf[:nb])
         ch, moved, nf = _code_block(
@@ -562,10 +585,10 @@ def _code_pass(chunk: kernels.Chunk, c: np.ndarray, c64: np.ndarray, code: RowCo
         undecided += nf
         if nf:  # the exact dots of the rows the code left open, then the usual decision
             fr = flagged[:nf]
-            if nf > _GATHER_FROM:
+            if nf * c.shape[0] > _GATHER_FROM:
                 xb = np.take(x, fr, axis=0, out=kernels.scratch("code.x", (nf, d), c.dtype))
                 dots = np.matmul(xb, ct, out=dbuf[:nf])
-            else:  # a tiny GEMM costs ~0.5 ms of call overhead: compiled dots instead
+            else:
                 dots = dbuf[:nf]
                 _row_dots(x, fr, c, dots)
             changed += _full_block(dots, fr, x, chunk.xnorm, *exact)
@@ -643,13 +666,15 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         drift = state.drift + delta * (1.0 + 1e-9)
         code = state.code
         rc = _NO_CODE if code is None else code
-        computed, changed, read = _bounded(
+        computed, changed, read, tried, decided = _bounded(
             x, chunk.xnorm, xs, xsq, c, cnorm, craw, starts, stops, drift, r2, rs, coef,
             slack, labels, upper, lower, sums, counts, sq, np.empty(m_total),
             np.empty(m_total, dtype=np.int64),
             np.empty(d, dtype=c.dtype), pixels, chunk.divisor, scale,
             code is not None, rc.q, rc.lo, rc.step, rc.eps, rc.x2, rc.qn, c64.sum(axis=1),
             np.empty(d, dtype=c.dtype))
+        if tried and decided < _CODE_MIN_SETTLED * tried:
+            code = None  # too coarse for these rows' gaps: it costs more than it saves
         bounded = True
     else:
         code, unsettled = None, 0.0
@@ -664,7 +689,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         # float rows' code: built while a full pass has each block in cache, used by the
         # passes after it (kept with the bounds, so not where bounds are off)
         build = (_CODE and bounds and code is None and not pixels and chunk.divisor == 1.0
-                 and d <= CODE_MAX_D)
+                 and d <= CODE_MAX_D and m_total <= _CODE_MAX_CENTRES and state is None)
         if build:
             code = empty_code(n, d)
         use_code = code is not None and not build and unsettled <= _CODE_MAX
