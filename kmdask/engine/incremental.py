@@ -264,6 +264,14 @@ def _dot(xf, c, j):  # pragma: no cover - compiled
     return acc
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _code_err(coef, slack, h, qn, x2, lo, sqd, r2, rs):  # pragma: no cover - compiled
+    # Bound on the rounding of ||xhat - c||^2 as _code_d2 computes it, for the centres of a
+    # model (r2, rs: their largest squared norm and its root): q . c as a GEMM of exact
+    # integers scaled by h, the rest in float64 (|lo * sum(c)| <= |lo| sqrt(d) ||c||).
+    return coef * h * qn * rs + slack * (x2 + r2 + 2.0 * abs(lo) * sqd * rs + 1.0)
+
+
 @njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
 def _code_d2(qf, lo, step, x2, c, csum, cnorm, j):  # pragma: no cover - compiled
     # ||xhat - c_j||^2 with xhat = lo + step * q: see the error bound where it is used
@@ -324,8 +332,7 @@ def _code_block(qdots, s, xnorm, xsq, x, starts, stops, cnorm, csum, r2, rs, coe
         for m in range(starts.shape[0]):
             a = starts[m]
             b = stops[m]
-            ec = coef * h * qn[r] * rs[m] + slack * (x2 + r2[m] + 2.0 * abs(qlo[r]) * sqd * rs[m]
-                                                     + 1.0)
+            ec = _code_err(coef, slack, h, qn[r], x2, qlo[r], sqd, r2[m], rs[m])
             k = a  # nearest (ties to the lowest index) and runner-up, branch free
             kv = vals[a]
             second = np.inf
@@ -355,8 +362,7 @@ def _code_block(qdots, s, xnorm, xsq, x, starts, stops, cnorm, csum, r2, rs, coe
                 labels[r, m] = k - a
                 changed += 1
             if bounds:
-                ec = coef * h * qn[r] * rs[m] + slack * (
-                    x2 + r2[m] + 2.0 * abs(qlo[r]) * sqd * rs[m] + 1.0)
+                ec = _code_err(coef, slack, h, qn[r], x2, qlo[r], sqd, r2[m], rs[m])
                 for j in range(a, stops[m]):
                     lower[r, j] = _f32_down(np.sqrt(max(x2 + vals[j] - ec, 0.0)) - qeps[r])
                 upper[r, m] = _f32_up(np.sqrt(max(x2 + vals[k] + ec, 0.0)) + qeps[r])
@@ -399,10 +405,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                     for p in range(x.shape[1]):
                         qf[p] = qc[r, p]
                     qconv = True
-                # the error of ||xhat - c||^2 as computed: q . c like a GEMM (exact q), the
-                # rest float64 (|lo * sum(c)| <= |lo| sqrt(d) ||c||)
-                ec = coef * qstep[r] * qn[r] * rs[m] + slack * (
-                    qx2[r] + r2[m] + 2.0 * abs(qlo[r]) * sqd * rs[m] + 1.0)
+                ec = _code_err(coef, slack, qstep[r], qn[r], qx2[r], qlo[r], sqd, r2[m], rs[m])
                 dc = _code_d2(qf, qlo[r], qstep[r], qx2[r], c32, csum, cnorm, own)
                 ust = _f32_up(np.sqrt(max(dc + ec, 0.0)) + qeps[r] - drift[own])
                 if np.float64(ust) + drift[own] < u:
