@@ -255,6 +255,18 @@ def _move(x, r, old, new, xsq, sums, counts, sq, scale):  # pragma: no cover - c
     sq[new] += xsq[r]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _relabel(x, r, m, a, best, labels, xsq, sums, counts, sq, scale):  # pragma: no cover
+    # row r's label for model m (centres from a) becomes best: moved between the sums if it
+    # changed (from none on a first pass); returns 1 if it did
+    old = labels[r, m]
+    if old == best - a:
+        return 0
+    _move(x, r, a + old if old >= 0 else -1, best, xsq, sums, counts, sq, scale)
+    labels[r, m] = best - a
+    return 1
+
+
 @njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
 def _dot(xf, c, j):  # pragma: no cover - compiled
     # in the compute dtype (float32 or float64): within the GEMM's error bound in any order
@@ -300,11 +312,7 @@ def _full_block(dots, rows, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, r
             if not second - bestv > 2.0 * e:  # near tie: decide exactly
                 best = kernels.exact_argmin(x[r], craw, a, b)
                 bestv = cnorm[best] - 2.0 * dots[i, best]
-            old = labels[r, m]
-            if old != best - a:
-                _move(x, r, a + old if old >= 0 else -1, best, xsq, sums, counts, sq, scale)
-                labels[r, m] = best - a
-                changed += 1
+            changed += _relabel(x, r, m, a, best, labels, xsq, sums, counts, sq, scale)
             if bounds:
                 upper[r, m] = _f32_up(np.sqrt(max(xnorm[r] + bestv + e, 0.0)))
     return changed
@@ -356,11 +364,7 @@ def _code_block(qdots, s, xnorm, xsq, x, starts, stops, cnorm, csum, r2, rs, coe
         for m in range(starts.shape[0]):
             a = starts[m]
             k = best[m]
-            old = labels[r, m]
-            if old != k - a:
-                _move(x, r, a + old if old >= 0 else -1, k, xsq, sums, counts, sq, scale)
-                labels[r, m] = k - a
-                changed += 1
+            changed += _relabel(x, r, m, a, k, labels, xsq, sums, counts, sq, scale)
             if bounds:
                 ec = _code_err(coef, slack, h, qn[r], x2, qlo[r], sqd, r2[m], rs[m])
                 for j in range(a, stops[m]):
