@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -301,9 +299,6 @@ def test_published_main_row_on_cluster(mnist, client) -> None:
     import dask.array as da
 
     N, K, iters, trials, want = MAIN
-    t0 = time.perf_counter()
     res = fit_mccaffrey(da.from_array(mnist[:N], chunks=(10000, 784)), K, iters, trials,
                         client=client)
-    elapsed = time.perf_counter() - t0
-    assert res.counts.tolist() == want
-    assert elapsed <= 60.0, f"60000 x K=10 x 20 iterations x 20 trials took {elapsed:.1f} s"
+    assert res.counts.tolist() == want  # timed by `python -m kmdask.bench internal`, not here

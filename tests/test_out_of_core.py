@@ -1,5 +1,5 @@
-"""Out-of-core: a fit on 2.4M rows (1.9 GB, 2.4x the workers' total memory) streamed from zarr
-by two workers limited to 400 MB each."""
+"""Out-of-core: a fit on 1.32M rows (1.03 GB, 1.3x the workers' total memory and about 3x what
+is left of it after the libraries) streamed from zarr by two workers limited to 400 MB each."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ def test_streamed_fit_on_millions_of_rows_under_memory_limits(mnist_source, tmp_
     from kmdask.data.staging import stage_dataset
     from kmdask.data.store import open_images
 
-    store = tmp_path_factory.mktemp("big") / "mnist-aug39.zarr"
-    stage_dataset("mnist", out=store, source=mnist_source, augment=39)
+    store = tmp_path_factory.mktemp("big") / "mnist-aug21.zarr"
+    stage_dataset("mnist", out=store, source=mnist_source, augment=21)
     X = open_images(store, "train")
-    assert X.shape[0] == 40 * 60_000 >= 1_000_000
-    assert X.nbytes > 2 * (2 * 400e6)  # several times the workers' total memory
+    assert X.shape[0] == 22 * 60_000 >= 1_000_000
+    assert X.nbytes > 1.25 * (2 * 400e6)  # more than the workers' total memory
 
     # Libraries take ~250 MB of each 400 MB worker before any data (numba's LLVM; dask.array
     # imports scipy, and sparse where dask-ml is installed, as in this test environment).

@@ -151,26 +151,42 @@ def test_resume_after_sigkill_is_bit_identical(sig, workdir, mnist_store, tmp_pa
 
 
 def test_concurrent_reruns_one_runs_one_waits(workdir, mnist_store):
-    job = _long_job(workdir, mnist_store, "long.yaml")
-    # one executor pass per iteration (no small-data rounds): the first run must outlast the
-    # start of two more processes
-    slow = {**os.environ, "DASK_KMDASK__SMALL_DATA_BYTES": "0"}
+    """A second run of a job that is running: --no-wait exits 4 at once; without it, it waits
+    for the lock and then finds the run done. The first run is held (SIGSTOP) once its fits
+    have started, so that the others meet it running however fast or busy the machine is."""
+    job = _write_job(workdir, mnist_store)
     first = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=workdir,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slow)
-    lock = workdir / "runs" / "long" / ".lock"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
-        time.sleep(0.05)
-    busy = _kmdask(workdir, "run", str(job), "--no-wait")
-    assert busy.returncode == 4  # another run holds the lock
-    assert busy.stderr.strip().count("\n") == 0
-    assert "another run of job 'long' is in progress" in busy.stderr
-    second = _kmdask(workdir, "run", str(job))  # waits for the lock, then finds the run done
-    out1, _ = first.communicate(timeout=600)
-    assert first.returncode == 0 and second.returncode == 0
-    assert "waiting for another run" in second.stderr
-    assert "nothing to do" in second.stderr
-    assert second.stdout.strip() == out1.strip()
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err1 = []
+    for line in first.stderr:  # the lock is taken before the fits start
+        err1.append(line)
+        if line.startswith("[1/"):
+            break
+    else:
+        pytest.fail("the first run never started its fits: " + "".join(err1))
+    first.send_signal(signal.SIGSTOP)
+    try:
+        busy = _kmdask(workdir, "run", str(job), "--no-wait")
+        assert busy.returncode == 4  # another run holds the lock
+        assert busy.stderr.strip().count("\n") == 0
+        assert "another run of job 'tiny' is in progress" in busy.stderr
+        second = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)],
+                                  cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        err2 = []
+        for line in second.stderr:
+            err2.append(line)
+            if "waiting for another run of job 'tiny'" in line:
+                break
+        else:
+            pytest.fail("the second run did not wait: " + "".join(err2))
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out1, _ = first.communicate(timeout=300)
+    out2, rest = second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, rest
+    assert "nothing to do" in rest  # it waited, then found the run complete
+    assert out2.strip() == out1.strip()
 
 
 BAD_JOBS = [
