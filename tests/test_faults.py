@@ -251,22 +251,25 @@ def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
                 (ref.path / "fits/a" / f"k{k}" / f).read_bytes()
 
 
-def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path):
+def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path, client):
     """SIGKILL the driver (and its LocalCluster) after the first fit finished, while the second
     is seeding: the rerun keeps the finished fit, seeds again and ends bit-identical."""
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
         {"profiles": {"local": {"kind": "local", "n_workers": 2}}}))
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"job": "seedkill", "data": {"store": str(mnist_store)},
-                                   "fits": [
+    from kmdask.batch.runner import run_job
+    from kmdask.batch.spec import parse_job
+
+    spec = {"job": "seedkill", "data": {"store": str(mnist_store)}, "fits": [
         {"name": "first", "algorithm": "mccaffrey", "rows": 100, "k": 3, "iterations": 20,
          "trials": 20},
         {"name": "second", "algorithm": "scalable", "rows": 60_000, "k": [8, 9, 10],
-         "trials": 3, "iterations": 15, "init_rounds": 8, "persist": False}]}))
-    ref = subprocess.run([sys.executable, "-m", "kmdask", "run", str(job), "--runs-dir",
-                          str(tmp_path / "ref")], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
-    assert ref.returncode == 0, ref.stderr
+         "trials": 3, "iterations": 15, "init_rounds": 8, "persist": False}]}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    # the undisturbed run, on the session's cluster (results do not depend on the cluster)
+    ref = run_job(parse_job(spec, "job.yaml"),
+                  {"name": "t", "kind": "address", "address": client.scheduler.address,
+                   "timeout": 30}, runs_dir=tmp_path / "ref")
     proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -287,7 +290,7 @@ def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "resuming interrupted run" in again.stderr
     assert "first: already done" in again.stderr
-    a, b = Path(ref.stdout.strip()), tmp_path / again.stdout.strip()
+    a, b = ref.path, tmp_path / again.stdout.strip()
     for k in (8, 9, 10):
         for f in ("centers.npy", "labels.npy"):
             assert (a / "fits/second" / f"k{k}" / f).read_bytes() == \
