@@ -105,20 +105,18 @@ def mnist_store(mnist_source, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def client():
     """A real 2-worker x 1-thread LocalCluster (worker processes), shared by the session."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    cluster = LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address="127.0.0.1:0",
-        host="127.0.0.1",
-        memory_limit="4GiB",
-    )
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
+    from kmdask.batch.cluster import local_cluster
+
+    # workers forked warm, as a job's LocalCluster's are (and cheaper to start than spawned)
+    with local_cluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0",
+                       host="127.0.0.1", memory_limit="4GiB") as cluster:
+        # the default client, not entered as a context manager: that would make it the
+        # session's *current* client too, ahead of the clients the tests' jobs connect
+        c = Client(cluster)
+        yield c
+        c.close()
 
 
 def checkpoint_iteration(ck: Path) -> int:

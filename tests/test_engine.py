@@ -174,13 +174,15 @@ def test_bad_parameters_name_the_value(kwargs, X, match):
 
 
 def test_determinism_across_workers_and_threads(mnist_train):
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from kmdask.batch.cluster import local_cluster
 
     X = da.from_array(mnist_train[:12_000], chunks=(3000, 784))
     results = []
     for n_workers, threads in [(1, 1), (2, 1), (1, 2)]:
-        with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
-                          dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster, \
+        with local_cluster(n_workers=n_workers, threads_per_worker=threads,
+                           dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster, \
                 Client(cluster, set_as_default=False) as c, c.as_current():
             km = KMeans(7, n_init=2, random_state=11, max_iter=30).fit(X)
             results.append((km.cluster_centers_, km.labels_.compute(), km.inertia_))

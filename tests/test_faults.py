@@ -81,14 +81,16 @@ def _worker_pids(client) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _job_cluster(config: dict | None = None):
-    """Two worker processes (under dask ``config``), a client, and an ``address`` profile for
-    them."""
+    """Two worker processes (under dask ``config``), forked warm as a job's are, a client, and
+    an ``address`` profile for them."""
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from kmdask.batch.cluster import local_cluster
 
     with dask.config.set(config or {}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address="127.0.0.1:0") as cluster, \
+            local_cluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                          dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster, set_as_default=False) as c:
         yield c, {"name": "t", "kind": "address", "address": cluster.scheduler_address,
                   "source": "test", "timeout": 30}

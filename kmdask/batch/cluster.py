@@ -254,14 +254,36 @@ def prestart(profile: dict, *, address: str | None = None) -> None:
 
 
 @contextlib.contextmanager
+def local_cluster(**kwargs: Any) -> Iterator[Any]:
+    """A ``distributed.LocalCluster`` of worker processes forked warm (see
+    :func:`_warm_forkserver`), with kmdask's worker environment (:func:`worker_environment`).
+
+    Parameters
+    ----------
+    **kwargs
+        ``LocalCluster``'s own; ``processes`` is always true.
+
+    Yields
+    ------
+    distributed.LocalCluster
+        Started; closed when the block ends.
+    """
+    from distributed import LocalCluster
+
+    limit = kwargs.get("memory_limit")
+    with worker_environment(None if limit == "auto" else limit), _warm_forkserver(), \
+            LocalCluster(**{**kwargs, "processes": True}) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
 def _local(profile: dict) -> Iterator[Any]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     n = int(profile.get("n_workers", 2))
     kwargs = dict(
         n_workers=n,
         threads_per_worker=int(profile.get("threads_per_worker", 1)),
-        processes=True,
         memory_limit=_memory_limit(profile.get("memory_limit"), n),
         # loopback unless cluster.yaml says otherwise: nothing listens on the network by default
         host=profile.get("host", "127.0.0.1"),
@@ -271,8 +293,7 @@ def _local(profile: dict) -> Iterator[Any]:
         silence_logs=logging.CRITICAL,
     )
     t0 = time.perf_counter()
-    with worker_environment(kwargs["memory_limit"]), _warm_forkserver(), \
-            LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+    with local_cluster(**kwargs) as cluster, Client(cluster) as client:
         client.wait_for_workers(1)
         info = _record(client, profile, t0)
         client.wait_for_workers(n)
