@@ -265,7 +265,7 @@ def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path, cl
         {"name": "first", "algorithm": "mccaffrey", "rows": 100, "k": 3, "iterations": 20,
          "trials": 20},
         {"name": "second", "algorithm": "scalable", "rows": 60_000, "k": [8, 9, 10],
-         "trials": 3, "iterations": 15, "init_rounds": 8, "persist": False}]}
+         "trials": 3, "iterations": 6, "init_rounds": 8, "persist": False}]}
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
     # the undisturbed run, on the session's cluster (results do not depend on the cluster)

@@ -18,7 +18,7 @@ from s3proxy import FaultProxy
 pytestmark = pytest.mark.mnist
 
 FIT = {"name": "a", "algorithm": "scalable", "rows": 20000, "k": [5, 6], "trials": 2,
-       "iterations": 25, "tol": 0.0, "persist": False}  # streamed: every pass reads the store
+       "iterations": 12, "tol": 0.0, "persist": False}  # streamed: every pass reads the store
 
 
 @pytest.fixture()
