@@ -227,7 +227,10 @@ def _warm_forkserver() -> Iterator[None]:
            dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()}
     running = getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
     if running and env != _FORKSERVER_ENV:
-        yield  # spawn, as dask does by default
+        # spawn, as dask does by default; said explicitly, since another LocalCluster of this
+        # process may hold the forkserver setting for its own lifetime
+        with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):
+            yield
         return
     if not running:
         with _environ(env), \
@@ -271,8 +274,13 @@ def local_cluster(**kwargs: Any) -> Iterator[Any]:
     from distributed import LocalCluster
 
     limit = kwargs.get("memory_limit")
-    with worker_environment(None if limit == "auto" else limit), _warm_forkserver(), \
-            LocalCluster(**{**kwargs, "processes": True}) as cluster:
+    with contextlib.ExitStack() as stack:
+        # the environment only while the workers start (their nannies keep a copy for
+        # restarts): other clusters and child processes started later get their own; the
+        # forkserver setting lasts, so that a lost worker is forked again, warm
+        with worker_environment(None if limit == "auto" else limit):
+            stack.enter_context(_warm_forkserver())
+            cluster = stack.enter_context(LocalCluster(**{**kwargs, "processes": True}))
         yield cluster
 
 
