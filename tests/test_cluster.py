@@ -363,3 +363,27 @@ def test_smoke_job_identical_on_every_profile(smoke_job, dask_address, tmp_path,
         assert got.keys() == ref.keys(), prof
         for k in ref:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{prof}: {k}")
+
+
+def test_a_job_runs_on_its_profiles_cluster_whatever_client_is_current(mnist_store, client,
+                                                                      tmp_path):
+    """run_job in a program that has a client of its own entered as current: the fits run on
+    the cluster the profile names, not on that client's."""
+    from distributed import Client
+
+    from kmdask.batch.cluster import local_cluster
+    from kmdask.batch.runner import run_job
+    from kmdask.batch.spec import parse_job
+
+    job = parse_job({"job": "where", "data": {"store": str(mnist_store)},
+                     "fits": [{"name": "a", "k": [3], "rows": 2000, "iterations": 3}]},
+                    "job.yaml")
+    transitions = lambda dask_scheduler: dask_scheduler.transition_counter  # noqa: E731
+    with local_cluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                       dashboard_address="127.0.0.1:0") as other, \
+            Client(other, set_as_default=False) as theirs, client.as_current():
+        before = client.run_on_scheduler(transitions)
+        run_job(job, {"name": "t", "kind": "address", "address": other.scheduler_address,
+                      "timeout": 30}, runs_dir=tmp_path / "runs")
+        assert client.run_on_scheduler(transitions) == before
+        assert theirs.run_on_scheduler(transitions) > 0

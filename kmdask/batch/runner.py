@@ -430,7 +430,9 @@ def _run_fits(partial: Path, job: JobSpec, data: _Data, hooks: list[_Hooks], pro
     current = job.fits[0].name
     lost = False  # the failure came with the scheduler connection gone
     try:
-        with connect(profile, address=address) as client:
+        # as_current: the engine finds its client with get_client(), which would otherwise
+        # prefer any client the calling program has entered as current
+        with connect(profile, address=address) as client, client.as_current():
             t_conn = time.perf_counter() - t0
             cluster_info = dict(getattr(client, "kmdask_cluster", {}) or {})
             try:
