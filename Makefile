@@ -10,7 +10,8 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 PROFILE ?= local
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist), a file each at a time, since a file's tests share fixtures and
-# clusters: 2 take about 280 s instead of 375 s on a 2-core machine; PYTEST_JOBS=0 runs one.
+# clusters: 2 took 333 s against 580 s for one (before its clusters were forked warm) on a
+# 2-core machine; 3 were slower than 2 there. PYTEST_JOBS=0 runs one.
 PYTEST_JOBS ?= 2
 
 .PHONY: help venv stage sweep test lint bench bench-8m bench-storage clean
