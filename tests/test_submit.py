@@ -127,15 +127,18 @@ def test_submit_smoke_job_to_slurm_and_pbs(smoke_job, tmp_path):
                                    text=True, timeout=30).stdout.split()[0])
     cpus = min(2, node_cpus)
     runs = {}
-    for kind in ("slurm", "pbs"):
+    # both submitted at once: the scheduler's queueing and start-up overlap
+    ids = {kind: submit_job(smoke_job, _profile(kind, cpus=cpus),
+                            runs_dir=tmp_path / f"runs-{kind}", extra_args=[])
+           for kind in ("slurm", "pbs")}
+    for kind, job_id in ids.items():
         runs_dir = tmp_path / f"runs-{kind}"
-        job_id = submit_job(smoke_job, _profile(kind, cpus=cpus), runs_dir=runs_dir,
-                            extra_args=[])
         assert job_id.isdigit()
         try:
-            state = wait_for_job(job_id, kind, timeout=180)
+            state = wait_for_job(job_id, kind, timeout=180, poll=0.25)
         except KmdaskError:
-            subprocess.run(["scancel", job_id], timeout=30)  # leave nothing queued
+            for other in ids.values():  # leave nothing queued
+                subprocess.run(["scancel", other], timeout=30)
             raise
         submit_dir = runs_dir / "smoke" / "submit"
         record = json.loads(next(submit_dir.glob("*.json")).read_text())
