@@ -131,6 +131,13 @@ def checkpoint_iteration(ck: Path) -> int:
         return 0
 
 
+def address_profile(address: str, **extra) -> dict:
+    """An ``address`` profile for a running scheduler, as cluster.yaml would give it, for
+    ``run_job`` (``extra``: more of its keys, e.g. ``storage_options``)."""
+    return {"name": "t", "kind": "address", "address": address, "source": "test",
+            "timeout": 30, **extra}
+
+
 def run_kmdask(*args: str, cwd: Path, timeout: float = 600,
                **kwargs) -> subprocess.CompletedProcess:
     """``python -m kmdask ARGS`` in ``cwd``, as a user runs it (text output captured)."""

@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from conftest import address_profile
 from daskutil import dask_cluster, free_port
 from slurmutil import ensure_slurm
 
@@ -383,7 +384,6 @@ def test_a_job_runs_on_its_profiles_cluster_whatever_client_is_current(mnist_sto
                        dashboard_address="127.0.0.1:0") as other, \
             Client(other, set_as_default=False) as theirs, client.as_current():
         before = client.run_on_scheduler(transitions)
-        run_job(job, {"name": "t", "kind": "address", "address": other.scheduler_address,
-                      "timeout": 30}, runs_dir=tmp_path / "runs")
+        run_job(job, address_profile(other.scheduler_address), runs_dir=tmp_path / "runs")
         assert client.run_on_scheduler(transitions) == before
         assert theirs.run_on_scheduler(transitions) > 0

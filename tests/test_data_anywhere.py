@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import address_profile
 from daskutil import dask_cluster
 
 from kmdask.batch.runner import run_job
@@ -46,8 +47,7 @@ def _array(blob: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def profile(client) -> dict:
     """The session's LocalCluster as an ``address`` profile."""
-    return {"name": "t", "kind": "address", "address": client.scheduler.address,
-            "source": "test", "timeout": 30}
+    return address_profile(client.scheduler.address)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import address_profile
 
 from kmdask import KMeans
 from kmdask.data.store import open_images
@@ -92,8 +93,7 @@ def _job_cluster(config: dict | None = None):
             local_cluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster, set_as_default=False) as c:
-        yield c, {"name": "t", "kind": "address", "address": cluster.scheduler_address,
-                  "source": "test", "timeout": 30}
+        yield c, address_profile(cluster.scheduler_address)
 
 
 def _killer(c, victims: str, at_iteration: int):
@@ -269,9 +269,8 @@ def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path, cl
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
     # the undisturbed run, on the session's cluster (results do not depend on the cluster)
-    ref = run_job(parse_job(spec, "job.yaml"),
-                  {"name": "t", "kind": "address", "address": client.scheduler.address,
-                   "timeout": 30}, runs_dir=tmp_path / "ref")
+    ref = run_job(parse_job(spec, "job.yaml"), address_profile(client.scheduler.address),
+                  runs_dir=tmp_path / "ref")
     proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from conftest import checkpoint_iteration, run_kmdask, unavailable
+from conftest import address_profile, checkpoint_iteration, run_kmdask, unavailable
 
 from kmdask.errors import EXIT_CODES
 
@@ -62,8 +62,7 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
                   "memory_limit": "2GiB"}}}))
     # the undisturbed run, on the session's cluster (results do not depend on the cluster)
     ref = run_job(load_job(_job(tmp_path, mnist_store, "bigger", BIGGER)),
-                  {"name": "t", "kind": "address", "address": client.scheduler.address,
-                   "timeout": 30}, runs_dir=tmp_path / "ref")
+                  address_profile(client.scheduler.address), runs_dir=tmp_path / "ref")
     runs = tmp_path / "runs"
     with _tmpfs(runs, "6m"):
         first = run_kmdask("run", str(_job(tmp_path, mnist_store, "small", SMALL)), cwd=tmp_path)
@@ -149,8 +148,7 @@ def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mn
     with dask_cluster(tmp_path / "b", 2) as address:
         again = run_kmdask("run", str(job), "--address", address, cwd=tmp_path)
         # the undisturbed run, in-process on the same new cluster
-        ref = run_job(load_job(job), {"name": "t", "kind": "address", "address": address,
-                                      "timeout": 30}, runs_dir=tmp_path / "ref")
+        ref = run_job(load_job(job), address_profile(address), runs_dir=tmp_path / "ref")
     assert again.returncode == 0, again.stderr
     assert "resuming at iteration" in again.stderr
     a, b = ref.path, Path(tmp_path / again.stdout.strip())

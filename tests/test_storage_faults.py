@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import checkpoint_iteration, run_kmdask
+from conftest import address_profile, checkpoint_iteration, run_kmdask
 from s3proxy import FaultProxy
 
 pytestmark = pytest.mark.mnist
@@ -82,8 +82,8 @@ def test_object_store_faults(staged, s3, tmp_path, client):
     # the undisturbed run, on the session's cluster (results do not depend on the cluster)
     ref = run_job(parse_job({"job": "remote", "data": {"store": staged}, "fits": [FIT]},
                             "job.yaml"),
-                  {"name": "t", "kind": "address", "address": client.scheduler.address,
-                   "timeout": 30, "storage_options": s3.options}, runs_dir=tmp_path / "ref")
+                  address_profile(client.scheduler.address, storage_options=s3.options),
+                  runs_dir=tmp_path / "ref")
     want = _models(ref.path)
     with FaultProxy(s3.endpoint, delay=0.5) as proxy:
         wd = _workdir(tmp_path / "flaky", s3, staged, proxy.url, quick)
