@@ -256,11 +256,11 @@ def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
 def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path, client):
     """SIGKILL the driver (and its LocalCluster) after the first fit finished, while the second
     is seeding: the rerun keeps the finished fit, seeds again and ends bit-identical."""
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
-        {"profiles": {"local": {"kind": "local", "n_workers": 2}}}))
     from kmdask.batch.runner import run_job
     from kmdask.batch.spec import parse_job
 
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(
+        {"profiles": {"local": {"kind": "local", "n_workers": 2}}}))
     spec = {"job": "seedkill", "data": {"store": str(mnist_store)}, "fits": [
         {"name": "first", "algorithm": "mccaffrey", "rows": 100, "k": 3, "iterations": 20,
          "trials": 20},

@@ -150,6 +150,17 @@ def test_resume_after_sigkill_is_bit_identical(sig, workdir, mnist_store, tmp_pa
                 (b / "fits/sweep" / f"k{k}" / f).read_bytes()
 
 
+def _stderr_until(proc: subprocess.Popen, marker: str, what: str) -> None:
+    """Read ``proc``'s stderr up to the first line that contains ``marker``; fail saying
+    ``what`` did not happen if it ends first."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            return
+    pytest.fail(f"{what}: " + "".join(seen))
+
+
 def test_concurrent_reruns_one_runs_one_waits(workdir, mnist_store):
     """A second run of a job that is running: --no-wait exits 4 at once; without it, it waits
     for the lock and then finds the run done. The first run is held (SIGSTOP) once its fits
@@ -157,13 +168,8 @@ def test_concurrent_reruns_one_runs_one_waits(workdir, mnist_store):
     job = _write_job(workdir, mnist_store)
     first = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)], cwd=workdir,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err1 = []
-    for line in first.stderr:  # the lock is taken before the fits start
-        err1.append(line)
-        if line.startswith("[1/"):
-            break
-    else:
-        pytest.fail("the first run never started its fits: " + "".join(err1))
+    # the lock is taken before the fits start
+    _stderr_until(first, "[1/", "the first run never started its fits")
     first.send_signal(signal.SIGSTOP)
     try:
         busy = _kmdask(workdir, "run", str(job), "--no-wait")
@@ -173,13 +179,8 @@ def test_concurrent_reruns_one_runs_one_waits(workdir, mnist_store):
         second = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(job)],
                                   cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
-        err2 = []
-        for line in second.stderr:
-            err2.append(line)
-            if "waiting for another run of job 'tiny'" in line:
-                break
-        else:
-            pytest.fail("the second run did not wait: " + "".join(err2))
+        _stderr_until(second, "waiting for another run of job 'tiny'",
+                      "the second run did not wait")
     finally:
         first.send_signal(signal.SIGCONT)
     out1, _ = first.communicate(timeout=300)

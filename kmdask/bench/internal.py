@@ -188,6 +188,10 @@ def bench_out_of_core(store: Path, client, max_iter: int) -> dict:
             "persisted": km.persisted_}
 
 
+# the figures main() can run (--only), in the order it runs them
+_STEPS = ("per_iteration", "sweep", "end_to_end", "n_init", "mccaffrey", "out_of_core")
+
+
 def bench_mccaffrey(X, reps: int) -> dict:
     """The seed mode's published main row (60,000 rows, K=10, 20 iterations, 20 trials) on the
     cluster; its time used to be a pass/fail bound in the tests (60 s)."""
@@ -255,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5,
                     help="seeds for the end-to-end and n_init rows (medians over them)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", nargs="*", default=None,
-                    choices=["end_to_end", "per_iteration", "n_init", "sweep", "mccaffrey",
-                             "out_of_core"])
+    ap.add_argument("--only", nargs="*", default=None, choices=_STEPS)
     ap.add_argument("--out", type=Path, default=Path("bench"))
     args = ap.parse_args(argv)
 
@@ -273,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     Xz = open_images(args.store, "train")
     x8 = Xz.compute()
     xf = x8.astype(np.float32) / np.float32(255)
-    only = set(args.only or ["end_to_end", "per_iteration", "n_init", "sweep", "mccaffrey",
-                             "out_of_core"])
+    only = set(args.only or _STEPS)
     results: dict = {"machine": {"cpus": __import__("os").cpu_count()}, "rows": int(x8.shape[0])}
     with worker_environment("4GiB"), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
