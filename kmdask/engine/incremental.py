@@ -25,11 +25,14 @@ Float rows are four (float32) or eight (float64) times the bytes of pixels, and 
 nearly every row (a bounded pass for its own-centre distance), so it is bound by memory traffic.
 They therefore also keep a compact copy (:class:`RowCode`: each row as 8-bit steps over its own
 range, with a proven bound on its residual), built by the first pass while each block is in
-cache. Later passes decide from the code, with every distance bound widened by the residual
-(a GEMM pass: a GEMM of the codes; a bounded pass: the code's own-centre distance first), and
-read the float row only where the code cannot decide or the row changes cluster. It costs a
-byte per value, kept with the bounds; results are unchanged, since the code only ever yields
-valid bounds.
+cache. Bounded passes decide from the code first (its own-centre distance, then the
+distances the bounds cannot rule out), every distance bound widened by the residual, and read
+the float row only where the code cannot decide or the row changes cluster. It costs a byte per
+value, kept with the bounds; results are unchanged, since the code only ever yields valid
+bounds. GEMM passes read the rows themselves: a GEMM of the codes, tried, was slower (copying
+the codes to floats and reading the rows of every label change cost more than the bytes it
+saved; one thread, float32 MNIST, K=10, passes 2-4: 36/32/31 ms against 30/27/27 per 30k rows,
+and no faster on 300k rows that do not fit in cache).
 
 The state (:class:`Bounds`) is kept by the caller next to the chunk and passed back; without it
 (streamed data, a recomputed chunk, a resumed fit) the pass simply computes every row.
@@ -53,11 +56,7 @@ _CODE = True  # keep float rows' RowCode (tests turn it off to compare)
 # Measured on MNIST as float32, 60k rows, 2 workers: 20 passes of K=10 0.31-0.33 s with it,
 # 0.38-0.40 s without; a 27-model sweep (162 centres) took 5-15% longer with it.
 _CODE_MAX_CENTRES = 32
-_CODE_MAX = 0.02  # GEMM passes read the rows directly once the code left this share undecided
 _CODE_MIN_SETTLED = 0.5  # a bounded pass drops the code when it settled less of what it tried
-# distances (rows x centres) the code left open in a block: a GEMM of the rows above, compiled
-# dots below (a small GEMM costs ~0.5 ms of call overhead in a worker, the dots ~40 ns each)
-_GATHER_FROM = 640
 
 
 @dataclass(frozen=True)
@@ -204,7 +203,6 @@ class Bounds:
     changed: float  # share of the (row, model) labels that pass changed
     fixed: kernels.Fixed | None = None  # the units of float rows' sums
     code: RowCode | None = None  # float rows' compact copy (see RowCode)
-    unsettled: float = 0.0  # share of rows the code left undecided in the last GEMM pass
 
 
 @dataclass
@@ -316,62 +314,6 @@ def _full_block(dots, rows, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, r
             if bounds:
                 upper[r, m] = _f32_up(np.sqrt(max(xnorm[r] + bestv + e, 0.0)))
     return changed
-
-
-@njit(cache=True, nogil=True)
-def _code_block(qdots, s, xnorm, xsq, x, starts, stops, cnorm, csum, r2, rs, coef, slack,
-                qlo, qstep, qeps, qx2, qn, bounds, labels, upper, lower, sums, counts, sq,
-                scale, best, vals, flagged):  # pragma: no cover - compiled
-    # A GEMM pass's decisions from the rows' codes (qdots[i] = q_r . c, in the compute dtype):
-    # a row is settled when, for every model, the code's upper bound on the nearest distance
-    # is below its lower bound on every other (as the bounded pass's test); the others go to
-    # ``flagged`` for the exact GEMM. Returns (labels changed, rows moved, rows flagged).
-    changed = 0
-    moved = 0
-    nflag = 0
-    sqd = np.sqrt(np.float64(x.shape[1]))
-    for i in range(qdots.shape[0]):
-        r = s + i
-        h = qstep[r]
-        x2 = qx2[r]
-        for j in range(cnorm.shape[0]):  # ||xhat - c_j||^2 - ||xhat||^2, all centres: SIMD
-            vals[j] = cnorm[j] - 2.0 * (qlo[r] * csum[j] + h * np.float64(qdots[i, j]))
-        settled = True
-        for m in range(starts.shape[0]):
-            a = starts[m]
-            b = stops[m]
-            ec = _code_err(coef, slack, h, qn[r], x2, qlo[r], sqd, r2[m], rs[m])
-            k = a  # nearest (ties to the lowest index) and runner-up, branch free
-            kv = vals[a]
-            second = np.inf
-            for j in range(a + 1, b):
-                v = vals[j]
-                second = min(second, max(kv, v))
-                k = j if v < kv else k
-                kv = min(kv, v)
-            u = np.float64(_f32_up(np.sqrt(max(x2 + kv + ec, 0.0)) + qeps[r]))
-            lo = np.float64(_f32_down(np.sqrt(max(x2 + second - ec, 0.0)) - qeps[r]))
-            tiny = slack * (xnorm[r] + r2[m] + 1.0)
-            if not ((lo > u) & (lo * lo - u * u > tiny)):
-                settled = False
-                break
-            best[m] = k
-        if not settled:
-            flagged[nflag] = r
-            nflag += 1
-            continue
-        was = changed
-        for m in range(starts.shape[0]):
-            a = starts[m]
-            k = best[m]
-            changed += _relabel(x, r, m, a, k, labels, xsq, sums, counts, sq, scale)
-            if bounds:
-                ec = _code_err(coef, slack, h, qn[r], x2, qlo[r], sqd, r2[m], rs[m])
-                for j in range(a, stops[m]):
-                    lower[r, j] = _f32_down(np.sqrt(max(x2 + vals[j] - ec, 0.0)) - qeps[r])
-                upper[r, m] = _f32_up(np.sqrt(max(x2 + vals[k] + ec, 0.0)) + qeps[r])
-        moved += changed > was
-    return changed, moved, nflag
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -516,7 +458,7 @@ def select(state: Bounds, ids: tuple, with_bounds: bool = True) -> Bounds:
                   lower=c_order(state.lower[:, cols]) if has else None,
                   drift=state.drift[cols] if has else None, bounded=state.bounded,
                   computed=state.computed, changed=state.changed, fixed=state.fixed,
-                  code=state.code, unsettled=state.unsettled)
+                  code=state.code)
 
 
 def join(a: Bounds | None, b: Bounds | None) -> Bounds | None:
@@ -541,65 +483,7 @@ def join(a: Bounds | None, b: Bounds | None) -> Bounds | None:
                   # whichever part argues for a GEMM pass decides (see lloyd_pass)
                   bounded=a.bounded or b.bounded, computed=max(a.computed, b.computed),
                   changed=max(a.changed, b.changed), fixed=a.fixed,
-                  code=a.code if a.code is not None else b.code,
-                  unsettled=max(a.unsettled, b.unsettled))
-
-
-@njit(cache=True, nogil=True)
-def _row_dots(x, rows, c, out):  # pragma: no cover - compiled
-    for i in range(rows.shape[0]):
-        for j in range(c.shape[0]):
-            out[i, j] = _dot(x[rows[i]], c, j)
-
-
-def _code_pass(chunk: kernels.Chunk, c: np.ndarray, c64: np.ndarray, code: RowCode,
-               exact: tuple) -> tuple[int, tuple[int, int]]:
-    """A GEMM pass of float rows decided from their code; the rows it cannot settle get the
-    exact GEMM (gathered), and once more than _CODE_MAX of the rows so far were left open, the
-    remaining blocks are plain GEMM blocks. Returns the labels changed and (rows read, rows
-    not decided by the code)."""
-    x = chunk.x
-    n, d = x.shape
-    ct = np.ascontiguousarray(c.T)
-    rows = min(kernels.BLOCK_ROWS, n)
-    qbuf = kernels.scratch("code.q", (rows, d), c.dtype)
-    dbuf = kernels.scratch("code.dots", (rows, c.shape[0]), c.dtype)
-    flagged = np.empty(rows, dtype=np.int64)
-    best = np.empty(exact[2].shape[0], dtype=np.int64)
-    vals = np.empty(c.shape[0])
-    csum = c64.sum(axis=1)
-    (xs, xsq, starts, stops, cnorm, _, r2, rs, _, _, coef, slack, bounds, labels, upper,
-     lower, sums, counts, sq, scale) = exact
-    changed = read = undecided = 0
-    every = np.arange(n)
-    for s in range(0, n, kernels.BLOCK_ROWS):
-        qb = code.q[s:s + kernels.BLOCK_ROWS]
-        nb = qb.shape[0]
-        if s and undecided > _CODE_MAX * s:  # the code is too coarse here: rows from now on
-            dots = np.matmul(x[s:s + nb], ct, out=dbuf[:nb])
-            changed += _full_block(dots, every[s:s + nb], x, chunk.xnorm, *exact)
-            read += nb
-            undecided += nb
-            continue
-        np.copyto(qbuf[:nb], qb)  # small integers: exact in any float dtype
-        qd = np.matmul(qbuf[:nb], ct, out=dbuf[:nb])
-        ch, moved, nf = _code_block(
-            qd, s, chunk.xnorm, xsq, x, starts, stops, cnorm, csum, r2, rs, coef, slack,
-            code.lo, code.step, code.eps, code.x2, code.qn, bounds, labels, upper, lower,
-            sums, counts, sq, scale, best, vals, flagged)
-        changed += ch
-        read += moved + nf
-        undecided += nf
-        if nf:  # the exact dots of the rows the code left open, then the usual decision
-            fr = flagged[:nf]
-            if nf * c.shape[0] > _GATHER_FROM:
-                xb = np.take(x, fr, axis=0, out=kernels.scratch("code.x", (nf, d), c.dtype))
-                dots = np.matmul(xb, ct, out=dbuf[:nf])
-            else:
-                dots = dbuf[:nf]
-                _row_dots(x, fr, c, dots)
-            changed += _full_block(dots, fr, x, chunk.xnorm, *exact)
-    return changed, (read, undecided)
+                  code=a.code if a.code is not None else b.code)
 
 
 def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
@@ -684,22 +568,22 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
             code = None  # too coarse for these rows' gaps: it costs more than it saves
         bounded = True
     else:
-        code, unsettled = None, 0.0
+        code = None
         if state is not None:
             labels, sums, counts, sq = state.labels, state.sums, state.counts, state.sq
-            code, unsettled = state.code, state.unsettled
+            code = state.code
         else:
             labels = np.full((n, nmodel), -1, dtype=np.int32)
             sums = np.zeros((m_total, d), dtype=sdt)
             counts = np.zeros(m_total, dtype=np.int64)
             sq = np.zeros(m_total, dtype=np.int64)
         # float rows' code: built while a full pass has each block in cache, used by the
-        # passes after it (kept with the bounds, so not where bounds are off)
+        # bounded passes after it (kept with the bounds, so not where bounds are off). A GEMM
+        # pass reads the rows themselves: a GEMM of the codes was slower (module docstring)
         build = (_CODE and bounds and code is None and not pixels and chunk.divisor == 1.0
                  and d <= CODE_MAX_D and m_total <= _CODE_MAX_CENTRES and state is None)
         if build:
             code = empty_code(n, d)
-        use_code = code is not None and not build and unsettled <= _CODE_MAX
         bounds = bounds and state is not None and state.changed <= _BOUNDS_FROM
         upper = np.empty((n, nmodel) if bounds else (1, 1), dtype=np.float32)
         lower = np.empty((n, m_total) if bounds else (1, 1), dtype=np.float32)
@@ -708,17 +592,13 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         r2c, rsc = r2[which], rs[which]
         exact = (xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds,
                  labels, upper, lower, sums, counts, sq, scale)
-        if use_code:
-            changed, (read, undecided) = _code_pass(chunk, c, c64, code, exact)
-            unsettled = undecided / max(n, 1)
-        else:
-            changed = 0
-            every = np.arange(n)
-            for s, xr, dots in kernels.gemm_blocks(chunk, c):
-                if build:
-                    code_rows(xr, code, s)
-                changed += _full_block(dots, every[s:s + xr.shape[0]], x, chunk.xnorm, *exact)
-            read = n
+        changed = 0
+        every = np.arange(n)
+        for s, xr, dots in kernels.gemm_blocks(chunk, c):
+            if build:
+                code_rows(xr, code, s)
+            changed += _full_block(dots, every[s:s + xr.shape[0]], x, chunk.xnorm, *exact)
+        read = n
         computed = possible
         bounded = False
         if not bounds:
@@ -731,8 +611,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
     return result, Bounds(ids=ids, centres=c, starts=starts, stops=stops, labels=labels,
                           sums=sums, counts=counts, sq=sq, upper=upper, lower=lower,
                           drift=drift, bounded=bounded, computed=computed / possible,
-                          changed=changed / (n * nmodel), fixed=fixed, code=code,
-                          unsettled=state.unsettled if bounded else unsettled)
+                          changed=changed / (n * nmodel), fixed=fixed, code=code)
 
 
 def inertia(result_sums: np.ndarray, counts: np.ndarray, sq: np.ndarray, centres: np.ndarray,
