@@ -80,12 +80,15 @@ class RowCode:
 def _row_range(xi, mask, shift, lo, hi):  # pragma: no cover - compiled
     # Per-row min and max of float rows read as integers (xi: their bits). Flipping the low
     # bits of negatives orders the bits as the floats (finite ones); integer min/max
-    # vectorise, float ones compile to a scalar chain (NaN rules) about 5x slower.
+    # vectorise, float ones compile to a scalar chain (NaN rules) about 5x slower. Every
+    # value is cast back to the bits' type: numba widens int32 arithmetic to int64, which
+    # halves the vector width (float32 rows: 25% slower).
+    t = xi.dtype.type
     for r in range(xi.shape[0]):
-        mn = xi[r, 0] ^ ((xi[r, 0] >> shift) & mask)
+        mn = t(xi[r, 0] ^ t(t(xi[r, 0] >> shift) & mask))
         mx = mn
         for p in range(xi.shape[1]):
-            k = xi[r, p] ^ ((xi[r, p] >> shift) & mask)
+            k = t(xi[r, p] ^ t(t(xi[r, p] >> shift) & mask))
             mn = min(mn, k)
             mx = max(mx, k)
         lo[r] = mn ^ ((mn >> shift) & mask)
@@ -109,21 +112,22 @@ def _row_code(x, mn, mx, q, step, eps, x2, qn, u):  # pragma: no cover - compile
         h = (np.float64(mx[r]) - lo) / 255.0
         inv = 1.0 / h if h > 0.0 else 0.0
         s2 = x.dtype.type(0.0)
-        k1 = 0
-        k2 = 0
+        k1 = np.int32(0)
+        k2 = np.int32(0)
         if inv < big:
             inv_t = x.dtype.type(inv)
             lo_t = mn[r]
             for p in range(d):
                 t = (x[r, p] - lo_t) * inv_t
-                k = min(np.floor(t + x.dtype.type(0.5)), x.dtype.type(255.0))
-                e = t - k
+                # t >= 0 (x >= lo): truncation rounds t + 0.5 down. The integer sums stay
+                # int32 (cast back: numba widens them to int64, which stops the loop
+                # vectorising; one loop is 30% faster than a second one over q)
+                k = min(np.int32(t + x.dtype.type(0.5)), np.int32(255))
+                e = t - x.dtype.type(k)
                 s2 += e * e
-                q[r, p] = np.uint8(np.int32(k))
-            for p in range(d):  # apart: integer sums in the float loop stop it vectorising
-                ki = np.int32(q[r, p])
-                k1 += ki
-                k2 += ki * ki
+                q[r, p] = np.uint8(k)
+                k1 = np.int32(k1 + k)
+                k2 = np.int32(k2 + k * k)
             rn = np.sqrt(np.float64(s2) * (1.0 + 2.0 * (d + 1) * u)) / (1.0 - u)
             res = h * (rn + 766.0 * u * np.sqrt(np.float64(d))) * (1.0 + 1e-12)
         else:  # a range too narrow for 1/h in this dtype: xhat = lo, residual measured
