@@ -65,6 +65,27 @@ def test_chunk_stats_and_finite_flag():
     assert_allclose(s2, [10, 20])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_chunk_stats_and_norms_match_numpy(dtype):
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(1003, 37)) * 10.0 ** rng.integers(-3, 4, size=37)).astype(dtype)
+    chunk = kernels.prepare_chunk(x, 1.0, 0, 0)
+    # each row's squared norm is its float64 sum in column order, bit for bit
+    x64 = x.astype(np.float64)
+    want = np.zeros(x.shape[0])
+    for j in range(x.shape[1]):
+        want += x64[:, j] * x64[:, j]
+    assert_array_equal(chunk.xnorm, want)
+    n, s1, s2, finite, amax, nmax = kernels.chunk_stats(chunk)
+    assert n == 1003 and finite and amax == np.abs(x64).max() and nmax == want.max()
+    assert_allclose(s1, x64.sum(0), rtol=1e-12)
+    assert_allclose(s2, (x64 ** 2).sum(0), rtol=1e-12)
+    for bad in (np.inf, -np.inf, np.nan):
+        y = x.copy()
+        y[517, 11] = bad
+        assert not kernels.chunk_stats(kernels.prepare_chunk(y, 1.0, 0, 0))[3]
+
+
 def test_weighted_kmeanspp_and_lloyd_find_weighted_groups():
     pts = np.array([[0.0], [0.1], [10.0], [10.1], [20.0]])
     w = np.array([5.0, 5.0, 5.0, 5.0, 1e-9])
