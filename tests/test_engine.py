@@ -196,14 +196,14 @@ def test_determinism_across_workers_and_threads(mnist_train):
 def test_mnist_60k_inertia_within_1pct_of_sklearn(mnist_train, client):
     xf = mnist_train.astype(np.float32) / np.float32(255)
     X = mnist_train  # in memory: cut into 10,000-row chunks and sent to the workers once
-    # medians over 3 trials each: ours 0.997 x theirs (5: 0.997); our 3 trials are fitted in
-    # the same passes, each to its own convergence
+    # our 3 trials are fitted in the same passes, each to its own convergence; their median
+    # against scikit-learn's seed-0 fit (scikit-learn's seeds 0..4 vary by 0.3%, the margin
+    # is 1%; three of its fits cost 12 s of the test's time for the same answer)
     ours = KMeans(10, n_init=3, random_state=0).fit(X).trial_inertia_
     # elkan: scikit-learn's exact Lloyd with bounds (the same result as lloyd, faster here)
-    theirs = [SKKMeans(10, n_init=1, random_state=seed, algorithm="elkan").fit(xf).inertia_
-              for seed in range(3)]
+    theirs = SKKMeans(10, n_init=1, random_state=0, algorithm="elkan").fit(xf).inertia_
     assert len(ours) == 3 and len(set(ours)) == 3
-    assert np.median(ours) <= 1.01 * np.median(theirs)
+    assert np.median(ours) <= 1.01 * theirs
 
 
 @pytest.mark.parametrize(("n", "it", "trials", "counts"), [
