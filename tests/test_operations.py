@@ -65,7 +65,11 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
                   address_profile(client.scheduler.address), runs_dir=tmp_path / "ref")
     runs = tmp_path / "runs"
     with _tmpfs(runs, "6m"):
-        first = run_kmdask("run", str(_job(tmp_path, mnist_store, "small", SMALL)), cwd=tmp_path)
+        # on the session's cluster: the disk is what this test is about (a job's own
+        # LocalCluster is covered elsewhere; each costs a worker server's start here)
+        on = ("--address", client.scheduler.address)
+        first = run_kmdask("run", str(_job(tmp_path, mnist_store, "small", SMALL)), *on,
+                           cwd=tmp_path)
         assert first.returncode == 0, first.stderr
         latest = runs / "full" / "latest"
         before = {p: p.read_bytes() for p in latest.resolve().rglob("*") if p.is_file()}
@@ -74,7 +78,7 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
         filler = runs / "filler"
         filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 400_000))
 
-        full = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)),
+        full = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)), *on,
                           cwd=tmp_path)
         assert full.returncode == 5, full.stderr
         last = full.stderr.strip().splitlines()[-1]
@@ -88,7 +92,7 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
         assert done == [Path(target).name]
 
         filler.unlink()
-        again = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)),
+        again = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)), *on,
                            cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         a, b = ref.path, Path(tmp_path / again.stdout.strip())
@@ -109,10 +113,11 @@ def _checkpoint_iteration(part_glob: list[Path]) -> int:
     return next((checkpoint_iteration(ck) for ck in part_glob), 0)
 
 
-def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mnist_store):
+def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mnist_store,
+                                                                    client):
     """`dask scheduler` + two `dask worker`s, the scheduler SIGKILLed mid-Lloyd: exit 3 and one
-    line within the profile's timeout; a new scheduler and workers, a rerun, and the result is
-    bit-identical to an undisturbed run."""
+    line within the profile's timeout; a rerun on another cluster (the session's), and the
+    result is bit-identical to an undisturbed run."""
     from daskutil import dask_cluster
 
     from kmdask.batch.runner import run_job
@@ -144,11 +149,10 @@ def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mn
     assert ("lost the connection to the dask scheduler" in lines[-1]
             or "CommClosedError" in lines[-1]), lines[-1]
     assert "rerun the same command to continue" in lines[-1]
-    (tmp_path / "b").mkdir()
-    with dask_cluster(tmp_path / "b", 2) as address:
-        again = run_kmdask("run", str(job), "--address", address, cwd=tmp_path)
-        # the undisturbed run, in-process on the same new cluster
-        ref = run_job(load_job(job), address_profile(address), runs_dir=tmp_path / "ref")
+    address = client.scheduler.address
+    again = run_kmdask("run", str(job), "--address", address, cwd=tmp_path)
+    # the undisturbed run, in-process on the same cluster
+    ref = run_job(load_job(job), address_profile(address), runs_dir=tmp_path / "ref")
     assert again.returncode == 0, again.stderr
     assert "resuming at iteration" in again.stderr
     a, b = ref.path, Path(tmp_path / again.stdout.strip())
