@@ -3,6 +3,7 @@ LocalCluster, and the command line run as a user runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -143,6 +144,20 @@ def run_kmdask(*args: str, cwd: Path, timeout: float = 600,
     """``python -m kmdask ARGS`` in ``cwd``, as a user runs it (text output captured)."""
     return subprocess.run([sys.executable, "-m", "kmdask", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def kmdask_main(capsys, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``kmdask ARGS`` through the command line's ``main()`` in this process, in ``cwd``,
+    for runs that need no process of their own (a rerun after a killed one): the same code
+    and output, without a fresh interpreter's imports and worker server (~3.5 CPU-s); a
+    LocalCluster's workers fork from this process's warm server."""
+    from kmdask.cli import main
+
+    capsys.readouterr()
+    with contextlib.chdir(cwd):
+        code = main([str(a) for a in args])
+    got = capsys.readouterr()
+    return subprocess.CompletedProcess(["kmdask", *map(str, args)], code, got.out, got.err)
 
 
 # ------------------------------------------------------------------------------------------

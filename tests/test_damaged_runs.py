@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import checkpoint_iteration, run_kmdask
+from conftest import checkpoint_iteration, kmdask_main, run_kmdask
 
 from kmdask.batch import rundir
 from kmdask.batch.checkpoint import FileCheckpoint
@@ -93,7 +93,7 @@ def test_checkpoint_with_a_bad_checksum_falls_back_to_the_one_before(tmp_path, c
     assert not ck.path.exists() and not ck.previous.exists()
 
 
-def test_truncated_checkpoint_resumes_from_the_one_before_bit_identical(work):
+def test_truncated_checkpoint_resumes_from_the_one_before_bit_identical(work, capsys):
     wd, runs = work["dir"], work["dir"] / "runs-ck"
     proc = subprocess.Popen([sys.executable, "-m", "kmdask", "run", str(work["job"]),
                              "--runs-dir", str(runs)], cwd=wd, stdout=subprocess.PIPE,
@@ -112,7 +112,7 @@ def test_truncated_checkpoint_resumes_from_the_one_before_bit_identical(work):
     ck = cks[0]
     before = checkpoint_iteration(ck.with_name("checkpoint.prev.npz"))
     _truncate(ck)
-    r = run_kmdask("run", str(work["job"]), "--runs-dir", str(runs), cwd=wd)
+    r = kmdask_main(capsys, "run", work["job"], "--runs-dir", runs, cwd=wd)
     assert r.returncode == 0, r.stderr
     assert f"kmdask: warning: {ck} is damaged (unreadable" in r.stderr, r.stderr
     assert "using the checkpoint before it" in r.stderr
@@ -157,7 +157,7 @@ def test_cli_report_of_a_damaged_run_is_one_line_exit_2(work, tmp_path):
     assert not (tmp_path / "out" / "index.html").exists()
 
 
-def test_rerun_of_a_damaged_run_recomputes_only_the_damaged_fits(work):
+def test_rerun_of_a_damaged_run_recomputes_only_the_damaged_fits(work, capsys):
     wd, ref = work["dir"], work["ref"]
     runs = wd / "runs-complete"
     final = runs / "dmg" / ref.name
@@ -166,7 +166,7 @@ def test_rerun_of_a_damaged_run_recomputes_only_the_damaged_fits(work):
     for what in ("result.json truncated", "labels.npy altered", "manifest altered"):
         rel, damage = DAMAGES[what]
         damage(final / rel)
-    r = run_kmdask("run", str(work["job"]), "--runs-dir", str(runs), cwd=wd)
+    r = kmdask_main(capsys, "run", work["job"], "--runs-dir", runs, cwd=wd)
     assert r.returncode == 0, r.stderr
     err = r.stderr
     assert f"kmdask: warning: {final}/" in err and "recomputing what it affects" in err, err

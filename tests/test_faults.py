@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import address_profile
+from conftest import address_profile, kmdask_main
 
 from kmdask import KMeans
 from kmdask.data.store import open_images
@@ -253,7 +253,7 @@ def test_repeated_worker_loss_ends_clearly_and_resumes(mnist_store, tmp_path):
                 (ref.path / "fits/a" / f"k{k}" / f).read_bytes()
 
 
-def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path, client):
+def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path, client, capsys):
     """SIGKILL the driver (and its LocalCluster) after the first fit finished, while the second
     is seeding: the rerun keeps the finished fit, seeds again and ends bit-identical."""
     from kmdask.batch.runner import run_job
@@ -286,8 +286,7 @@ def test_driver_killed_mid_seeding_resumes_identically(mnist_store, tmp_path, cl
     assert not list(runs.glob(".*.partial/fits/second/checkpoint.npz")), "too late: in Lloyd"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    again = subprocess.run([sys.executable, "-m", "kmdask", "run", str(job)], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
+    again = kmdask_main(capsys, "run", job, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "resuming interrupted run" in again.stderr
     assert "first: already done" in again.stderr

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from conftest import address_profile, checkpoint_iteration, run_kmdask, unavailable
+from conftest import address_profile, checkpoint_iteration, kmdask_main, run_kmdask, unavailable
 
 from kmdask.errors import EXIT_CODES
 
@@ -53,7 +53,8 @@ BIGGER = [{"name": "a", "algorithm": "scalable", "rows": 30000, "k": [6, 7, 8], 
            "iterations": 30, "tol": 0.0}]
 
 
-def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_store, client):
+def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_store, client,
+                                                              capsys):
     from kmdask.batch.runner import run_job
     from kmdask.batch.spec import load_job
 
@@ -65,11 +66,11 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
                   address_profile(client.scheduler.address), runs_dir=tmp_path / "ref")
     runs = tmp_path / "runs"
     with _tmpfs(runs, "6m"):
-        # on the session's cluster: the disk is what this test is about (a job's own
-        # LocalCluster is covered elsewhere; each costs a worker server's start here)
+        # in-process, on the session's cluster: the disk is what this test is about (the
+        # command line's own process and LocalCluster are covered elsewhere)
         on = ("--address", client.scheduler.address)
-        first = run_kmdask("run", str(_job(tmp_path, mnist_store, "small", SMALL)), *on,
-                           cwd=tmp_path)
+        first = kmdask_main(capsys, "run", _job(tmp_path, mnist_store, "small", SMALL), *on,
+                            cwd=tmp_path)
         assert first.returncode == 0, first.stderr
         latest = runs / "full" / "latest"
         before = {p: p.read_bytes() for p in latest.resolve().rglob("*") if p.is_file()}
@@ -78,8 +79,8 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
         filler = runs / "filler"
         filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 400_000))
 
-        full = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)), *on,
-                          cwd=tmp_path)
+        full = kmdask_main(capsys, "run", _job(tmp_path, mnist_store, "bigger", BIGGER), *on,
+                           cwd=tmp_path)
         assert full.returncode == 5, full.stderr
         last = full.stderr.strip().splitlines()[-1]
         assert last.startswith("kmdask: error: storage failed: [Errno 28] No space left"), last
@@ -92,8 +93,8 @@ def test_full_disk_exits_5_keeps_the_previous_run_and_resumes(tmp_path, mnist_st
         assert done == [Path(target).name]
 
         filler.unlink()
-        again = run_kmdask("run", str(_job(tmp_path, mnist_store, "bigger", BIGGER)), *on,
-                           cwd=tmp_path)
+        again = kmdask_main(capsys, "run", _job(tmp_path, mnist_store, "bigger", BIGGER), *on,
+                            cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         a, b = ref.path, Path(tmp_path / again.stdout.strip())
         assert a.name == b.name
@@ -114,7 +115,7 @@ def _checkpoint_iteration(part_glob: list[Path]) -> int:
 
 
 def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mnist_store,
-                                                                    client):
+                                                                    client, capsys):
     """`dask scheduler` + two `dask worker`s, the scheduler SIGKILLed mid-Lloyd: exit 3 and one
     line within the profile's timeout; a rerun on another cluster (the session's), and the
     result is bit-identical to an undisturbed run."""
@@ -150,7 +151,7 @@ def test_scheduler_lost_mid_lloyd_exits_3_and_resumes_bit_identical(tmp_path, mn
             or "CommClosedError" in lines[-1]), lines[-1]
     assert "rerun the same command to continue" in lines[-1]
     address = client.scheduler.address
-    again = run_kmdask("run", str(job), "--address", address, cwd=tmp_path)
+    again = kmdask_main(capsys, "run", job, "--address", address, cwd=tmp_path)
     # the undisturbed run, in-process on the same cluster
     ref = run_job(load_job(job), address_profile(address), runs_dir=tmp_path / "ref")
     assert again.returncode == 0, again.stderr

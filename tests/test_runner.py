@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_kmdask
+from conftest import kmdask_main, run_kmdask
 
 from kmdask.batch.spec import load_job, parse_job
 from kmdask.errors import ConfigError
@@ -100,7 +100,7 @@ _LONG_REF: dict[str, Path] = {}  # one undisturbed run for both signals
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_resume_after_sigkill_is_bit_identical(sig, workdir, mnist_store, tmp_path_factory,
-                                               client):
+                                               client, capsys):
     """SIGKILL of the driver and its cluster, or SIGTERM (a batch time limit) of the driver:
     the rerun resumes from the last checkpoint and ends bit-identical. SIGTERM ends the run
     at once with exit 130 and one line."""
@@ -143,7 +143,7 @@ def test_resume_after_sigkill_is_bit_identical(sig, workdir, mnist_store, tmp_pa
         assert "Traceback" not in err.decode()
     assert not list((workdir / "runs" / "long").glob("[!.]*/manifest.json"))
 
-    resumed = _kmdask(workdir, "run", str(job))
+    resumed = kmdask_main(capsys, "run", job, cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at iteration" in resumed.stderr
     a, b = _LONG_REF["ref"], Path(workdir / resumed.stdout.strip())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import address_profile, checkpoint_iteration, run_kmdask
+from conftest import address_profile, checkpoint_iteration, kmdask_main
 from s3proxy import FaultProxy
 
 pytestmark = pytest.mark.mnist
@@ -68,7 +68,7 @@ def _models(run: Path) -> dict[str, bytes]:
             for k in FIT["k"] for f in ("centers.npy", "labels.npy")}
 
 
-def test_object_store_faults(staged, s3, tmp_path, client):
+def test_object_store_faults(staged, s3, tmp_path, client, capsys):
     """Failing for a while (503 SlowDown, then slow answers): retried with backoff, the fit
     ends bit-identical to an undisturbed one. Staying down: exit 5, one line, progress saved;
     the rerun once it is back resumes, bit-identical. botocore's own retries are turned off
@@ -115,7 +115,7 @@ def test_object_store_faults(staged, s3, tmp_path, client):
         assert "progress is saved in runs/remote/." in last and "resumes at iteration" in last
         assert _iteration(wd / "runs") >= 2  # the checkpoint is still there
         proxy.mode = "ok"
-        again = run_kmdask("run", "job.yaml", cwd=wd)
+        again = kmdask_main(capsys, "run", "job.yaml", cwd=wd)
     assert again.returncode == 0, again.stderr
     assert "a: resuming at iteration" in again.stderr
     assert _models(wd / again.stdout.strip()) == want
