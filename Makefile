@@ -11,7 +11,9 @@ PROFILE ?= local
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist), a file each at a time, since a file's tests share fixtures and
 # clusters: 2 took 333 s against 580 s for one (before its clusters were forked warm) on a
-# 2-core machine; 3 were slower than 2 there. PYTEST_JOBS=0 runs one.
+# 2-core machine; 3 were slower than 2 there. PYTEST_JOBS=0 runs one. Files go out in the
+# order tests/conftest.py sets (heaviest first, so the run ends on small ones), not in
+# xdist's default order (most tests first).
 PYTEST_JOBS ?= 2
 
 .PHONY: help venv stage sweep test lint bench bench-8m bench-storage clean
@@ -56,7 +58,7 @@ sweep: $(VENV)/.stamp-runtime
 # clone, 2 s after): otherwise every test process and worker started meanwhile compiles them.
 test: $(VENV)/.stamp-test
 	$(PY) -c "from kmdask.batch.fitkinds import warm; warm()"
-	$(PY) -m pytest -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
