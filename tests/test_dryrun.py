@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, kmdask_main
 
 from kmdask.batch.checkpoint import FileCheckpoint
 from kmdask.cli import main
@@ -58,14 +58,6 @@ def work(tmp_path, mnist_store, monkeypatch) -> Path:
 def _dry(capsys, command: str, *args: str) -> tuple[int, str, str]:
     """``kmdask COMMAND --dry-run ARGS`` in-process: (exit status, stdout, stderr)."""
     code = main([command, "--dry-run", *args])
-    got = capsys.readouterr()
-    return code, got.out, got.err
-
-
-def _run(capsys) -> tuple[int, str, str]:
-    """``kmdask run dry.yaml`` in-process (its LocalCluster's workers forked from this
-    process's warm server, not a new one's): (exit status, stdout, stderr)."""
-    code = main(["run", "dry.yaml"])
     got = capsys.readouterr()
     return code, got.out, got.err
 
@@ -131,10 +123,10 @@ def test_fresh_resume_and_noop_plans_match_the_runs(work, mnist_store, capsys):
     assert _listing(work / "runs") == before  # no lock taken, nothing touched
 
     # the real rerun resumes where the plan said, into the run id the fresh plan named
-    code, out, err = _run(capsys)
-    assert code == 0, err
-    assert f"b: resuming at iteration {iteration}\n" in err
-    assert Path(out.strip()) == Path("runs/dry") / run_id
+    resumed = kmdask_main(capsys, "run", "dry.yaml", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"b: resuming at iteration {iteration}\n" in resumed.stderr
+    assert Path(resumed.stdout.strip()) == Path("runs/dry") / run_id
 
     # no-op: the complete run is found, and latest is left alone
     before = _listing(work / "runs")
@@ -157,10 +149,10 @@ def test_fresh_resume_and_noop_plans_match_the_runs(work, mnist_store, capsys):
     assert (plan["resume"]["partial"], plan["resume"]["fits_done"], plan["resume"]["fit"],
             plan["resume"]["iteration"]) == (f"runs/dry/{run_id}", ["a"], "b", 0)
     assert _listing(work / "runs") == before
-    code, _, err = _run(capsys)
-    assert code == 0, err
-    assert "a: already done in this partial run, skipping" in err
-    assert "b: already done" not in err
+    again = kmdask_main(capsys, "run", "dry.yaml", cwd=work)
+    assert again.returncode == 0, again.stderr
+    assert "a: already done in this partial run, skipping" in again.stderr
+    assert "b: already done" not in again.stderr
     assert labels.read_bytes() == intact
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import kmdask_main, run_kmdask
+from conftest import address_profile, kmdask_main, run_kmdask
 
 from kmdask.batch.spec import load_job, parse_job
 from kmdask.errors import ConfigError
@@ -106,8 +106,6 @@ def test_resume_after_sigkill_is_bit_identical(sig, workdir, mnist_store, tmp_pa
     """SIGKILL of the driver and its cluster, or SIGTERM (a batch time limit) of the driver:
     the rerun resumes from the last checkpoint and ends bit-identical. SIGTERM ends the run
     at once with exit 130 and one line."""
-    from conftest import address_profile
-
     from kmdask.batch.runner import run_job
 
     job = _long_job(workdir, mnist_store, "long.yaml")
