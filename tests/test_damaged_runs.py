@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import checkpoint_iteration, kmdask_main, run_kmdask
+from conftest import address_profile, checkpoint_iteration, kmdask_main, run_kmdask
 
 from kmdask.batch import rundir
 from kmdask.batch.checkpoint import FileCheckpoint
@@ -46,8 +46,8 @@ def work(tmp_path_factory, mnist_store, client) -> dict:
     job = wd / "dmg.yaml"
     job.write_text(yaml.safe_dump({"job": "dmg", "data": {"store": str(mnist_store)},
                                    "fits": FITS}))
-    ref = run_job(load_job(job), {"name": "t", "kind": "address", "timeout": 30,
-                                  "address": client.scheduler.address}, runs_dir=wd / "ref")
+    ref = run_job(load_job(job), address_profile(client.scheduler.address),
+                  runs_dir=wd / "ref")
     return {"dir": wd, "job": job, "ref": ref.path}
 
 

@@ -346,8 +346,7 @@ def test_workers_without_a_shared_file_system(mnist_source, reference, s3, tmp_p
     driver.mkdir()
     monkeypatch.chdir(driver)
     with dask_cluster(tmp_path, 2, env=s3.env, own_dirs=True) as address:
-        prof = {"name": "remote", "kind": "address", "address": address, "source": "test",
-                "timeout": 30}
+        prof = address_profile(address)
         from distributed import Client
 
         with Client(address, timeout=30) as c:
