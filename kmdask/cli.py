@@ -72,7 +72,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> dict:
     from kmdask.batch.profiles import load_profile
 
-    return load_profile(args.profile, args.cluster_file)
+    return load_profile(args.profile, args.cluster_file, getattr(args, "address", None))
 
 
 def _print_plan(args: argparse.Namespace, doc: dict, text: str) -> int:

@@ -174,6 +174,38 @@ def test_address_profile_runs_on_an_existing_scheduler(dask_address):
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
 
 
+def test_address_alone_needs_no_cluster_file(dask_address, mnist_store, tmp_path, capsys,
+                                             monkeypatch):
+    """A user with only a running scheduler: `kmdask run JOB --address URL` in a directory
+    without cluster.yaml runs there; without --address the error says what to give."""
+    import json
+
+    from conftest import kmdask_main
+
+    for var in ("KMDASK_PROFILE", "KMDASK_CLUSTER_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    job = {"job": "bare", "data": {"store": str(mnist_store), "split": "train"},
+           "fits": [{"name": "f", "algorithm": "scalable", "rows": 2000, "k": 3,
+                     "iterations": 5}]}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert not (tmp_path / "cluster.yaml").exists()
+    r = kmdask_main(capsys, "run", "job.yaml", "--address", dask_address, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / r.stdout.strip() / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["cluster"]["kind"] == "address"
+    assert manifest["cluster"]["scheduler"] == dask_address
+    r = kmdask_main(capsys, "run", "job.yaml", "--runs-dir", "other", cwd=tmp_path)
+    assert r.returncode != 0 and not (tmp_path / "other").exists()
+    err = r.stderr.strip()
+    assert err.startswith("kmdask: error: cluster.yaml: no such file") and "\n" not in err
+    assert "--address" in err and "--cluster-file" in err
+    # a profile or cluster file asked for by name must exist, --address or not
+    r = kmdask_main(capsys, "run", "job.yaml", "--profile", "address", "--address",
+                    dask_address, cwd=tmp_path)
+    assert r.returncode != 0 and "cluster.yaml: no such file" in r.stderr
+
+
 def test_address_profile_closed_port_fails_within_timeout():
     prof = _profile("address", address=f"tcp://127.0.0.1:{free_port()}", timeout="2s")
     t0 = time.perf_counter()

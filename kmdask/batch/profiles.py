@@ -32,10 +32,23 @@ def default_cluster_file() -> Path:
     return Path(os.environ.get("KMDASK_CLUSTER_FILE", "cluster.yaml"))
 
 
-def load_profile(name: str | None = None, cluster_file: str | Path | None = None) -> dict:
+def load_profile(name: str | None = None, cluster_file: str | Path | None = None,
+                 address: str | None = None) -> dict:
     """The named profile (``--profile``, else ``$KMDASK_PROFILE``, else the file's ``default``),
-    with ``base`` settings deep-merged under it. Returns a plain dict with ``name`` added."""
+    with ``base`` settings deep-merged under it. Returns a plain dict with ``name`` added.
+
+    With ``address`` (``--address``) and no profile or cluster file asked for anywhere, a
+    missing ``./cluster.yaml`` is no error: the profile is that scheduler's, with the address
+    kind's defaults (a user with only a running scheduler needs no profile file)."""
     path = Path(cluster_file) if cluster_file else default_cluster_file()
+    asked = name or cluster_file or os.environ.get("KMDASK_PROFILE") \
+        or os.environ.get("KMDASK_CLUSTER_FILE")
+    if address and not asked and not path.exists():
+        return {"name": "address", "kind": "address", "address": address}
+    if not path.exists() and not cluster_file and not os.environ.get("KMDASK_CLUSTER_FILE"):
+        raise ConfigError(f"{path}: no such file (run from a directory that has one, give "
+                          "--cluster-file FILE, or --address tcp://HOST:PORT for a running "
+                          "scheduler)")
     doc = load_yaml(path)
     c = Checker(path)
     c.mapping(doc, "", {"default", "base", "profiles"})
