@@ -275,3 +275,45 @@ def test_persisted_array_is_prepared_where_its_chunks_are(client):
     got = KMeans(3, random_state=0).fit(X)
     ref = KMeans(3, random_state=0).fit(da.from_array(np.concatenate(parts), chunks=(500, 16)))
     assert_array_equal(got.labels_, ref.labels_)  # a fit depends on the chunking, not placement
+
+
+def test_small_persisted_data_stays_where_it_is_and_folds_in_row_order(client):
+    """Small data (its Lloyd iterations gather every chunk on one worker) is prepared where
+    its chunks already are, even unevenly and out of row order, so nothing moves twice; a fold
+    still goes through the chunks in row order, and a fit is the same as from any placement.
+    Larger data is spread evenly in runs of consecutive chunks, as before."""
+    import dask
+    from dask.delayed import Delayed
+    from distributed import wait
+
+    from kmdask.engine.executor import ChunkedRows
+
+    workers = sorted(client.scheduler_info()["workers"])
+    rng = np.random.default_rng(1)
+    parts = [rng.random((400, 12)).astype(np.float32) for _ in range(6)]
+    home = [1, 0, 1, 1, 0, 1]  # 4/2 and not in runs
+    futs = [client.scatter(p, workers=[workers[h]]) for p, h in zip(parts, home, strict=True)]
+    X = da.concatenate([da.from_delayed(Delayed(f.key, {f.key: f}), p.shape, p.dtype)
+                        for f, p in zip(futs, parts, strict=True)])
+    X = X.persist()
+    wait(X)
+    rows = ChunkedRows(X, persist=True)
+    owners = {i: w for (w, _), idx in rows._groups.items() for i in idx}
+    assert owners == {i: workers[h] for i, h in enumerate(home)}
+    who = client.who_has(rows._items)
+    assert [tuple(who[f.key]) for f in rows._items] == [(workers[h],) for h in home]
+
+    def step(chunk, carry):  # order-sensitive: the row order shows in the bits
+        return carry * np.float32(1.001) + chunk.x.sum(dtype=np.float32)
+
+    want = np.float32(0.0)
+    for p in parts:
+        want = want * np.float32(1.001) + p.sum(dtype=np.float32)
+    assert rows.fold(step, np.float32(0.0)) == want
+    got = KMeans(3, random_state=0).fit(X)
+    ref = KMeans(3, random_state=0).fit(da.from_array(np.concatenate(parts), chunks=(400, 12)))
+    assert_array_equal(got.labels_, ref.labels_)
+    assert_array_equal(got.cluster_centers_, ref.cluster_centers_)
+    with dask.config.set({"kmdask.small-data-bytes": 0}):
+        spread = ChunkedRows(X, persist=True)
+    assert sorted(sorted(idx) for idx in spread._groups.values()) == [[0, 1, 2], [3, 4, 5]]

@@ -16,8 +16,10 @@ rows, and a pass runs a pure function next to every chunk. Three kinds of pass:
 Chunks are persisted in worker memory when they fit (``persist``), else streamed: read, used and
 dropped in every pass. On a distributed client the chunks are split into contiguous runs, one
 per worker thread, and a pass is one task per run: few, large tasks keep dask's per-pass
-overhead low and an even spread keeps every core busy. Without a client, passes run on dask's
-local scheduler. Waits never hang (:mod:`kmdask.engine.waits`).
+overhead low and an even spread keeps every core busy; small persisted data (which Lloyd
+iterations gather on one worker, :mod:`kmdask.engine.local`) stays where it already is, in runs
+per worker thread. Without a client, passes run on dask's local scheduler. Waits never hang
+(:mod:`kmdask.engine.waits`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from kmdask.engine import kernels
+from kmdask.engine import kernels, local
 from kmdask.engine.waits import clear_hints, current_client, hint, wait_for
 
 DEFAULT_CHUNK_ROWS = 10_000
@@ -209,9 +211,41 @@ class ChunkedRows:
                 if r not in slot_of:
                     slot_of[r] = next(free)
             owner += [slots[slot_of[r]] for r in runs]
+        if self.persisted and local.small(self, info.values()):
+            owner = self._stay(located, owner, slots)
         for i, slot in enumerate(owner):
             self._groups.setdefault(slot, []).append(i)
         return owner
+
+    @staticmethod
+    def _stay(located: list[set], owner: list[tuple[str, int]],
+              slots: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Small data (see :mod:`kmdask.engine.local`): each chunk stays on a worker already
+        holding it, split over that worker's threads in runs of consecutive chunks. Its Lloyd
+        iterations gather every chunk on one worker anyway, so spreading them evenly first
+        moved chunks twice (a 60k-row float32 fit from a 4/2 placement: 0.82 s against 0.58 s
+        once chunks stayed)."""
+        threads: dict[str, list[tuple[str, int]]] = {}
+        for slot in slots:
+            threads.setdefault(slot[0], []).append(slot)
+        where = [min(w & threads.keys()) if w & threads.keys() else None for w in located]
+        out = list(owner)
+        for w, mine in threads.items():
+            idx = [i for i, h in enumerate(where) if h == w]
+            for j, i in enumerate(idx):
+                out[i] = mine[j * len(mine) // len(idx)]
+        return out
+
+    def _runs(self) -> list[list[int]]:
+        """The chunks in row order, cut where the slot running them changes."""
+        slot_of = {i: slot for slot, idx in self._groups.items() for i in idx}
+        runs: list[list[int]] = []
+        for i in sorted(slot_of):
+            if runs and slot_of[runs[-1][-1]] == slot_of[i] and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
 
     # -- passes ---------------------------------------------------------------------------
 
@@ -243,7 +277,7 @@ class ChunkedRows:
         client = self._client
         shared = self._lift(shared, broadcast=True)
         fut: Any = carry
-        for idx in self._groups.values():  # runs in chunk order
+        for idx in self._runs():  # row order (a worker's chunks need not be consecutive)
             # no placement hint: the run goes where its chunks are, and may be recomputed
             fut = client.submit(_fold_run, fn, [self._items[i] for i in idx], self._meta(idx),
                                 self.prepare, self.persisted, shared,

@@ -19,7 +19,7 @@ between rounds, since every round's task runs where the chunks are.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -106,16 +106,22 @@ def _nbytes(data: Any) -> int:
     return data.shape[0] * (data.shape[1] * np.dtype(data.dtype).itemsize + 16)
 
 
+def small(data: Any, workers: Iterable[dict]) -> bool:
+    """Whether ``data`` (a ChunkedRows, persisted), on ``workers`` (the scheduler's worker
+    records), is small enough for the small-data path: its chunks then end up on one worker."""
+    limit = int(dask.config.get("kmdask.small-data-bytes", SMALL_BYTES))
+    return data.shape[0] > 0 and _nbytes(data) <= limit \
+        and len({w.get("host") for w in workers}) == 1
+
+
 def eligible(data: Any) -> int:
     """Threads for the small-data path on ``data`` (a ChunkedRows), or 0 where it does not
     apply: no distributed client, streamed or large data, or workers on several hosts."""
     client = data._client
-    limit = int(dask.config.get("kmdask.small-data-bytes", SMALL_BYTES))
-    if client is None or not data.persisted or data.shape[0] == 0 or _nbytes(data) > limit:
+    if client is None or not data.persisted:
         return 0
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    hosts = {w.get("host") for w in workers}
-    if len(hosts) != 1:
+    if not small(data, workers):
         return 0
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
