@@ -250,11 +250,22 @@ def test_inertia_history_starts_at_init_and_ends_at_the_fit(blobs, client):
                                                   strict=False))  # Lloyd never increases it
 
 
+def _placed(client, parts: list[np.ndarray], where: list[str]):
+    """A persisted dask array of ``parts``, chunk ``i`` in the memory of worker ``where[i]``."""
+    from dask.delayed import Delayed
+    from distributed import wait
+
+    futs = [client.scatter(p, workers=[w]) for p, w in zip(parts, where, strict=True)]
+    X = da.concatenate([da.from_delayed(Delayed(f.key, {f.key: f}), p.shape, p.dtype)
+                        for f, p in zip(futs, parts, strict=True)]).persist()
+    wait(X)
+    return X
+
+
 def test_persisted_array_is_prepared_where_its_chunks_are(client):
     """A dask array already in worker memory keeps its chunks there: each run of chunks goes
     to the worker holding them (here the reverse of the default order), so nothing moves."""
-    from dask.delayed import Delayed
-    from distributed import wait
+    import dask
 
     from kmdask.engine.executor import ChunkedRows
 
@@ -262,12 +273,9 @@ def test_persisted_array_is_prepared_where_its_chunks_are(client):
     rng = np.random.default_rng(0)
     parts = [rng.random((500, 16)).astype(np.float32) for _ in range(4)]
     # chunks 0-1 on the second worker, 2-3 on the first: the default runs would swap them
-    futs = [client.scatter(p, workers=[workers[1 - i // 2]]) for i, p in enumerate(parts)]
-    X = da.concatenate([da.from_delayed(Delayed(f.key, {f.key: f}), p.shape, p.dtype)
-                        for f, p in zip(futs, parts, strict=True)])
-    X = X.persist()
-    wait(X)
-    rows = ChunkedRows(X, persist=True)
+    X = _placed(client, parts, [workers[1], workers[1], workers[0], workers[0]])
+    with dask.config.set({"kmdask.small-data-bytes": 0}):  # the runs of larger data
+        rows = ChunkedRows(X, persist=True)
     owners = {i: w for (w, _), idx in rows._groups.items() for i in idx}
     assert owners == {0: workers[1], 1: workers[1], 2: workers[0], 3: workers[0]}
     who = client.who_has(rows._items)
@@ -283,8 +291,6 @@ def test_small_persisted_data_stays_where_it_is_and_folds_in_row_order(client):
     still goes through the chunks in row order, and a fit is the same as from any placement.
     Larger data is spread evenly in runs of consecutive chunks, as before."""
     import dask
-    from dask.delayed import Delayed
-    from distributed import wait
 
     from kmdask.engine.executor import ChunkedRows
 
@@ -292,11 +298,7 @@ def test_small_persisted_data_stays_where_it_is_and_folds_in_row_order(client):
     rng = np.random.default_rng(1)
     parts = [rng.random((400, 12)).astype(np.float32) for _ in range(6)]
     home = [1, 0, 1, 1, 0, 1]  # 4/2 and not in runs
-    futs = [client.scatter(p, workers=[workers[h]]) for p, h in zip(parts, home, strict=True)]
-    X = da.concatenate([da.from_delayed(Delayed(f.key, {f.key: f}), p.shape, p.dtype)
-                        for f, p in zip(futs, parts, strict=True)])
-    X = X.persist()
-    wait(X)
+    X = _placed(client, parts, [workers[h] for h in home])
     rows = ChunkedRows(X, persist=True)
     owners = {i: w for (w, _), idx in rows._groups.items() for i in idx}
     assert owners == {i: workers[h] for i, h in enumerate(home)}
