@@ -41,11 +41,10 @@ def load_profile(name: str | None = None, cluster_file: str | Path | None = None
     missing ``./cluster.yaml`` is no error: the profile is that scheduler's, with the address
     kind's defaults (a user with only a running scheduler needs no profile file)."""
     path = Path(cluster_file) if cluster_file else default_cluster_file()
-    asked = name or cluster_file or os.environ.get("KMDASK_PROFILE") \
-        or os.environ.get("KMDASK_CLUSTER_FILE")
-    if address and not asked and not path.exists():
-        return {"name": "address", "kind": "address", "address": address}
-    if not path.exists() and not cluster_file and not os.environ.get("KMDASK_CLUSTER_FILE"):
+    implicit = not (cluster_file or os.environ.get("KMDASK_CLUSTER_FILE"))  # ./cluster.yaml
+    if implicit and not path.exists():
+        if address and not (name or os.environ.get("KMDASK_PROFILE")):
+            return {"name": "address", "kind": "address", "address": address}
         raise ConfigError(f"{path}: no such file (run from a directory that has one, give "
                           "--cluster-file FILE, or --address tcp://HOST:PORT for a running "
                           "scheduler)")

@@ -48,10 +48,11 @@ from numba import njit
 from kmdask.engine import kernels
 
 # Set bounds up once a pass changes at most this share of the labels. 0.3 since 2026-12-07
-# (0.15 before): K=10 from shared centres, 2 workers, 20 passes, the bounded passes then start
-# one GEMM pass earlier: at 1.02M rows 358-372 against 402-410 ms a pass; at 60k, one thread,
-# 379 against 399 ms (uint8) and 411 against 452 ms (float32). The 27-model sweep and
-# n_init=10 came out even (within the machine's noise). Results are the same either way.
+# (0.15 before): K=10 from shared centres, the bounded passes then start one GEMM pass earlier.
+# At 60k rows, one thread, 20 passes: 379 against 399 ms (uint8), 411 against 452 ms
+# (float32). At 1.02M rows on 2 workers one A/B gave 358-372 against 402-410 ms a pass, a
+# later interleaved one came out even; the 27-model sweep and n_init=10 came out even too.
+# Results are the same either way.
 _BOUNDS_FROM = 0.3
 _ELKAN_MAX = 0.25  # drop them after a bounded pass that computed more than this share
 _CODE = True  # keep float rows' RowCode (tests turn it off to compare)
