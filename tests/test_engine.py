@@ -289,7 +289,7 @@ def test_small_persisted_data_stays_where_it_is_and_folds_in_row_order(client):
     """Small data (its Lloyd iterations gather every chunk on one worker) is prepared where
     its chunks already are, even unevenly and out of row order, so nothing moves twice; a fold
     still goes through the chunks in row order, and a fit is the same as from any placement.
-    Larger data is spread evenly in runs of consecutive chunks, as before."""
+    Larger data is balanced over the workers by moving only the excess (one chunk here)."""
     import dask
 
     from kmdask.engine.executor import ChunkedRows
@@ -316,6 +316,17 @@ def test_small_persisted_data_stays_where_it_is_and_folds_in_row_order(client):
     ref = KMeans(3, random_state=0).fit(da.from_array(np.concatenate(parts), chunks=(400, 12)))
     assert_array_equal(got.labels_, ref.labels_)
     assert_array_equal(got.cluster_centers_, ref.cluster_centers_)
+    # fresh chunks (the fits above left copies of some), placed the same way
+    X = _placed(client, [p + 1 for p in parts], [workers[h] for h in home])
     with dask.config.set({"kmdask.small-data-bytes": 0}):
         spread = ChunkedRows(X, persist=True)
-    assert sorted(sorted(idx) for idx in spread._groups.values()) == [[0, 1, 2], [3, 4, 5]]
+    owners = {i: w for (w, _), idx in spread._groups.items() for i in idx}
+    # workers[1] held 4 of 6: its last chunk moves, the rest stay
+    assert owners == {0: workers[1], 1: workers[0], 2: workers[1], 3: workers[1],
+                      4: workers[0], 5: workers[0]}
+    who = client.who_has(spread._items)
+    assert [tuple(who[f.key]) for f in spread._items] == [(owners[i],) for i in range(6)]
+    want = np.float32(0.0)
+    for p in parts:
+        want = want * np.float32(1.001) + (p + 1).sum(dtype=np.float32)
+    assert spread.fold(step, np.float32(0.0)) == want
