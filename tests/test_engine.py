@@ -330,3 +330,49 @@ def test_small_persisted_data_stays_where_it_is_and_folds_in_row_order(client):
     for p in parts:
         want = want * np.float32(1.001) + (p + 1).sum(dtype=np.float32)
     assert spread.fold(step, np.float32(0.0)) == want
+
+
+
+def _chunk_id_sums(chunk, scale):
+    """An integer result per chunk that shows which chunks went into a total."""
+    return np.array([chunk.index, chunk.x.shape[0]], dtype=np.int64) * scale
+
+
+def test_combined_results_are_the_per_key_totals_of_the_chunks(client):
+    """map(combine=...) adds the chunks' results up per key where they are made, a run at a
+    time, then across runs: the same totals as adding every chunk's result on the client,
+    on the cluster (chunks spread over both workers) and in LocalRows (the small-data path)."""
+    import dask
+
+    from kmdask.engine import kernels
+    from kmdask.engine.executor import ChunkedRows, Combine
+    from kmdask.engine.local import LocalRows
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, size=(7 * 300, 8), dtype=np.uint8)
+    keys = (0, 1, 0, 2, 1, 0, 2)
+    comb = Combine(keys, lambda a, b: a + b)
+    with dask.config.set({"kmdask.small-data-bytes": 0}):
+        rows = ChunkedRows(x, chunk_rows=300)
+    assert len({w for w, _ in rows._groups}) == 2  # runs on both workers
+    want: dict = {}
+    for k, p in zip(keys, rows.map(_chunk_id_sums, 3), strict=True):
+        want[k] = want.get(k, 0) + p
+    got = rows.map(_chunk_id_sums, 3, combine=comb)
+    assert sorted(got) == [0, 1, 2]
+    for k in got:
+        assert_array_equal(got[k], want[k])
+    assert_array_equal(got[0], np.array([0 + 2 + 5, 900]) * 3)
+    with pytest.raises(ValueError, match="keep and combine"):
+        rows.map(_chunk_id_sums, 3, keep=True, combine=comb)
+    like = {"shape": x.shape, "dtype": x.dtype, "divisor": 255.0, "spare_bytes": 0,
+            "use_bounds": True}
+    local = LocalRows([kernels.prepare_chunk(x[i * 300:(i + 1) * 300], 255.0, i * 300, i)
+                       for i in range(7)], like, 2)
+    try:
+        got_local = local.map(_chunk_id_sums, 3, combine=comb)
+    finally:
+        local.close()
+    assert sorted(got_local) == [0, 1, 2]
+    for k in got:
+        assert_array_equal(got_local[k], want[k])

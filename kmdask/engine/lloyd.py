@@ -28,7 +28,7 @@ import numpy as np
 
 from kmdask.engine import incremental as pruned
 from kmdask.engine import kernels
-from kmdask.engine.executor import ChunkedRows
+from kmdask.engine.executor import ChunkedRows, Combine
 
 _BOUNDS = "pruned.bounds"  # key of a chunk's labels and distance bounds in its cache
 _PARKED = "pruned.parked"  # ... and of those of the models that stopped (for the final pass)
@@ -168,6 +168,12 @@ def _add(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def _add_parts(a: tuple, b: tuple) -> tuple:
+    """Two chunks' (sums, counts, squared norms, distances computed) of a Lloyd pass, added:
+    exact integers, so the total is the same in any grouping."""
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
 def _relocate_empty(data: ChunkedRows, chunks: list[int], states: list[ModelState], c, starts,
                     stops, sums, counts, fixed: kernels.Fixed | None):
     """Move each empty cluster onto one of the rows farthest from their centre (as scikit-learn
@@ -259,16 +265,17 @@ def lloyd_iterations(data: Any, states: list[ModelState], max_iter: int, tols: l
         stacks = _stacks(states, live_idx, groups, cdt, lambda i: (token, i))
         n_centres = sum(states[i].k for i in live_idx)
         keep, bounds = _state_room(data, len(live_idx), n_centres)
-        parts = data.map(_lloyd_chunk, stacks, keep, bounds, per_chunk=per_chunk)
-        computed = sum(p[3] for p in parts if p is not None)
+        # exact integer sums: added up per group where they are made (see Combine)
+        totals = data.map(_lloyd_chunk, stacks, keep, bounds, per_chunk=per_chunk,
+                          combine=Combine(groups.chunk, _add_parts))
+        computed = sum(t[3] for t in totals.values())
         shown: list[tuple[float, float]] = []  # group 0's (inertia, shift) per model
         for g, st in enumerate(stacks):
             if st is None:
                 continue
             c, starts, stops, _, mine = st
             chunks = groups.chunks_of(g)
-            mine_parts = [parts[i] for i in chunks]
-            sums, counts, sq = (_add([p[k] for p in mine_parts]) for k in range(3))
+            sums, counts, sq, _ = totals[g]
             sdiv = kernels.sum_divisors(data.dtype, data.divisor, fixed[g])
             # from exact integer sums: independent of chunking and of the skipped rows
             inertia = pruned.inertia(sums, counts, sq, c, starts, stops, sdiv)

@@ -66,12 +66,14 @@ class LocalRows:
         return out
 
     def map(self, fn: Callable, *shared: Any, per_chunk: list[tuple] | None = None,
-            keep: bool = False) -> list:
+            keep: bool = False, combine: Any = None) -> list | dict:
         if keep:
             raise ValueError("LocalRows keeps chunk state in the chunks' caches only")
         self.passes += 1
         extras = per_chunk if per_chunk is not None else [()] * self.n_chunks
-        return self._run(fn, list(range(self.n_chunks)), [(*shared, *e) for e in extras])
+        which = list(range(self.n_chunks))
+        got = self._run(fn, which, [(*shared, *e) for e in extras])
+        return got if combine is None else combine.over(got, which)
 
     def map_some(self, fn: Callable, which: list[int], extras: list[tuple]) -> list:
         return self._run(fn, list(which), list(extras))
