@@ -100,3 +100,28 @@ def test_sq_dists_matches_direct():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(7, 5)), rng.normal(size=(4, 5))
     assert_allclose(kernels.sq_dists(a, b), ((a[:, None] - b[None]) ** 2).sum(-1), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("k", [1, 3, 10, kernels.FEW_CENTRES, 16])
+def test_decision_dots_stay_within_the_error_bound(dtype, k):
+    """gemm_blocks(decide_only=True) takes the fastest way (raw pixels against scaled centres;
+    a compiled loop for few centres), so its dots differ from the seeding's in the last bits,
+    but never by more than gemm_error_coef allows: canonical decisions rest on that bound."""
+    rng = np.random.default_rng(k)
+    raw = rng.integers(0, 256, size=(2500, 784)).astype(np.uint8)
+    raw[::7] = 255  # rows of the largest norm
+    x = raw if dtype == np.uint8 else (raw / np.float32(255) * 3 - 1).astype(np.float32)
+    div = 255.0 if dtype == np.uint8 else 1.0
+    chunk = kernels.prepare_chunk(x, div, 0, 0)
+    c = (rng.random((k, 784)) * 2 - 0.5).astype(np.float32)
+    exact = (x.astype(np.float64) / div) @ c.astype(np.float64).T
+    bound = kernels.gemm_error_coef(784) / 2 * np.sqrt(chunk.xnorm)[:, None] \
+        * np.linalg.norm(c.astype(np.float64), axis=1)[None, :]
+    seen = 0
+    for s, xr, dots in kernels.gemm_blocks(chunk, c, decide_only=True):
+        err = np.abs(dots.astype(np.float64) - exact[s:s + xr.shape[0]])
+        assert (err <= bound[s:s + xr.shape[0]]).all()
+        assert err.max() > 0 or k == 1  # rounded, not exact: the bound is what is tested
+        seen += xr.shape[0]
+    assert seen == x.shape[0]

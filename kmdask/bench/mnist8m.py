@@ -53,14 +53,14 @@ def _raw(x: np.ndarray, offset: int, index: int) -> np.ndarray:
 
 
 def _floor_chunk(x: np.ndarray, c: np.ndarray) -> int:
-    """One chunk of the floor pass: kmdask's own blocked GEMM against the centres, as a Lloyd
-    pass makes it (:func:`kmdask.engine.kernels.gemm_blocks` of raw pixels, the fastest we
-    have), nothing else."""
+    """One chunk of the floor pass: kmdask's own dot products with the centres, as a Lloyd
+    pass makes them (:func:`kmdask.engine.kernels.gemm_blocks` with ``decide_only``, the
+    fastest we have), nothing else."""
     from kmdask.engine import kernels
 
     chunk = kernels.Chunk(x=x, xnorm=np.empty(0), divisor=255.0, offset=0, index=0)
     return sum(int(dots.shape[0])
-               for _, _, dots in kernels.gemm_blocks(chunk, c, raw_pixels=True))
+               for _, _, dots in kernels.gemm_blocks(chunk, c, decide_only=True))
 
 
 def _read_chunk(x: np.ndarray) -> int:

@@ -613,7 +613,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
                  labels, upper, lower, sums, counts, sq, scale)
         changed = 0
         every = np.arange(n)
-        for s, xr, dots in kernels.gemm_blocks(chunk, c, raw_pixels=True):
+        for s, xr, dots in kernels.gemm_blocks(chunk, c, decide_only=True):
             if build:
                 code_rows(xr, code, s)
             changed += _full_block(dots, every[s:s + xr.shape[0]], x, chunk.xnorm, *exact)

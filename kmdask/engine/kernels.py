@@ -412,23 +412,73 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-def gemm_blocks(chunk: Chunk, c: np.ndarray, raw_pixels: bool = False):
+# Up to this many float32 centres, _few_dots beats the BLAS GEMM (one thread, 200k MNIST rows:
+# K=10 59 against 114 ms for pixels, 94 against 126 for float32 rows; K=12 even for float32,
+# K=16 BLAS ahead). A GEMM with so few columns is bound by reading the rows, which BLAS
+# copies into its own panels first.
+FEW_CENTRES = 12
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _few_dots(x, c, out):  # pragma: no cover - compiled
+    # out[i, j] = x[i] . c[j] in float32, four centres per sweep over a row (the row stays in
+    # L1 and each value is loaded once per sweep); any summation order is within gamma_d
+    d = x.shape[1]
+    k = c.shape[0]
+    for r in range(x.shape[0]):
+        j = 0
+        while j + 4 <= k:
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for p in range(d):
+                v = np.float32(x[r, p])
+                a0 += v * c[j, p]
+                a1 += v * c[j + 1, p]
+                a2 += v * c[j + 2, p]
+                a3 += v * c[j + 3, p]
+            out[r, j] = a0
+            out[r, j + 1] = a1
+            out[r, j + 2] = a2
+            out[r, j + 3] = a3
+            j += 4
+        while j < k:
+            a0 = np.float32(0.0)
+            for p in range(d):
+                a0 += np.float32(x[r, p]) * c[j, p]
+            out[r, j] = a0
+            j += 1
+
+
+def gemm_blocks(chunk: Chunk, c: np.ndarray, decide_only: bool = False):
     """Yield ``(start, raw rows, dots)`` per row block: one GEMM of the scaled rows against all
     centres ``c`` (compute dtype). ``dots`` is a reused buffer, valid until the next block.
 
-    With ``raw_pixels``, uint8 rows enter the GEMM as they are (exact in float32) against the
-    centres divided by the divisor: the same dots within :func:`gemm_error_coef`'s bound (its
-    conversion term then covers the rounding of the centres instead of the rows), without a
-    division per value, which cost a third of a Lloyd GEMM pass (1.02M rows: 93 of 300 ms a
-    worker). For canonical decisions only: seeding keeps the division, since its sampling
-    weights are the distances themselves.
+    ``decide_only``: the caller needs the dots only within :func:`gemm_error_coef`'s bound (for
+    canonical decisions, as Lloyd passes), not rounded as seeding's sampling weights are, so
+    the fastest way is taken. uint8 rows then enter as they are (exact in float32) against
+    the centres divided by the divisor (the bound's conversion term then covers the rounding
+    of the centres instead of the rows), without a division per value, which cost a third of
+    a Lloyd GEMM pass (1.02M rows: 93 of 300 ms a worker); and up to :data:`FEW_CENTRES`
+    float32 centres, a compiled loop (:func:`_few_dots`) replaces the GEMM.
     """
     x = chunk.x
     n, d = x.shape
     cdt = c.dtype
-    raw = raw_pixels and x.dtype == np.uint8
+    raw = decide_only and x.dtype == np.uint8
     if raw:
         c = (c.astype(np.float64) / chunk.divisor).astype(cdt)
+    few = (decide_only and cdt == np.float32 and c.shape[0] <= FEW_CENTRES
+           and (raw or (x.dtype == cdt and chunk.divisor == 1.0)))
+    if few:
+        c = np.ascontiguousarray(c)
+        dbuf = scratch("gemm.dots", (min(BLOCK_ROWS, n), c.shape[0]), cdt)
+        for s in range(0, n, BLOCK_ROWS):
+            xr = x[s : s + BLOCK_ROWS]
+            _few_dots(xr, c, dbuf[: xr.shape[0]])
+            yield s, xr, dbuf[: xr.shape[0]]
+        return
     ct = np.ascontiguousarray(c.T)
     # Buffers reused across blocks: fresh multi-MB temporaries page-fault on every block in
     # dask workers (the nanny sets a low MALLOC_TRIM_THRESHOLD_), which made this 4x slower.
