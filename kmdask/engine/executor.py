@@ -16,10 +16,11 @@ rows, and a pass runs a pure function next to every chunk. Three kinds of pass:
 Chunks are persisted in worker memory when they fit (``persist``), else streamed: read, used and
 dropped in every pass. On a distributed client the chunks are split into contiguous runs, one
 per worker thread, and a pass is one task per run: few, large tasks keep dask's per-pass
-overhead low and an even spread keeps every core busy; small persisted data (which Lloyd
-iterations gather on one worker, :mod:`kmdask.engine.local`) stays where it already is, in runs
-per worker thread. Without a client, passes run on dask's local scheduler. Waits never hang
-(:mod:`kmdask.engine.waits`).
+overhead low and an even spread keeps every core busy; an array already in worker memory stays
+where it is, in runs per worker thread, balanced by moving only the excess (small data, which
+Lloyd iterations gather on one worker, :mod:`kmdask.engine.local`, is not balanced). A pass may
+add its results up where they are made (:class:`Combine`). Without a client, passes run on
+dask's local scheduler. Waits never hang (:mod:`kmdask.engine.waits`).
 """
 
 from __future__ import annotations
