@@ -125,3 +125,16 @@ def test_decision_dots_stay_within_the_error_bound(dtype, k):
         assert err.max() > 0 or k == 1  # rounded, not exact: the bound is what is tested
         seen += xr.shape[0]
     assert seen == x.shape[0]
+
+
+@pytest.mark.parametrize("n", [1, 32768, 32769, 70001])
+def test_pixel_column_stats_are_exact_across_partial_sum_blocks(n):
+    """uint8 column sums run in int32 blocks of 32,768 rows: all-255 rows are the worst case
+    for their range, and the totals must still equal numpy's int64 sums exactly."""
+    x = np.full((n, 3), 255, dtype=np.uint8)
+    x[::5, 1] = np.arange(0, n, 5) % 256
+    count, s1, s2, finite, *_ = kernels.chunk_stats(kernels.prepare_chunk(x, 1.0, 0, 0))
+    wide = x.astype(np.int64)
+    assert count == n and finite
+    assert_array_equal(s1, wide.sum(axis=0).astype(np.float64))
+    assert_array_equal(s2, (wide**2).sum(axis=0).astype(np.float64))
