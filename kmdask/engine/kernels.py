@@ -535,8 +535,8 @@ def stack_bounds(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndarray,
-           mode: int = MODE_SUMS, keep_rows: bool = True, fixed: Fixed | None = None
-           ) -> Assignment:
+           mode: int = MODE_SUMS, keep_rows: bool = True, fixed: Fixed | None = None,
+           decide_only: bool = False) -> Assignment:
     """Nearest centre of every row for every model, with optional counts and sums.
 
     Parameters
@@ -548,6 +548,9 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     keep_rows : return per-row labels and distances (Lloyd's hot pass needs neither).
     fixed : float rows only: sum them (and their squared norms) as exact integers in these
         units instead of in float64 (uint8 sums are always exact integers).
+    decide_only : the dot products only decide labels (see :func:`gemm_blocks`): the same
+        canonical labels and sums, faster; distances and inertia then carry that way's
+        rounding (Lloyd passes take the inertia from the exact sums).
     """
     x = chunk.x
     n, d = x.shape
@@ -570,7 +573,7 @@ def assign(chunk: Chunk, centres: np.ndarray, starts: np.ndarray, stops: np.ndar
     sq = np.zeros(m_total if with_sq else 1, dtype=np.int64)
     xsq = row_sq_units(chunk, fixed) if with_sq else np.zeros(1, dtype=np.int64)
     scale = fixed.scale if fixed is not None else 0.0
-    for s, xr, dots in gemm_blocks(chunk, c):
+    for s, xr, dots in gemm_blocks(chunk, c, decide_only):
         _assign_block(dots, dec.cnorm, chunk.xnorm[s : s + BLOCK_ROWS], starts, stops, xr, mode,
                       sums, counts, inertia, labels, mind, s, keep_rows, int_sums, scale,
                       dec.craw, dec.r2, dec.coef, dec.xs, dec.rs, dec.slack, xsq, sq, with_sq)

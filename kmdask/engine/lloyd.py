@@ -127,13 +127,13 @@ def _lloyd_chunk(chunk: kernels.Chunk, stacks, keep, bounds, g: int,
     """Exact integer sums (in ``fixed`` units for float rows). Persisted chunks keep labels
     (and bounds) between passes so that later passes do less (same results either way);
     streamed ones use the plain kernel, the one seeding uses too (one compiled kernel less in
-    a memory-tight worker)."""
+    a memory-tight worker), its dot products taken the fastest way (only decisions count)."""
     if stacks[g] is None:  # every model of this chunk's group has stopped
         return None
     c, starts, stops, ids, _ = stacks[g]
     if not keep:
         a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, keep_rows=False,
-                           fixed=fixed)
+                           fixed=fixed, decide_only=True)
         return a.sums, a.counts, a.sq, a.counts.size * chunk.x.shape[0]
     # taken out first: a failed pass leaves nothing stale
     prev = chunk.cache.pop(_BOUNDS, None)
@@ -320,7 +320,8 @@ def _final_chunk(chunk: kernels.Chunk, stacks, keep, g: int,
     c, starts, stops, ids, _ = stacks[g]
     prev = pruned.join(chunk.cache.pop(_BOUNDS, None), chunk.cache.pop(_PARKED, None))
     if not keep:
-        a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, fixed=fixed)
+        a = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, fixed=fixed,
+                           decide_only=True)
         return a.labels, a.sums, a.counts, a.sq
     # Bounds left by the iterations make this pass as cheap as theirs (1.02M rows, K=10: a
     # bounded pass 130-200 ms a worker against 420-450 for the GEMM). Models that stopped
