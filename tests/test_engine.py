@@ -376,3 +376,25 @@ def test_combined_results_are_the_per_key_totals_of_the_chunks(client):
     assert sorted(got_local) == [0, 1, 2]
     for k in got:
         assert_array_equal(got_local[k], want[k])
+
+
+def test_an_array_already_in_worker_memory_can_be_streamed(client):
+    """persist=False on a dask array that is (or is computed from) one already persisted on
+    the workers: each pass takes the chunks from worker memory (their graphs refer to
+    futures, which a task cannot compute by itself). Directly persisted, persisted in column
+    chunks (rechunked to whole rows here), and derived lazily: all fit as the rows in memory."""
+    from distributed import wait
+
+    x, _ = make_blobs(n_samples=3000, n_features=8, centers=4, random_state=3)
+    x = x.astype(np.float32)
+    direct = da.from_array(x, chunks=(500, 8)).persist()
+    columns = da.from_array(x, chunks=(500, 4)).persist()
+    base = da.from_array(x * 2, chunks=(700, 8)).persist()
+    wait([direct, columns, base])
+    for X, rows in ((direct, 500), (columns, 500), (base / np.float32(2), 700)):
+        got = KMeans(4, random_state=0, persist=False).fit(X)
+        assert not got.persisted_
+        # a fit depends on the rows and their chunking alone
+        ref = KMeans(4, random_state=0).fit(da.from_array(x, chunks=(rows, 8)))
+        assert_array_equal(np.asarray(got.labels_), np.asarray(ref.labels_))
+        assert_array_equal(got.cluster_centers_, ref.cluster_centers_)

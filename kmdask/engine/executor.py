@@ -33,6 +33,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.core import keys_in_tasks
 from dask.delayed import Delayed
 
 from kmdask.engine import kernels, local
@@ -157,7 +158,10 @@ class ChunkedRows:
         blocks = [client.scatter(b, workers=[w] if w else None, hash=False) if m else b
                   for b, w, m in zip(blocks, targets, memory, strict=True)]
         if not self.persisted:  # a pass reads (or takes) and prepares each chunk
-            self._items = [b if m else _block_graph(b)
+            # chunks already in worker memory (a persisted array, or one computed from it) are
+            # taken from there: their graph refers to futures, which only the cluster resolves
+            held = {f.key: f for f in client.futures_of(X)} if X is not None else {}
+            self._items = [b if m else held[b.key] if b.key in held else _block_graph(b, held)
                            for b, m in zip(blocks, memory, strict=True)]
             return
 
@@ -213,9 +217,9 @@ class ChunkedRows:
                 if r not in slot_of:
                     slot_of[r] = next(free)
             owner += [slots[slot_of[r]] for r in runs]
-        if self.persisted:
-            owner = self._stay(located, owner, slots,
-                               balance=not local.small(self, info.values()))
+        if any(located):  # an array already in worker memory, persisted or streamed from there
+            owner = self._stay(located, owner, slots, balance=not (
+                self.persisted and local.small(self, info.values())))
         for i, slot in enumerate(owner):
             self._groups.setdefault(slot, []).append(i)
         return owner
@@ -448,16 +452,28 @@ class _BlockGraph:
     graph: dict
     key: Any
 
-    def compute(self) -> np.ndarray:
+    def compute(self, inputs: dict | None = None) -> np.ndarray:
+        """The block, from ``inputs`` (values of keys the graph refers to but does not hold:
+        chunks of a persisted array it is computed from)."""
         from dask.local import get_sync
 
-        return get_sync(self.graph, self.key)
+        return get_sync({**self.graph, **(inputs or {})}, self.key)
 
 
-def _block_graph(block) -> _BlockGraph:
+#: first element of a streamed chunk that needs chunks already in worker memory:
+#: ``(_WITH_INPUTS, block graph, {key: future})`` (a plain tuple and dict, so that dask
+#: resolves the futures to their values before the task runs)
+_WITH_INPUTS = "kmdask-block-with-inputs"
+
+
+def _block_graph(block, held: dict | None = None) -> Any:
     g = block.__dask_graph__()
     g = g.cull({block.key}) if hasattr(g, "cull") else g
-    return _BlockGraph(dict(g), block.key)
+    graph = dict(g)
+    needs = keys_in_tasks(list(held or {}), list(graph.values())) if held else []
+    if needs:
+        return (_WITH_INPUTS, _BlockGraph(graph, block.key), {k: held[k] for k in needs})
+    return _BlockGraph(graph, block.key)
 
 
 def _get(item: Any, prepare: Callable, persisted: bool, offset: int, index: int) -> Any:
@@ -465,7 +481,12 @@ def _get(item: Any, prepare: Callable, persisted: bool, offset: int, index: int)
     raw chunk per thread is in memory)."""
     if persisted:
         return item
-    raw = item.compute() if isinstance(item, _BlockGraph) else item  # local: already read
+    if isinstance(item, _BlockGraph):
+        raw = item.compute()
+    elif isinstance(item, tuple) and len(item) == 3 and item[0] == _WITH_INPUTS:
+        raw = item[1].compute(item[2])
+    else:  # local, or a persisted chunk: already read
+        raw = item
     return prepare(np.asarray(raw), offset, index)
 
 
