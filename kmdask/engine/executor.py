@@ -470,7 +470,8 @@ def _block_graph(block, held: dict | None = None) -> Any:
     g = block.__dask_graph__()
     g = g.cull({block.key}) if hasattr(g, "cull") else g
     graph = dict(g)
-    needs = keys_in_tasks(list(held or {}), list(graph.values())) if held else []
+    # held.keys(): a set-like view, so each lookup is O(1) (a list made it O(chunks))
+    needs = keys_in_tasks(held.keys(), list(graph.values())) if held else []
     if needs:
         return (_WITH_INPUTS, _BlockGraph(graph, block.key), {k: held[k] for k in needs})
     return _BlockGraph(graph, block.key)
