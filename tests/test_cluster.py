@@ -120,6 +120,19 @@ def test_local_workers_malloc_environment(limit, tuned):
         assert env["MALLOC_MMAP_THRESHOLD_"] is None and env["MALLOC_TRIM_THRESHOLD_"] == "65536"
 
 
+def test_small_workers_do_not_inherit_settings_a_big_cluster_left(monkeypatch):
+    """A nanny copies its settings into this process's os.environ whenever it restarts a
+    worker: after a big cluster's restart, kmdask's malloc values sit there, and a small
+    cluster's workers must still start with dask's defaults (and the values stay put)."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(32 << 20))
+    with connect(_profile("local", n_workers=1, memory_limit="400MB")) as client:
+        env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in (
+            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}).values()))
+    assert env == {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+
+
 def _loaded_kernels() -> dict[str, int]:
     """In a worker: how many compiled signatures each of the engine's kernels holds."""
     import sys

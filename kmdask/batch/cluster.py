@@ -178,7 +178,12 @@ def worker_environment(memory_limit: Any = None) -> Iterator[None]:
 
     limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
     if limit and limit < _MALLOC_MIN_LIMIT:
-        yield
+        # A nanny copies its pre-spawn settings into os.environ again whenever it restarts a
+        # worker, so a big cluster of this process may have left ours there: small workers
+        # would inherit them (and dask prefers os.environ to its config). Not while they start.
+        leaked = {k: None for k, v in _MALLOC_ENV.items() if os.environ.get(k) == str(v)}
+        with _environ(leaked):
+            yield
         return
     env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_MALLOC_ENV}
     # A nanny copies its settings into this process's os.environ before spawning, and values
@@ -189,10 +194,15 @@ def worker_environment(memory_limit: Any = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``values`` set inside the block, as it was afterwards."""
+def _environ(values: dict[str, str | None]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (None: unset) inside the block, as it was
+    afterwards."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
