@@ -193,9 +193,7 @@ def warm() -> None:
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(64, 16), dtype=np.uint8)
     for x in (pixels, pixels.astype(np.float32) / 255, pixels.astype(np.float64) / 255):
-        # k-means|| seeding and pruned incremental passes, as a real fit runs them: 10 stacked
-        # centres (a compiled loop makes the dots), then 14 (a GEMM: see kernels.FEW_CENTRES)
+        # k-means|| seeding and pruned incremental passes, as a real fit runs them
         fit_models(x, [2, 3], n_init=2, max_iter=4, tol=0.0, random_state=0)
-        fit_models(x, [7], n_init=2, max_iter=2, tol=0.0, random_state=0)
     for x in (pixels, pixels.astype(np.float64) / 255):
         fit_mccaffrey(x, 2, max_iter=3, n_init=2, seed=0)

@@ -529,19 +529,17 @@ class Combine:
 
     def over(self, results: list, index: list[int]) -> dict:
         """The totals per key of ``results`` (those of chunks ``index``, in that order)."""
-        out: dict = {}
-        for i, r in zip(index, results, strict=True):
-            if r is not None:
-                k = self.keys[i]
-                out[k] = r if k not in out else self.add(out[k], r)
-        return out
+        return self._totals((self.keys[i], r) for i, r in zip(index, results, strict=True)
+                            if r is not None)
 
     def merge(self, parts: list[dict]) -> dict:
         """Per-key totals of several runs, added in the order given."""
+        return self._totals(kr for part in parts for kr in part.items())
+
+    def _totals(self, pairs) -> dict:
         out: dict = {}
-        for part in parts:
-            for k, r in part.items():
-                out[k] = r if k not in out else self.add(out[k], r)
+        for k, r in pairs:
+            out[k] = r if k not in out else self.add(out[k], r)
         return out
 
 

@@ -505,6 +505,13 @@ def join(a: Bounds | None, b: Bounds | None) -> Bounds | None:
                   code=a.code if a.code is not None else b.code)
 
 
+def bounds_usable(state: Bounds | None) -> bool:
+    """Whether a pass from ``state`` takes Elkan's bounded way (see :func:`lloyd_pass`): it
+    has bounds, and the pass that made them did not compute too many distances."""
+    return state is not None and state.upper is not None \
+        and not (state.bounded and state.computed > _ELKAN_MAX)
+
+
 def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
                stops: np.ndarray, ids: tuple | None = None, prev: Bounds | None = None,
                keep: bool = True, bounds: bool = True, fixed: kernels.Fixed | None = None
@@ -567,8 +574,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
     sdt = np.dtype(np.int32 if pixels and 255 * n < 2**31 else np.int64)
     state = _reuse(prev, ids, starts, stops, n, d, sdt, fixed) if keep else None
     bounds = bounds and keep
-    if state is not None and state.upper is not None and bounds \
-            and not (state.bounded and state.computed > _ELKAN_MAX):
+    if bounds and bounds_usable(state):
         labels, sums, counts, sq = state.labels, state.sums, state.counts, state.sq
         upper, lower = state.upper, state.lower
         # each centre's movement, rounded up, added to what it moved before

@@ -86,13 +86,6 @@ def _pixels_to_f32(x, divisor, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _pixels_as_f32(x, out):  # pragma: no cover - compiled
-    for i in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            out[i, j] = np.float32(x[i, j])
-
-
-@njit(cache=True, nogil=True)
 def _row_sq_norms_u8(x, out, raw, div2):  # pragma: no cover - compiled
     # exact integer sum of squares per row (SIMD-friendly), scaled once: (sum x^2) / divisor^2
     for i in range(x.shape[0]):
@@ -502,7 +495,7 @@ def gemm_blocks(chunk: Chunk, c: np.ndarray, decide_only: bool = False):
         nb = xr.shape[0]
         if raw:
             xb = xbuf[:nb]
-            _pixels_as_f32(xr, xb)
+            np.copyto(xb, xr)  # exact: integers below 2**24
         elif x.dtype == np.uint8:
             xb = xbuf[:nb]
             _pixels_to_f32(xr, chunk.divisor, xb)

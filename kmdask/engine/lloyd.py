@@ -325,9 +325,10 @@ def _final_chunk(chunk: kernels.Chunk, stacks, keep, g: int,
         return a.labels, a.sums, a.counts, a.sq
     # Bounds left by the iterations make this pass as cheap as theirs (1.02M rows, K=10: a
     # bounded pass 130-200 ms a worker against 420-450 for the GEMM). Models that stopped
-    # early were parked without theirs, and then every row gets the GEMM (see pruned.join);
-    # the labels still save adding every row again.
-    bounded = prev is not None and prev.upper is not None
+    # early were parked without theirs, and then every row gets the GEMM (see pruned.join),
+    # which builds no bounds for a pass that is the last; the labels still save adding every
+    # row again.
+    bounded = pruned.bounds_usable(prev)
     res, state = pruned.lloyd_pass(chunk, c, starts, stops, ids, prev, True, bounded, fixed)
     return np.ascontiguousarray(state.labels.T), res.sums, res.counts, res.sq
 
