@@ -351,11 +351,15 @@ def test_row_code_bounds_its_residual(dtype):
     assert code.eps[1] < 1e-6 and code.lo[1] == np.float64(dtype(0.25))
 
 
+@pytest.mark.parametrize("sizes", [(10, 10, 5), (5, 4)], ids=["gemm", "few"])
 @pytest.mark.parametrize("data", ["pixels", "noisy"])
-def test_row_code_changes_nothing_but_the_rows_read(mnist8, monkeypatch, data):
+def test_row_code_changes_nothing_but_the_rows_read(mnist8, monkeypatch, data, sizes):
     """Passes screened by the row code give bit-identical state to passes without it, and
-    read fewer rows where the code is fine enough (pixel-like floats) than without it."""
-    monkeypatch.setattr(pruned, "_BOUNDS_FROM", 1.0)
+    read fewer rows where the code is fine enough (pixel-like floats) than without it. With
+    few centres (``kernels.FEW_CENTRES``) the first pass builds the code in its own compiled
+    loop and the GEMM passes after it read the code instead of the rows."""
+    assert (sum(sizes) <= kernels.FEW_CENTRES) == (sizes == (5, 4))
+    monkeypatch.setattr(pruned, "_BOUNDS_FROM", 1.0 if len(sizes) == 3 else 0.3)
     monkeypatch.setattr(pruned, "_ELKAN_MAX", 1.0)
     x8 = mnist8[:3000]
     x = (x8.astype(np.float32) / np.float32(255) if data == "pixels"
@@ -363,8 +367,9 @@ def test_row_code_changes_nothing_but_the_rows_read(mnist8, monkeypatch, data):
     chunk = _fchunk(x)
     fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
     sdiv = kernels.sum_divisors(x.dtype, 1.0, fixed)
-    starts, stops = kernels.stack_bounds([10, 10, 5])
-    c0 = x[np.random.default_rng(2).choice(x.shape[0], 25, replace=False)].astype(np.float64)
+    starts, stops = kernels.stack_bounds(list(sizes))
+    c0 = x[np.random.default_rng(2).choice(x.shape[0], sum(sizes), replace=False)].astype(
+        np.float64)
     runs = {}
     for coded in (True, False):
         if not coded:
@@ -380,7 +385,49 @@ def test_row_code_changes_nothing_but_the_rows_read(mnist8, monkeypatch, data):
     for (a, la, ba), (b, lb, bb) in zip(runs[True], runs[False], strict=True):
         assert ba == bb
         assert_array_equal(la, lb)
-        for f in ("sums", "counts", "sq"):
+        for f in ("sums", "counts", "sq", "changed"):
             assert_array_equal(getattr(a, f), getattr(b, f))
     assert read[True] > 0  # rows that move, or that the code cannot settle, are read
     assert read[True] < (0.5 if data == "pixels" else 1.0) * read[False], read
+    if len(sizes) == 2:  # the GEMM passes after the first one read the code
+        gemm = [(r.read, r.changed) for r, _, b in runs[True][1:] if not b]
+        assert gemm and len(gemm) == len([r for r, _, b in runs[False][1:] if not b])
+        if data == "pixels":  # the code decides nearly every row: those that move are read
+            n = x.shape[0]
+            assert all(0 < g <= min(moved + 0.02 * n, 0.5 * n) for g, moved in gemm), gemm
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gemm_passes_of_the_code_decide_as_the_rows_do(monkeypatch, seed):
+    """GEMM passes over float32 rows' code (few centres) give the labels and sums of passes
+    over the rows, bit for bit, on continuous rows whose code residual is wide enough to
+    matter: rows the code cannot decide are read and decided as a pass from the rows would."""
+    monkeypatch.setattr(pruned, "_BOUNDS_FROM", -1.0)  # never bounds: every pass a GEMM pass
+    rng = np.random.default_rng(seed)
+    k, n, d = 6, 4000, 24
+    means = rng.normal(0, 1.0, (k, d))
+    x = (means[rng.integers(0, k, n)] + rng.normal(0, 1.2, (n, d))).astype(np.float32)
+    chunk = _fchunk(x)
+    fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
+    sdiv = kernels.sum_divisors(x.dtype, 1.0, fixed)
+    starts, stops = kernels.stack_bounds([k, k - 2])
+    assert stops[-1] <= kernels.FEW_CENTRES
+    c0 = x[rng.choice(n, stops[-1], replace=False)].astype(np.float64)
+    runs = {}
+    for coded in (True, False):
+        monkeypatch.setattr(pruned, "_CODE", coded)
+        c, state, out = c0.copy(), None, []
+        for _ in range(8):
+            res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+            out.append((res, state.labels.copy()))
+            c = res.sums / sdiv[0] / np.maximum(res.counts, 1)[:, None]
+        runs[coded] = out
+    for (a, la), (b, lb) in zip(runs[True], runs[False], strict=True):
+        assert_array_equal(la, lb)
+        for f in ("sums", "counts", "sq", "changed"):
+            assert_array_equal(getattr(a, f), getattr(b, f))
+    reads = [(r.read, r.changed) for r, _ in runs[True][1:]]
+    # the code settles most rows and reads those that move, plus those it cannot decide
+    assert all(r < n for r, _ in reads), reads
+    assert any(r > moved for r, moved in reads), reads
+    assert all(r == n for r in (res.read for res, _ in runs[False])), "no code, all read"

@@ -29,10 +29,13 @@ cache. Bounded passes decide from the code first (its own-centre distance, then 
 distances the bounds cannot rule out), every distance bound widened by the residual, and read
 the float row only where the code cannot decide or the row changes cluster. It costs a byte per
 value, kept with the bounds; results are unchanged, since the code only ever yields valid
-bounds. GEMM passes read the rows themselves: a GEMM of the codes, tried, was slower (copying
-the codes to floats and reading the rows of every label change cost more than the bytes it
-saved; one thread, float32 MNIST, K=10, passes 2-4: 36/32/31 ms against 30/27/27 per 30k rows,
-and no faster on 300k rows that do not fit in cache).
+bounds. With few float32 centres (:data:`kmdask.engine.kernels.FEW_CENTRES`), the GEMM passes
+between the first one and the bounded ones read the code too (:func:`_code_full`): the code's
+dot products are taken as pixels' are, a row whose nearest centre they prove keeps or takes
+that label, and only rows that move or that the code cannot decide are read (one thread, 30k
+float32 MNIST rows, K=10: 20-21 and 18 ms against 23-24 and 22-23 for passes 2 and 3). With
+more centres a GEMM of the codes was slower (copying them to floats for BLAS and reading the
+rows of every label change cost more than the bytes saved), so those passes read the rows.
 
 The state (:class:`Bounds`) is kept by the caller next to the chunk and passed back; without it
 (streamed data, a recomputed chunk, a resumed fit) the pass simply computes every row.
@@ -63,6 +66,7 @@ _CODE = True  # keep float rows' RowCode (tests turn it off to compare)
 # 0.38-0.40 s without; a 27-model sweep (162 centres) took 5-15% longer with it.
 _CODE_MAX_CENTRES = 32
 _CODE_MIN_SETTLED = 0.5  # a bounded pass drops the code when it settled less of what it tried
+_CODE_ROWS = 256  # rows per block of a GEMM pass of the code (their codes stay in L2)
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,32 @@ def _code_d2(qf, lo, step, x2, c, csum, cnorm, j):  # pragma: no cover - compile
     return x2 + cnorm[j] - 2.0 * (lo * csum[j] + step * np.float64(_dot(qf, c, j)))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _full_row(dots, i, r, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc,
+              coef, slack, bounds, labels, upper, lower, sums, counts, sq,
+              scale):  # pragma: no cover - compiled
+    # Row r from every distance of its GEMM row dots[i]: decide, move if changed, set fresh
+    # bounds; returns the labels changed.
+    changed = 0
+    if bounds:  # one flat loop over all centres (r2c, rsc: their model's r2, rs): SIMD
+        for j in range(cnorm.shape[0]):
+            e = coef * xs[r] * rsc[j] + slack * (xnorm[r] + r2c[j] + 1.0)
+            lo = xnorm[r] + cnorm[j] - 2.0 * dots[i, j] - e
+            lower[r, j] = _f32_down(np.sqrt(max(lo, 0.0)))
+    for m in range(starts.shape[0]):
+        a = starts[m]
+        b = stops[m]
+        best, bestv, second = kernels.top2(dots, i, cnorm, a, b, 0)
+        e = kernels.err_bound(xnorm[r], xs[r], r2[m], rs[m], coef, slack)
+        if not second - bestv > 2.0 * e:  # near tie: decide exactly
+            best = kernels.exact_argmin(x[r], craw, a, b)
+            bestv = cnorm[best] - 2.0 * dots[i, best]
+        changed += _relabel(x, r, m, a, best, labels, xsq, sums, counts, sq, scale)
+        if bounds:
+            upper[r, m] = _f32_up(np.sqrt(max(xnorm[r] + bestv + e, 0.0)))
+    return changed
+
+
 @njit(cache=True, nogil=True)
 def _full_block(dots, rows, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc,
                 coef, slack, bounds, labels, upper, lower, sums, counts, sq,
@@ -328,6 +358,98 @@ def _full_block(dots, rows, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, r
             if bounds:
                 upper[r, m] = _f32_up(np.sqrt(max(xnorm[r] + bestv + e, 0.0)))
     return changed
+
+
+@njit(cache=True, nogil=True)
+def _coded_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef, slack,
+                bounds, labels, upper, lower, sums, counts, sq, scale, c32, xi, mask, shift,
+                bits, mnmx, qc, qlo, qstep, qeps, qx2, qn, u, dots,
+                every):  # pragma: no cover - compiled
+    # The first pass of float32 rows with few centres, building their code on the way: per
+    # block of dots' rows (small enough to stay in L2), the code, the dot products
+    # (_few_dots, as gemm_blocks would compute them) and _full_block, so the rows come from
+    # memory once instead of three times. Returns the labels changed.
+    n = x.shape[0]
+    rows = dots.shape[0]
+    changed = 0
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        _row_code(x[s:e], xi[s:e], mask, shift, bits, mnmx, qc[s:e], qlo[s:e], qstep[s:e],
+                  qeps[s:e], qx2[s:e], qn[s:e], u)
+        kernels._few_dots(x[s:e], c32, dots[:e - s])
+        changed += _full_block(dots[:e - s], every[s:e], x, xnorm, xs, xsq, starts, stops,
+                               cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds, labels,
+                               upper, lower, sums, counts, sq, scale)
+    return changed
+
+
+@njit(cache=True, nogil=True)
+def _code_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef, slack,
+               bounds, labels, upper, lower, sums, counts, sq, scale, c32, csum, qc, qlo,
+               qstep, qeps, qx2, qn, qdots, xdots):  # pragma: no cover - compiled
+    # A GEMM pass over float32 rows' code instead of the rows: every code distance, from
+    # q . c (uint8 codes, as pixels are read) in blocks of qdots' rows. A row whose nearest
+    # centre the code proves, for every model, gets that label, the code's bounds, and is read
+    # only if it moves; any other row is read and decided from its own dot products exactly as
+    # _full_block does (the same dots: _few_dots computes each row alone). Labels are the
+    # canonical ones either way: the code settles a label only where the exact decision
+    # (exact_argmin's, within slack) could not differ, as in _bounded. Returns the labels
+    # changed and the rows read.
+    n, d = x.shape
+    nmodel = starts.shape[0]
+    sqd = np.sqrt(np.float64(d))
+    rows = qdots.shape[0]
+    bests = np.empty(nmodel, dtype=np.int64)
+    changed = 0
+    read = 0
+    exact = 0
+    for s in range(0, n, rows):
+        nb = min(rows, n - s)
+        kernels._few_dots(qc[s:s + nb], c32, qdots[:nb])
+        for i in range(nb):
+            r = s + i
+            h = qstep[r]
+            lo = qlo[r]
+            eps = qeps[r]
+            settled = True
+            for m in range(nmodel):
+                a = starts[m]
+                b = stops[m]
+                ec = _code_err(coef, slack, h, qn[r], qx2[r], lo, sqd, r2[m], rs[m])
+                best = a
+                bestv = np.inf
+                for j in range(a, b):
+                    v = cnorm[j] - 2.0 * (lo * csum[j] + h * np.float64(qdots[i, j]))
+                    best = j if v < bestv else best
+                    bestv = min(bestv, v)
+                u = np.float64(_f32_up(np.sqrt(max(qx2[r] + bestv + ec, 0.0)) + eps))
+                tiny = slack * (xnorm[r] + r2[m] + 1.0)
+                for j in range(a, b):
+                    v = qx2[r] + cnorm[j] - 2.0 * (lo * csum[j] + h * np.float64(qdots[i, j]))
+                    lb = np.float64(_f32_down(max(np.sqrt(max(v - ec, 0.0)) - eps, 0.0)))
+                    settled &= (j == best) | ((lb > u) & (lb * lb - u * u > tiny))
+                    if bounds:
+                        lower[r, j] = lb
+                if not settled:
+                    break
+                bests[m] = best
+                if bounds:
+                    upper[r, m] = u
+            if settled:
+                moved = 0
+                for m in range(nmodel):
+                    moved += _relabel(x, r, m, starts[m], bests[m], labels, xsq, sums, counts,
+                                      sq, scale)
+                changed += moved
+                read += moved > 0
+                continue
+            kernels._few_dots(x[r:r + 1], c32, xdots)
+            read += 1
+            changed += _full_row(xdots, 0, r, x, xnorm, xs, xsq, starts, stops, cnorm, craw,
+                                 r2, rs, r2c, rsc, coef, slack, bounds, labels, upper, lower,
+                                 sums, counts, sq, scale)
+            exact += 1
+    return changed, read, exact
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -603,8 +725,8 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
             counts = np.zeros(m_total, dtype=np.int64)
             sq = np.zeros(m_total, dtype=np.int64)
         # float rows' code: built while a full pass has each block in cache, used by the
-        # bounded passes after it (kept with the bounds, so not where bounds are off). A GEMM
-        # pass reads the rows themselves: a GEMM of the codes was slower (module docstring)
+        # passes after it (kept with the bounds, so not where bounds are off): bounded ones,
+        # and with few float32 centres GEMM ones too (module docstring)
         build = (_CODE and bounds and code is None and not pixels and chunk.divisor == 1.0
                  and d <= CODE_MAX_D and m_total <= _CODE_MAX_CENTRES and state is None)
         if build:
@@ -618,13 +740,39 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
         exact = (xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds,
                  labels, upper, lower, sums, counts, sq, scale)
         changed = 0
-        every = np.arange(n)
-        for s, xr, dots in kernels.gemm_blocks(chunk, c, decide_only=True):
-            if build:
-                code_rows(xr, code, s)
-            changed += _full_block(dots, every[s:s + xr.shape[0]], x, chunk.xnorm, *exact)
-        read = n
         computed = possible
+        if code is not None and not build and x.dtype == np.float32 \
+                and m_total <= kernels.FEW_CENTRES:
+            # a GEMM pass of the code: a quarter of the bytes to read (float32 rows' GEMM
+            # passes are bound by reading them: 30k MNIST rows, one thread, 15.9 ms streamed
+            # against 9.3 from cache), the rows read only where the code cannot decide
+            changed, read, tough = _code_full(
+                x, chunk.xnorm, *exact, c, c64.sum(axis=1), code.q, code.lo, code.step,
+                code.eps, code.x2, code.qn,
+                kernels.scratch("code.dots", (min(_CODE_ROWS, n), m_total), np.float32),
+                np.empty((1, m_total), dtype=np.float32))
+            if tough > (1.0 - _CODE_MIN_SETTLED) * n:
+                code = None  # too coarse for these rows' gaps
+        elif build and x.dtype == np.float32 and m_total <= kernels.FEW_CENTRES and n and d:
+            # the first pass in one compiled loop (_coded_full), the same dots and decisions
+            # as below: 30k MNIST rows, one thread, 41.5 against 43.5-45 ms
+            xc = np.ascontiguousarray(x)
+            bits = np.empty(2, dtype=np.int32)
+            changed = _coded_full(
+                xc, chunk.xnorm, *exact, c, xc.view(np.int32), np.int32(2**31 - 1),
+                np.int32(31), bits, bits.view(np.float32), code.q, code.lo, code.step,
+                code.eps, code.x2, code.qn, 2.0**-24,
+                kernels.scratch("code.dots", (min(_CODE_ROWS, n), m_total), np.float32),
+                np.arange(n))
+            read = n
+        else:
+            every = np.arange(n)
+            for s, xr, dots in kernels.gemm_blocks(chunk, c, decide_only=True):
+                if build:
+                    code_rows(xr, code, s)
+                changed += _full_block(dots, every[s:s + xr.shape[0]], x, chunk.xnorm,
+                                       *exact)
+            read = n
         bounded = False
         if not bounds:
             upper = lower = drift = None
