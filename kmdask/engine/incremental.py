@@ -311,7 +311,9 @@ def _full_row(dots, i, r, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs,
               coef, slack, bounds, labels, upper, lower, sums, counts, sq,
               scale):  # pragma: no cover - compiled
     # Row r from every distance of its GEMM row dots[i]: decide, move if changed, set fresh
-    # bounds; returns the labels changed.
+    # bounds; returns the labels changed. _full_block keeps its own copy of this body on
+    # purpose: calling this per row made pixel GEMM passes 50% slower (30k rows, one thread,
+    # passes 2-3: 45-47 against 30 ms), and inlining it the first float32 pass 10% slower.
     changed = 0
     if bounds:  # one flat loop over all centres (r2c, rsc: their model's r2, rs): SIMD
         for j in range(cnorm.shape[0]):
@@ -741,8 +743,8 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
                  labels, upper, lower, sums, counts, sq, scale)
         changed = 0
         computed = possible
-        if code is not None and not build and x.dtype == np.float32 \
-                and m_total <= kernels.FEW_CENTRES:
+        few32 = x.dtype == np.float32 and m_total <= kernels.FEW_CENTRES and n > 0
+        if code is not None and not build and few32:
             # a GEMM pass of the code: a quarter of the bytes to read (float32 rows' GEMM
             # passes are bound by reading them: 30k MNIST rows, one thread, 15.9 ms streamed
             # against 9.3 from cache), the rows read only where the code cannot decide
@@ -753,7 +755,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
                 np.empty((1, m_total), dtype=np.float32))
             if tough > (1.0 - _CODE_MIN_SETTLED) * n:
                 code = None  # too coarse for these rows' gaps
-        elif build and x.dtype == np.float32 and m_total <= kernels.FEW_CENTRES and n and d:
+        elif build and few32 and d > 0:
             # the first pass in one compiled loop (_coded_full), the same dots and decisions
             # as below: 30k MNIST rows, one thread, 41.5 against 43.5-45 ms
             xc = np.ascontiguousarray(x)
