@@ -306,34 +306,6 @@ def _code_d2(qf, lo, step, x2, c, csum, cnorm, j):  # pragma: no cover - compile
     return x2 + cnorm[j] - 2.0 * (lo * csum[j] + step * np.float64(_dot(qf, c, j)))
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _full_row(dots, i, r, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc,
-              coef, slack, bounds, labels, upper, lower, sums, counts, sq,
-              scale):  # pragma: no cover - compiled
-    # Row r from every distance of its GEMM row dots[i]: decide, move if changed, set fresh
-    # bounds; returns the labels changed. _full_block keeps its own copy of this body on
-    # purpose: calling this per row made pixel GEMM passes 50% slower (30k rows, one thread,
-    # passes 2-3: 45-47 against 30 ms), and inlining it the first float32 pass 10% slower.
-    changed = 0
-    if bounds:  # one flat loop over all centres (r2c, rsc: their model's r2, rs): SIMD
-        for j in range(cnorm.shape[0]):
-            e = coef * xs[r] * rsc[j] + slack * (xnorm[r] + r2c[j] + 1.0)
-            lo = xnorm[r] + cnorm[j] - 2.0 * dots[i, j] - e
-            lower[r, j] = _f32_down(np.sqrt(max(lo, 0.0)))
-    for m in range(starts.shape[0]):
-        a = starts[m]
-        b = stops[m]
-        best, bestv, second = kernels.top2(dots, i, cnorm, a, b, 0)
-        e = kernels.err_bound(xnorm[r], xs[r], r2[m], rs[m], coef, slack)
-        if not second - bestv > 2.0 * e:  # near tie: decide exactly
-            best = kernels.exact_argmin(x[r], craw, a, b)
-            bestv = cnorm[best] - 2.0 * dots[i, best]
-        changed += _relabel(x, r, m, a, best, labels, xsq, sums, counts, sq, scale)
-        if bounds:
-            upper[r, m] = _f32_up(np.sqrt(max(xnorm[r] + bestv + e, 0.0)))
-    return changed
-
-
 @njit(cache=True, nogil=True)
 def _full_block(dots, rows, x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc,
                 coef, slack, bounds, labels, upper, lower, sums, counts, sq,
@@ -388,12 +360,12 @@ def _coded_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc,
 @njit(cache=True, nogil=True)
 def _code_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef, slack,
                bounds, labels, upper, lower, sums, counts, sq, scale, c32, csum, qc, qlo,
-               qstep, qeps, qx2, qn, qdots, xdots):  # pragma: no cover - compiled
+               qstep, qeps, qx2, qn, qdots, xdots, every):  # pragma: no cover - compiled
     # A GEMM pass over float32 rows' code instead of the rows: every code distance, from
     # q . c (uint8 codes, as pixels are read) in blocks of qdots' rows. A row whose nearest
     # centre the code proves, for every model, gets that label, the code's bounds, and is read
-    # only if it moves; any other row is read and decided from its own dot products exactly as
-    # _full_block does (the same dots: _few_dots computes each row alone). Labels are the
+    # only if it moves; any other row is read and decided from its own dot products by
+    # _full_block (the same dots: _few_dots computes each row alone). Labels are the
     # canonical ones either way: the code settles a label only where the exact decision
     # (exact_argmin's, within slack) could not differ, as in _bounded. Returns the labels
     # changed and the rows read.
@@ -447,9 +419,9 @@ def _code_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, 
                 continue
             kernels._few_dots(x[r:r + 1], c32, xdots)
             read += 1
-            changed += _full_row(xdots, 0, r, x, xnorm, xs, xsq, starts, stops, cnorm, craw,
-                                 r2, rs, r2c, rsc, coef, slack, bounds, labels, upper, lower,
-                                 sums, counts, sq, scale)
+            changed += _full_block(xdots, every[r:r + 1], x, xnorm, xs, xsq, starts, stops,
+                                   cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds, labels,
+                                   upper, lower, sums, counts, sq, scale)
             exact += 1
     return changed, read, exact
 
@@ -752,7 +724,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
                 x, chunk.xnorm, *exact, c, c64.sum(axis=1), code.q, code.lo, code.step,
                 code.eps, code.x2, code.qn,
                 kernels.scratch("code.dots", (min(_CODE_ROWS, n), m_total), np.float32),
-                np.empty((1, m_total), dtype=np.float32))
+                np.empty((1, m_total), dtype=np.float32), np.arange(n))
             if tough > (1.0 - _CODE_MIN_SETTLED) * n:
                 code = None  # too coarse for these rows' gaps
         elif build and few32 and d > 0:
