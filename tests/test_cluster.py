@@ -106,14 +106,26 @@ def test_local_profile_binds_only_loopback():
         assert ips and set(ips) == {"127.0.0.1"}, ips  # scheduler, dashboard, workers, nannies
 
 
+def _numpy_hugepages() -> bool:
+    """In a worker: whether numpy asks for transparent huge pages (its setting, unchanged)."""
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    was = _set_madvise_hugepage(True)
+    _set_madvise_hugepage(was)
+    return bool(was)
+
+
 @pytest.mark.parametrize("limit, tuned", [("4GiB", True), ("400MB", False)])
 def test_local_workers_malloc_environment(limit, tuned):
     """Big workers keep multi-MB buffers in the heap (fast re-use); small ones keep dask's
-    default (freed memory goes straight back to the OS)."""
+    default (freed memory goes straight back to the OS). Neither asks for transparent huge
+    pages (numpy's madvise), whose faults can stall for compaction."""
     with connect(_profile("local", n_workers=1, memory_limit=limit)) as client:
         env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in (
             "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")}).values()))
+        hugepages = set(client.run(_numpy_hugepages).values())
     assert env["OPENBLAS_NUM_THREADS"] == "1"  # dask's own settings are kept
+    assert hugepages == {False}
     if tuned:
         assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(32 << 20)
     else:
