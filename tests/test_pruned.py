@@ -431,3 +431,39 @@ def test_gemm_passes_of_the_code_decide_as_the_rows_do(monkeypatch, seed):
     assert all(r < n for r, _ in reads), reads
     assert any(r > moved for r, moved in reads), reads
     assert all(r == n for r in (res.read for res, _ in runs[False])), "no code, all read"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounded_passes_of_the_code_move_rows_as_the_rows_do(monkeypatch, seed):
+    """Bounded passes that decide from the code where a row moves (not only that its label
+    stands) give the labels, bounds' decisions and sums of passes over the rows, bit for bit,
+    on continuous rows whose code residual is wide enough to matter."""
+    monkeypatch.setattr(pruned, "_BOUNDS_FROM", 1.0)  # bounds from the second pass on
+    monkeypatch.setattr(pruned, "_ELKAN_MAX", 1.0)
+    monkeypatch.setattr(pruned, "_CODE_MIN_SETTLED", 0.0)  # keep the code however coarse
+    rng = np.random.default_rng(seed)
+    k, n, d = 8, 4000, 24
+    means = rng.normal(0, 1.0, (k, d))
+    x = (means[rng.integers(0, k, n)] + rng.normal(0, 0.9, (n, d))).astype(np.float32)
+    chunk = _fchunk(x)
+    fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
+    sdiv = kernels.sum_divisors(x.dtype, 1.0, fixed)
+    starts, stops = kernels.stack_bounds([k, k - 3])
+    c0 = x[rng.choice(n, stops[-1], replace=False)].astype(np.float64)
+    runs = {}
+    for coded in (True, False):
+        monkeypatch.setattr(pruned, "_CODE", coded)
+        c, state, out = c0.copy(), None, []
+        for _ in range(10):
+            res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+            out.append((res, state.labels.copy(), state.bounded))
+            c = res.sums / sdiv[0] / np.maximum(res.counts, 1)[:, None]
+        assert (state.code is not None) == coded
+        runs[coded] = out
+    for (a, la, ba), (b, lb, bb) in zip(runs[True], runs[False], strict=True):
+        assert ba == bb
+        assert_array_equal(la, lb)
+        for f in ("sums", "counts", "sq", "changed"):
+            assert_array_equal(getattr(a, f), getattr(b, f))
+    moved = [r.changed for r, _, b in runs[True] if b]
+    assert len(moved) >= 7 and sum(moved) > 0.02 * n, moved  # rows do move in bounded passes

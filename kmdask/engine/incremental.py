@@ -444,6 +444,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
         xn = xnorm[r]
         converted = False
         qconv = False
+        moved = False  # the row moved by the code's decision (its values read for the sums)
         for m in range(starts.shape[0]):
             a = starts[m]
             b = stops[m]
@@ -457,36 +458,64 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 settled &= (j == own) | ((lo > u) & (lo * lo - u * u > tiny))
             if settled:  # every other centre is provably farther: the label stands
                 continue
-            if coded:  # try to settle it from the code first: a byte per value to read
+            if coded:  # try to decide it from the code first: a byte per value to read
                 if not qconv:
                     for p in range(x.shape[1]):
                         qf[p] = qc[r, p]
                     qconv = True
-                ec = _code_err(coef, slack, qstep[r], qn[r], qx2[r], qlo[r], sqd, r2[m], rs[m])
-                dc = _code_d2(qf, qlo[r], qstep[r], qx2[r], c32, csum, cnorm, own)
-                ust = _f32_up(np.sqrt(max(dc + ec, 0.0)) + qeps[r] - drift[own])
+                h = qstep[r]
+                ql = qlo[r]
+                qx = qx2[r]
+                qe = qeps[r]
+                ec = _code_err(coef, slack, h, qn[r], qx, ql, sqd, r2[m], rs[m])
+                down = _code_d2(qf, ql, h, qx, c32, csum, cnorm, own)
+                ust = _f32_up(np.sqrt(max(down + ec, 0.0)) + qe - drift[own])
                 if np.float64(ust) + drift[own] < u:
                     upper[r, m] = ust
                     u = np.float64(ust) + drift[own]
+                # every centre the bounds cannot rule out, from the code: the nearest of
+                # those it cannot rule out either is where the row may move
+                best = own
+                bestv = down
                 settled = True
                 for j in range(a, b):
                     lo = np.float64(lower[r, j]) - drift[j]
                     if j == own or ((lo > u) & (lo * lo - u * u > tiny)):
                         continue
                     computed += 1
-                    dc = _code_d2(qf, qlo[r], qstep[r], qx2[r], c32, csum, cnorm, j)
-                    lst = _f32_down(np.sqrt(max(dc - ec, 0.0)) - qeps[r] + drift[j])
+                    dc = _code_d2(qf, ql, h, qx, c32, csum, cnorm, j)
+                    lst = _f32_down(np.sqrt(max(dc - ec, 0.0)) - qe + drift[j])
                     if lst > lower[r, j]:
                         lower[r, j] = lst
                         lo = np.float64(lst) - drift[j]
                     if not ((lo > u) & (lo * lo - u * u > tiny)):
                         settled = False
-                        break
+                        best = j if dc < bestv else best
+                        bestv = min(bestv, dc)
                 computed += 1
                 tried += 1
-                if settled:
+                if settled:  # the label stands
                     decided += 1
                     continue
+                if best != own:  # the row moves to best if the code proves every other
+                    # centre farther, by the criterion above (the own one by its code bound)
+                    ub = np.float64(_f32_up(np.sqrt(max(bestv + ec, 0.0)) + qe))
+                    lown = max(np.sqrt(max(down - ec, 0.0)) - qe,
+                               np.float64(lower[r, own]) - drift[own])
+                    moves = (lown > ub) & (lown * lown - ub * ub > tiny)
+                    for j in range(a, b):
+                        lo = np.float64(lower[r, j]) - drift[j]
+                        far = (lo > ub) & (lo * lo - ub * ub > tiny)
+                        moves &= (j == own) | (j == best) | far
+                    if moves:
+                        decided += 1
+                        lower[r, own] = _f32_down(lown + drift[own])
+                        upper[r, m] = _f32_up(ub - drift[best])
+                        _move(x, r, own, best, xsq, sums, counts, sq, scale)
+                        labels[r, m] = best - a
+                        changed += 1
+                        moved = True
+                        continue
             if not converted:  # the row in the compute dtype, once (a copy for float rows
                 # too: x may be read-only, and one kernel serves both). Pixels stay raw
                 # (exact in float32) and their dot products are scaled by 1 / div instead:
@@ -536,6 +565,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 labels[r, m] = best - a
                 changed += 1
             upper[r, m] = _f32_up(np.sqrt(max(xn + bestv + e, 0.0)) - drift[best])
+        read += moved and not converted
     return computed, changed, read, tried, decided
 
 
