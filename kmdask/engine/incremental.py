@@ -26,8 +26,9 @@ nearly every row (a bounded pass for its own-centre distance), so it is bound by
 They therefore also keep a compact copy (:class:`RowCode`: each row as 8-bit steps over its own
 range, with a proven bound on its residual), built by the first pass while each block is in
 cache. Bounded passes decide from the code first (its own-centre distance, then the
-distances the bounds cannot rule out), every distance bound widened by the residual, and read
-the float row only where the code cannot decide or the row changes cluster. It costs a byte per
+distances the bounds cannot rule out), every distance bound widened by the residual: that the
+label stands, or which centre the row moves to (it is then read for the sums alone), and read
+the float row's distances only where the code cannot decide. It costs a byte per
 value, kept with the bounds; results are unchanged, since the code only ever yields valid
 bounds. With few float32 centres (:data:`kmdask.engine.kernels.FEW_CENTRES`), the GEMM passes
 between the first one and the bounded ones read the code too (:func:`_code_full`): the code's
