@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # xdist's default order (most tests first).
 PYTEST_JOBS ?= 2
 
-.PHONY: help venv stage sweep test lint bench bench-8m bench-storage clean
+.PHONY: help venv stage sweep test lint bench bench-8m bench-scaling bench-storage clean
 
 help:
 	@echo "make sweep   bootstrap .venv (runtime only), stage MNIST, run the sweep on a LocalCluster, write the report"
@@ -25,6 +25,7 @@ help:
 	@echo "make lint    ruff"
 	@echo "make bench   benchmarks against the peers (bench/results.json, bench/results.md)"
 	@echo "make bench-8m   MNIST-8M (stage --augment 134, 2.5 GB): streamed K=10 fit vs its floor"
+	@echo "make bench-scaling   the 1.02M-row fit on WORKERS=\"1 2 4 8 16\" workers: parallel efficiency"
 	@echo "make bench-storage   local store vs an S3 store on loopback (moto), store layers"
 	@echo "make clean   remove .venv, data/, runs/, report/ and caches"
 
@@ -77,9 +78,16 @@ bench: $(VENV)/.stamp-bench
 bench-8m: $(VENV)/.stamp-bench
 	$(PY) -m kmdask.bench mnist8m --store data/mnist-aug134.zarr
 
+# a machine with as many cores as the largest worker count (the runs above it are marked
+# oversubscribed); stages data/mnist-aug16.zarr when missing
+WORKERS ?= 1 2 4 8 16
+bench-scaling: $(VENV)/.stamp-runtime
+	$(KMDASK) stage --dataset mnist --augment 16 -q
+	$(PY) -m kmdask.bench scaling --store data/mnist-aug16.zarr --workers $(WORKERS)
+
 bench-storage: $(VENV)/.stamp-bench
 	$(PY) -m kmdask.bench_storage
 
 clean:
-	rm -rf $(VENV) data runs report bench/results.json bench/results.md bench/storage.json bench/storage.md .pytest_cache .ruff_cache
+	rm -rf $(VENV) data runs report bench/results.json bench/results.md bench/storage.json bench/storage.md bench/scaling.json bench/scaling.md .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -3,7 +3,9 @@ against scikit-learn, scikit-learn-intelex, faiss-cpu, dask-ml and Spark MLlib, 
 process; ``python -m kmdask.bench internal`` runs kmdask's own figures
 (:mod:`kmdask.bench.internal`: per-iteration costs, streamed vs persisted, the fused sweep);
 ``python -m kmdask.bench mnist8m`` (``make bench-8m``) the streamed MNIST-8M fit against its
-floor (:mod:`kmdask.bench.mnist8m`)."""
+floor (:mod:`kmdask.bench.mnist8m`); ``python -m kmdask.bench scaling`` (``make bench-scaling``)
+the 1.02M-row fit on 1, 2, 4, ... workers, with its parallel efficiency
+(:mod:`kmdask.bench.scaling`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from kmdask.bench.internal import main as internal
 
         return internal(argv[1:])
+    if argv[:1] == ["scaling"]:
+        from kmdask.bench.scaling import main as scaling
+
+        return scaling(argv[1:])
     if argv[:1] == ["mnist8m"]:
         from kmdask.bench.mnist8m import main as mnist8m
 
