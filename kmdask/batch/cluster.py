@@ -170,7 +170,7 @@ _MALLOC_MIN_LIMIT = 2 << 30
 # such an array stalls for direct compaction while free memory is fragmented. Measured in fresh
 # LocalCluster workers, 60k float32 MNIST rows: the first fit's first pass (which faults in
 # 47 MB of row code) took 77-84 ms with them and 59 without; pixel fits at 60k and 1.02M rows
-# took the same either way. Set for every worker: small ones fault in new memory all the more.
+# took the same either way. Set for every worker, small ones too.
 _NUMPY_ENV = {"NUMPY_MADVISE_HUGEPAGE": 0}
 
 

@@ -9,6 +9,7 @@ the 1.02M-row fit on 1, 2, 4, ... workers, with its parallel efficiency
 
 from __future__ import annotations
 
+import importlib
 import statistics
 import sys
 
@@ -19,20 +20,15 @@ def summary(values: list[float]) -> dict:
             "values": values}
 
 
+#: ``python -m kmdask.bench NAME ...``: the module whose ``main`` runs NAME (else the peers)
+SUBCOMMANDS = {"internal": "kmdask.bench.internal", "mnist8m": "kmdask.bench.mnist8m",
+               "scaling": "kmdask.bench.scaling"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["internal"]:
-        from kmdask.bench.internal import main as internal
-
-        return internal(argv[1:])
-    if argv[:1] == ["scaling"]:
-        from kmdask.bench.scaling import main as scaling
-
-        return scaling(argv[1:])
-    if argv[:1] == ["mnist8m"]:
-        from kmdask.bench.mnist8m import main as mnist8m
-
-        return mnist8m(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     from kmdask.bench.peers import main as peers
 
     return peers(argv)

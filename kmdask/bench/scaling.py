@@ -128,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.store.exists():
         print(f"== staging {args.store} (kmdask stage --augment 16)", flush=True)
-        subprocess.run([sys.executable, "-m", "kmdask", "stage", "--dataset", "mnist",
-                        "--augment", "16", "--out", str(args.store), "-q"], check=True)
+        if subprocess.run([sys.executable, "-m", "kmdask", "stage", "--dataset", "mnist",
+                           "--augment", "16", "--out", str(args.store), "-q"]).returncode:
+            print(f"kmdask.bench scaling: could not stage {args.store} (see above)",
+                  file=sys.stderr)
+            return 2
     X = open_images(args.store, "train")
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                  "rows": int(X.shape[0]), "cols": int(X.shape[1]), "iters": args.iters,
