@@ -474,15 +474,15 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 qx = qx2[r]
                 qe = qeps[r]
                 ec = _code_err(coef, slack, h, qn[r], qx, ql, sqd, r2[m], rs[m])
-                down = _code_d2(qf, ql, h, qx, c32, csum, cnorm, own)
-                ust = _f32_up(np.sqrt(max(down + ec, 0.0)) + qe - drift[own])
+                d_own = _code_d2(qf, ql, h, qx, c32, csum, cnorm, own)
+                ust = _f32_up(np.sqrt(max(d_own + ec, 0.0)) + qe - drift[own])
                 if np.float64(ust) + drift[own] < u:
                     upper[r, m] = ust
                     u = np.float64(ust) + drift[own]
                 # every centre the bounds cannot rule out, from the code: the nearest of
                 # those it cannot rule out either is where the row may move
                 best = own
-                bestv = down
+                bestv = d_own
                 settled = True
                 for j in range(a, b):
                     lo = np.float64(lower[r, j]) - drift[j]
@@ -506,7 +506,7 @@ def _bounded(x, xnorm, xs, xsq, c32, cnorm, craw, starts, stops, drift, r2, rs, 
                 if best != own:  # the row moves to best if the code proves every other
                     # centre farther, by the criterion above (the own one by its code bound)
                     ub = np.float64(_f32_up(np.sqrt(max(bestv + ec, 0.0)) + qe))
-                    lown = max(np.sqrt(max(down - ec, 0.0)) - qe,
+                    lown = max(np.sqrt(max(d_own - ec, 0.0)) - qe,
                                np.float64(lower[r, own]) - drift[own])
                     moves = (lown > ub) & (lown * lown - ub * ub > tiny)
                     for j in range(a, b):
