@@ -269,6 +269,37 @@ def test_row_code_passes_decide_near_ties_exactly(monkeypatch, dtype):
         assert_array_equal(state.labels[:, 0], want)
 
 
+@pytest.mark.parametrize("magnitude", [1e-30, 1e16])
+def test_float32_sums_at_extreme_scales_equal_the_float64_conversion(magnitude):
+    """Float32 rows are scaled to fixed point in float32 where the scale is a float32: rows
+    of 1e-30 need 2**160, which is not one; rows of 1e16 need 2**-2, and columns of 1 then
+    round (rint) while subnormal ones underflow. Every pass's sums still equal those that
+    scale each value in float64."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(1500, 24)) * magnitude
+    x[:, :4] = rng.normal(size=(1500, 4)) * 1e-39  # subnormal float32 values
+    if magnitude > 1:
+        x[:, 4:8] = rng.normal(size=(1500, 4)) * 40  # a few units: fractions round
+    x = x.astype(np.float32)
+    chunk = _fchunk(x)
+    fixed = kernels.fixed_for([kernels.chunk_stats(chunk)])
+    with np.errstate(over="ignore"):
+        assert (float(np.float32(fixed.scale)) != fixed.scale) == (magnitude < 1)
+    starts, stops = kernels.stack_bounds([5])
+    c = x[:5].astype(np.float64)
+    state, moved = None, 0
+    for i in range(6):  # a first pass (every row added), then passes that move rows
+        res, state = pruned.lloyd_pass(chunk, c, starts, stops, prev=state, fixed=fixed)
+        ref = kernels.assign(chunk, c, starts, stops, kernels.MODE_SUMS, fixed=fixed)
+        assert_array_equal(state.labels.T, ref.labels)
+        assert_array_equal(res.sums, ref.sums)
+        assert_array_equal(res.sums, np.stack([
+            kernels.to_sum_units(x[ref.labels[0] == j], fixed).sum(0) for j in range(5)]))
+        moved += res.changed if i else 0
+        c = res.sums / fixed.scale / np.maximum(res.counts, 1)[:, None]
+    assert moved > 0
+
+
 def test_float_sums_do_not_depend_on_chunking_and_stay_in_range():
     # values spanning 60 orders of magnitude: fixed point must neither overflow nor depend on
     # where the chunks are cut
