@@ -163,6 +163,8 @@ def test_small_data_rounds_on_one_worker_equal_a_pass_per_round_trip(mnist_store
         ({"n_clusters": 6}, np.zeros((5, 2)), "n_clusters=6 is larger than the number of rows"),
         ({"n_clusters": 2}, np.zeros(5), "ndim=1"),
         ({"n_clusters": 2}, np.array([[0.0, np.nan], [1.0, 1.0]]), "NaN or infinity"),
+        ({"n_clusters": 2}, np.array([[0.0, 3e19], [1.0, 1.0]], dtype=np.float32),
+         r"float32 with squared row norms up to 9e\+38, beyond .*: pass it as float64"),
         ({"n_clusters": 2, "init": "random"}, np.zeros((5, 2)), "unknown init 'random'"),
         ({"n_clusters": 2, "max_iter": 0}, np.zeros((5, 2)), "max_iter must be a positive"),
         ({"n_clusters": 2, "init": np.zeros((3, 2))}, np.zeros((5, 2)), r"shape \(2, 2\)"),

@@ -155,6 +155,11 @@ def fit_models(X, ks: Sequence[int], *, n_init: int = 1, init="k-means||", max_i
     stats = data.map(kernels.chunk_stats)
     if not all(s[3] for s in stats):
         raise ConfigError("X contains NaN or infinity")
+    big = kernels.float32_overflow(X.dtype, stats)
+    if big is not None:  # float32 distances would be infinite: labels wrong, silently
+        raise ConfigError(f"X is float32 with squared row norms up to {big:.3g}, beyond what "
+                          f"float32 distances hold ({kernels.F32_MAX_SQ_NORM:.3g}): pass it "
+                          "as float64")
     tols = _tolerances(stats, [list(range(n_x))] + [[n_x + j] for j in range(len(also))], tol)
     t_stats = time.perf_counter()
 

@@ -37,6 +37,21 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+# Float32 distances hold squared row norms up to this: a dot product of a row and a centre
+# (a mean of rows) is at most the largest squared norm, and ||x - c||^2 at most four times it,
+# with room for rounding below float32's largest value (3.4e38).
+F32_MAX_SQ_NORM = 2.0**120
+
+
+def float32_overflow(dtype: np.dtype, stats: list[tuple]) -> float | None:
+    """The largest squared row norm of float32 rows whose distances would overflow float32
+    (``stats`` from :func:`chunk_stats`), else None."""
+    if np.dtype(dtype) != np.float32:
+        return None
+    big = max((float(s[5]) for s in stats), default=0.0)
+    return big if big > F32_MAX_SQ_NORM else None
+
+
 def scale_for(dtype: np.dtype) -> float:
     """uint8 pixels are scaled to [0, 1]; float data is used as is."""
     return 255.0 if np.dtype(dtype) == np.uint8 else 1.0
