@@ -22,7 +22,7 @@ from conftest import address_profile
 from daskutil import dask_cluster, free_port
 from slurmutil import ensure_slurm
 
-from kmdask.batch.cluster import connect, merged_dask_config
+from kmdask.batch.cluster import _worker_prologue, connect, merged_dask_config
 from kmdask.batch.profiles import deep_merge, load_profile
 from kmdask.errors import ConfigError, KmdaskError
 
@@ -130,6 +130,23 @@ def test_local_workers_malloc_environment(limit, tuned):
         assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(32 << 20)
     else:
         assert env["MALLOC_MMAP_THRESHOLD_"] is None and env["MALLOC_TRIM_THRESHOLD_"] == "65536"
+
+
+@pytest.mark.parametrize("memory, processes, tuned", [
+    ("8GB", 2, True), ("3GB", 2, False), ("1GB", None, False), (None, 1, True)])
+def test_batch_workers_get_the_local_workers_environment(memory, processes, tuned):
+    """A batch job's workers get what LocalCluster workers get: no huge pages asked for, and
+    the malloc thresholds where a worker (the job's memory split over its processes) is big."""
+    section = {k: v for k, v in (("memory", memory), ("processes", processes)) if v}
+    prof = _profile("slurm", config={"jobqueue": {"slurm": section}})
+    with dask.config.set(merged_dask_config(prof)):
+        if memory is None:
+            dask.config.set({"jobqueue.slurm.memory": None})
+        lines = _worker_prologue(prof, "slurm")
+    assert "export NUMPY_MADVISE_HUGEPAGE=0" in lines
+    malloc = [ln for ln in lines if "MALLOC_" in ln]
+    assert malloc == ([f"export MALLOC_TRIM_THRESHOLD_={32 << 20}",
+                       f"export MALLOC_MMAP_THRESHOLD_={32 << 20}"] if tuned else [])
 
 
 def test_small_workers_do_not_inherit_settings_a_big_cluster_left(monkeypatch):
@@ -332,6 +349,18 @@ def test_jobqueue_profile_starts_workers_through_the_scheduler(kind, tmp_path):
         assert client.run_on_scheduler(lambda: dask.config.get(key)) == 7
         client.wait_for_workers(2, timeout=60)
         assert set(client.run(lambda: dask.config.get(key)).values()) == {7}
+        # what LocalCluster workers get: these workers are small (1GB), so no malloc values.
+        # (A nested copy of _numpy_hugepages: these workers cannot import this module.)
+        def hugepages() -> bool:
+            from numpy._core.multiarray import _set_madvise_hugepage
+
+            was = _set_madvise_hugepage(True)
+            _set_madvise_hugepage(was)
+            return bool(was)
+
+        assert set(client.run(hugepages).values()) == {False}
+        assert set(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) \
+            == {"65536"}
         assert len(info["job_ids"]) == 2  # scale: {jobs: 2}
         assert info["dashboard"].startswith("http://127.0.0.1:")
         assert info["scheduler"].startswith("tcp://127.0.0.1:")

@@ -174,6 +174,12 @@ _MALLOC_MIN_LIMIT = 2 << 30
 _NUMPY_ENV = {"NUMPY_MADVISE_HUGEPAGE": 0}
 
 
+def _worker_env(limit: float | None) -> dict[str, str]:
+    """The environment kmdask gives a worker of ``limit`` bytes (None: unlimited)."""
+    big = not (limit and limit < _MALLOC_MIN_LIMIT)
+    return {k: str(v) for k, v in {**_NUMPY_ENV, **(_MALLOC_ENV if big else {})}.items()}
+
+
 @contextlib.contextmanager
 def worker_environment(memory_limit: Any = None) -> Iterator[None]:
     """Environment for the worker processes of a LocalCluster started inside this block.
@@ -185,7 +191,7 @@ def worker_environment(memory_limit: Any = None) -> Iterator[None]:
 
     limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
     big = not (limit and limit < _MALLOC_MIN_LIMIT)
-    ours = {k: str(v) for k, v in {**_NUMPY_ENV, **(_MALLOC_ENV if big else {})}.items()}
+    ours = _worker_env(limit)
     # A nanny copies its pre-spawn settings into os.environ again whenever it restarts a
     # worker, so a big cluster of this process may have left its malloc values there: small
     # workers would inherit them (and dask prefers os.environ to its config). Not while they
@@ -425,14 +431,25 @@ def _job_classes(kind: str) -> tuple[type, type]:
 
 
 def _worker_prologue(profile: dict, kind: str) -> list[str]:
-    """Job-script lines that hand the profile's ``distributed.*`` settings to the workers,
-    which run in other processes (other hosts) and would otherwise never see them."""
+    """Job-script lines that hand the workers, which run in other processes (other hosts),
+    what they would otherwise never see: the profile's ``distributed.*`` settings, and the
+    environment LocalCluster workers get (:func:`worker_environment`; the nanny of a batch
+    job keeps a value exported before it starts over dask's pre-spawn default)."""
+    from dask.utils import parse_bytes
+    from distributed.deploy.local import nprocesses_nthreads
+
+    section = f"jobqueue.{kind}"
+    existing = dask.config.get(f"{section}.job-script-prologue", None) or []
+    memory = dask.config.get(f"{section}.memory", None)
+    processes = dask.config.get(f"{section}.processes", None) or nprocesses_nthreads(
+        int(dask.config.get(f"{section}.cores", None) or 1))[0]
+    limit = parse_bytes(memory) / processes if memory else None  # as dask-jobqueue splits it
+    lines = [*existing, *(f"export {k}={shlex.quote(v)}" for k, v in _worker_env(limit).items())]
     dist = profile_dask_config(profile).get("distributed")
-    existing = dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or []
-    if not dist:
-        return list(existing)
-    blob = dask.config.serialize({"distributed": dist})
-    return [*existing, f"export DASK_INTERNAL_INHERIT_CONFIG={shlex.quote(blob)}"]
+    if dist:
+        blob = dask.config.serialize({"distributed": dist})
+        lines.append(f"export DASK_INTERNAL_INHERIT_CONFIG={shlex.quote(blob)}")
+    return lines
 
 
 _SCALE_KEYS = {"n", "jobs", "memory", "cores"}
