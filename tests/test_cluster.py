@@ -146,7 +146,11 @@ def test_batch_workers_get_the_local_workers_environment(memory, processes, tune
     assert "export NUMPY_MADVISE_HUGEPAGE=0" in lines
     malloc = [ln for ln in lines if "MALLOC_" in ln]
     assert malloc == ([f"export MALLOC_TRIM_THRESHOLD_={32 << 20}",
-                       f"export MALLOC_MMAP_THRESHOLD_={32 << 20}"] if tuned else [])
+                       f"export MALLOC_MMAP_THRESHOLD_={32 << 20}"] if tuned else
+                      [f'[ "${{MALLOC_TRIM_THRESHOLD_-}}" != {32 << 20} ] || unset '
+                       "MALLOC_TRIM_THRESHOLD_",
+                       f'[ "${{MALLOC_MMAP_THRESHOLD_-}}" != {32 << 20} ] || unset '
+                       "MALLOC_MMAP_THRESHOLD_"])
 
 
 def test_small_workers_do_not_inherit_settings_a_big_cluster_left(monkeypatch):
@@ -330,8 +334,11 @@ def _jobs_named(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
-def test_jobqueue_profile_starts_workers_through_the_scheduler(kind, tmp_path):
+def test_jobqueue_profile_starts_workers_through_the_scheduler(kind, tmp_path, monkeypatch):
     ensure_slurm("sbatch" if kind == "slurm" else "qsub")
+    # what a big LocalCluster's nanny can leave in os.environ, which a job inherits
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(32 << 20))
     name = f"kmdask-test-{uuid.uuid4().hex[:8]}"
     prof = _profile(kind, timeout="120s")
     # a partial section: only these keys change, cluster.yaml's and dask-jobqueue's stay

@@ -444,7 +444,12 @@ def _worker_prologue(profile: dict, kind: str) -> list[str]:
     processes = dask.config.get(f"{section}.processes", None) or nprocesses_nthreads(
         int(dask.config.get(f"{section}.cores", None) or 1))[0]
     limit = parse_bytes(memory) / processes if memory else None  # as dask-jobqueue splits it
-    lines = [*existing, *(f"export {k}={shlex.quote(v)}" for k, v in _worker_env(limit).items())]
+    env = _worker_env(limit)
+    lines = [*existing, *(f"export {k}={shlex.quote(v)}" for k, v in env.items())]
+    # a job inherits this process's environment, where a big LocalCluster's nanny may have
+    # left kmdask's malloc values (see worker_environment): small workers drop them
+    lines += [f'[ "${{{k}-}}" != {v} ] || unset {k}' for k, v in _MALLOC_ENV.items()
+              if k not in env]
     dist = profile_dask_config(profile).get("distributed")
     if dist:
         blob = dask.config.serialize({"distributed": dist})
