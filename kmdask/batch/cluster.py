@@ -189,15 +189,14 @@ def worker_environment(memory_limit: Any = None) -> Iterator[None]:
     import distributed  # noqa: F401 - registers the defaults this extends
     from dask.utils import parse_bytes
 
-    limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
-    big = not (limit and limit < _MALLOC_MIN_LIMIT)
-    ours = _worker_env(limit)
+    ours = _worker_env(parse_bytes(memory_limit) if isinstance(memory_limit, str)
+                       else memory_limit)
     # A nanny copies its pre-spawn settings into os.environ again whenever it restarts a
     # worker, so a big cluster of this process may have left its malloc values there: small
     # workers would inherit them (and dask prefers os.environ to its config). Not while they
     # start.
-    leaked = {} if big else {k: None for k, v in _MALLOC_ENV.items()
-                             if os.environ.get(k) == str(v)}
+    leaked = {k: None for k, v in _MALLOC_ENV.items()
+              if k not in ours and os.environ.get(k) == str(v)}
     env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
     # A nanny copies its settings into this process's os.environ before spawning, and values
     # found there beat the config: set ours there too, and put back what was there after.
