@@ -403,7 +403,7 @@ def _coded_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc,
 @njit(cache=True, nogil=True)
 def _code_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, coef, slack,
                bounds, labels, upper, lower, sums, counts, sq, scale, c32, csum, qc, qlo,
-               qstep, qeps, qx2, qn, qdots, xdots, every):  # pragma: no cover - compiled
+               qstep, qeps, qx2, qn, qdots, xdots):  # pragma: no cover - compiled
     # A GEMM pass over float32 rows' code instead of the rows: every code distance, from
     # q . c (uint8 codes, as pixels are read) in blocks of qdots' rows. A row whose nearest
     # centre the code proves, for every model, gets that label, the code's bounds, and is read
@@ -419,6 +419,7 @@ def _code_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, 
     bests = np.empty(nmodel, dtype=np.int64)
     pend = np.empty(rows, dtype=np.int64)  # the block's rows that the code moves, and where
     pbest = np.empty((rows, nmodel), dtype=np.int64)
+    one = np.empty(1, dtype=np.int64)  # the row _full_block decides, its xdots row
     changed = 0
     read = 0
     exact = 0
@@ -466,7 +467,8 @@ def _code_full(x, xnorm, xs, xsq, starts, stops, cnorm, craw, r2, rs, r2c, rsc, 
                 continue
             kernels._few_dots(x[r:r + 1], c32, xdots)
             read += 1
-            changed += _full_block(xdots, every[r:r + 1], x, xnorm, xs, xsq, starts, stops,
+            one[0] = r
+            changed += _full_block(xdots, one, x, xnorm, xs, xsq, starts, stops,
                                    cnorm, craw, r2, rs, r2c, rsc, coef, slack, bounds, labels,
                                    upper, lower, sums, counts, sq, scale)
             exact += 1
@@ -810,7 +812,7 @@ def lloyd_pass(chunk: kernels.Chunk, centres: np.ndarray, starts: np.ndarray,
                 x, chunk.xnorm, *exact, c, c64.sum(axis=1), code.q, code.lo, code.step,
                 code.eps, code.x2, code.qn,
                 kernels.scratch("code.dots", (min(_CODE_ROWS, n), m_total), np.float32),
-                np.empty((1, m_total), dtype=np.float32), np.arange(n))
+                np.empty((1, m_total), dtype=np.float32))
             if tough > (1.0 - _CODE_MIN_SETTLED) * n:
                 code = None  # too coarse for these rows' gaps
         elif build and few32 and d > 0:
